@@ -1,0 +1,30 @@
+"""shardlax: explicit distributed training for Flax NNX.
+
+Every collective is written by hand in `shardlax.kernels`, declared by the
+layer that runs it, checked against the compiled HLO (`shardlax.audit`), and
+tested against single-device math.
+"""
+
+from shardlax import audit as audit
+from shardlax import kernels as kernels
+from shardlax import nn as nn
+from shardlax._axes import AXES as AXES
+from shardlax._axes import BATCH_AXES as BATCH_AXES
+from shardlax._axes import DATA as DATA
+from shardlax._axes import FSDP as FSDP
+from shardlax._axes import MODEL as MODEL
+from shardlax.mesh import make_mesh as make_mesh
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AXES",
+    "BATCH_AXES",
+    "DATA",
+    "FSDP",
+    "MODEL",
+    "audit",
+    "kernels",
+    "make_mesh",
+    "nn",
+]

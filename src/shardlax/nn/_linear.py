@@ -1,0 +1,334 @@
+"""Megatron tensor-parallel linears as drop-in Flax NNX modules."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes
+from flax.nnx.nn.linear import default_bias_init, default_kernel_init
+from jax import lax
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from shardlax import kernels
+from shardlax._axes import MODEL
+from shardlax.audit import Declared
+from shardlax.mesh import check_divisible
+from shardlax.nn._base import ShardedLayer, param_value, sharded_param
+
+
+def _local_bytes(shape: Sequence[int], dtype: Any) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * jnp.dtype(dtype).itemsize
+
+
+class ColumnParallelLinear(ShardedLayer):
+    """`nnx.Linear` with its output features split over the model axis.
+
+    Megatron-LM's ColumnParallelLinear: `y = x @ W + b` with
+    `W: f32[in, out]` stored as `P(None, 'model')` and `b: f32[out]` as
+    `P('model')`. The input is replicated over the model axis (and split
+    over the batch axes); the output is split over the model axis on its last
+    dim, ready for a `RowParallelLinear` with no resharding in between.
+
+    Collectives (N = model axis size): forward none (1 all-gather of the output
+    with `gather_output=True`); backward 1 all-reduce of the input gradient
+    over the model axis, and the weight gradients all-reduced over the batch
+    axes (data parallelism), in the parameter dtype.
+
+    Args are those of `nnx.Linear`, plus:
+      mesh: the mesh; default the one set with `jax.set_mesh`.
+      axis_name: the tensor-parallel mesh axis (default ``'model'``).
+      batch_axes: mesh axes the leading input dim is split over; default
+        whichever of ``('data', 'fsdp')`` the mesh has.
+      gather_output: all-gather the output so every device has all `out_features`.
+
+    Example:
+      >>> mesh = shardlax.make_mesh(data=2, model=4)  # doctest: +SKIP
+      >>> col = ColumnParallelLinear(512, 2048, mesh=mesh, rngs=nnx.Rngs(0))  # doctest: +SKIP
+
+    References:
+      Shoeybi et al., "Megatron-LM", 2019 (arXiv:1909.08053).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype: Any | None = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = default_bias_init,
+        dot_general: Any = lax.dot_general,
+        promote_dtype: Any = dtypes.promote_dtype,
+        preferred_element_type: Any | None = None,
+        rngs: nnx.Rngs,
+        mesh: Mesh | None = None,
+        axis_name: str = MODEL,
+        batch_axes: Sequence[str] | None = None,
+        gather_output: bool = False,
+    ):
+        self._setup_mesh(mesh, axis_name, batch_axes)
+        owner = type(self).__name__
+        check_divisible(owner, "out_features", out_features, axis_name, self.model_size)
+        self.kernel_spec = P(None, axis_name)
+        self.bias_spec = P(axis_name)
+        self.kernel = sharded_param(
+            kernel_init, rngs.params(), (in_features, out_features), param_dtype,
+            self.mesh, self.kernel_spec,
+        )  # fmt: skip
+        self.bias: nnx.Param | None
+        if use_bias:
+            self.bias = sharded_param(
+                bias_init, rngs.params(), (out_features,), param_dtype, self.mesh, self.bias_spec
+            )
+        else:
+            self.bias = nnx.data(None)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.dot_general = dot_general
+        self.promote_dtype = promote_dtype
+        self.preferred_element_type = preferred_element_type
+        self.gather_output = gather_output
+
+    def input_spec(self, ndim: int) -> P:
+        """The layout the layer wants its input in: split over the batch axes only."""
+        return self._activation_spec(ndim, None)
+
+    def output_spec(self, ndim: int) -> P:
+        """The layout of the output: split over the batch axes and, unless gathered, the model axis."""
+        return self._activation_spec(ndim, None if self.gather_output else self.axis_name)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        with jax.named_scope(type(self).__name__):
+            self._check_inputs(inputs, self.in_features, "in_features")
+            x_spec = self.input_spec(inputs.ndim)
+            inputs = self._place(inputs, x_spec)
+            kernel, bias = self.kernel[...], param_value(self.bias)
+
+            def body(x, kernel, bias):
+                kernel, bias = self._replicated_for_grad(kernel, bias)
+                x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+                return kernels.column_parallel_matmul(
+                    x,
+                    kernel,
+                    bias,
+                    axis_name=self.axis_name,
+                    gather_output=self.gather_output,
+                    precision=self.precision,
+                    dot_general=self.dot_general,
+                    preferred_element_type=self.preferred_element_type,
+                )
+
+            return _run(
+                body,
+                self.mesh,
+                (inputs, kernel, bias),
+                (x_spec, self.kernel_spec, self.bias_spec),
+                self.output_spec(inputs.ndim),
+            )
+
+    def declared_collectives(
+        self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
+        input_grad: bool = True,
+    ) -> list[Declared]:  # fmt: skip
+        """The collectives this layer compiles to for a global input of `input_shape`.
+
+        Args:
+          input_shape: the global input shape `[..., in_features]`.
+          dtype: the compute dtype (default: the layer's dtype or param dtype).
+          grad: include the backward pass (gradients of the parameters).
+          input_grad: with `grad`, the input gradient is needed too (it is when a
+            parameterised layer precedes this one).
+        """
+        dtype = dtype or self.dtype or self.param_dtype
+        local = self._local_batch_shape(input_shape)
+        lead = local[:-1]
+        out = []
+        if self.gather_output:
+            out += self._declare("all-gather", (self.axis_name,), dtype,
+                                 _local_bytes((*lead, self.out_features), dtype), "gather_output")  # fmt: skip
+        if grad:
+            if input_grad:
+                out += self._declare("all-reduce", (self.axis_name,), dtype,
+                                     _local_bytes(local, dtype), "dx: sum over output shards")  # fmt: skip
+            if self.gather_output:
+                out += self._declare("reduce-scatter", (self.axis_name,), dtype,
+                                     _local_bytes((*lead, self.out_features), dtype),
+                                     "dy of the gathered output")  # fmt: skip
+            n = self.model_size
+            out += self._declare("all-reduce", self.batch_axes, self.param_dtype,
+                                 _local_bytes((self.in_features, self.out_features // n),
+                                              self.param_dtype), "dW over the batch")  # fmt: skip
+            if self.use_bias:
+                out += self._declare("all-reduce", self.batch_axes, self.param_dtype,
+                                     _local_bytes((self.out_features // n,), self.param_dtype),
+                                     "db over the batch")  # fmt: skip
+        return out
+
+
+class RowParallelLinear(ShardedLayer):
+    """`nnx.Linear` with its input features split over the model axis.
+
+    Megatron-LM's RowParallelLinear: `y = sum_i x_i @ W_i + b` with
+    `W: f32[in, out]` stored as `P('model', None)` and `b` replicated. The
+    input arrives split over the model axis on its last dim (the output of
+    a `ColumnParallelLinear`); the partial products are summed with one
+    all-reduce and the bias is added once, after the sum.
+
+    Collectives (N = model axis size): forward 1 all-reduce of the output
+    over the model axis; backward none for the input gradient (with
+    `input_is_parallel=False`, 1 all-reduce of it), and the weight
+    gradients all-reduced over the batch axes, in the parameter dtype.
+
+    Args are those of `nnx.Linear`, plus:
+      mesh, axis_name, batch_axes: as in `ColumnParallelLinear`.
+      input_is_parallel: the input is already split over the model axis
+        (True, the Megatron default); if False, it is replicated and each
+        device takes its slice.
+
+    References:
+      Shoeybi et al., "Megatron-LM", 2019 (arXiv:1909.08053).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        use_bias: bool = True,
+        dtype: Any | None = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = default_bias_init,
+        dot_general: Any = lax.dot_general,
+        promote_dtype: Any = dtypes.promote_dtype,
+        preferred_element_type: Any | None = None,
+        rngs: nnx.Rngs,
+        mesh: Mesh | None = None,
+        axis_name: str = MODEL,
+        batch_axes: Sequence[str] | None = None,
+        input_is_parallel: bool = True,
+    ):
+        self._setup_mesh(mesh, axis_name, batch_axes)
+        owner = type(self).__name__
+        check_divisible(owner, "in_features", in_features, axis_name, self.model_size)
+        self.kernel_spec = P(axis_name, None)
+        self.bias_spec = P(None)
+        self.kernel = sharded_param(
+            kernel_init, rngs.params(), (in_features, out_features), param_dtype,
+            self.mesh, self.kernel_spec,
+        )  # fmt: skip
+        self.bias: nnx.Param | None
+        if use_bias:
+            self.bias = sharded_param(
+                bias_init, rngs.params(), (out_features,), param_dtype, self.mesh, self.bias_spec
+            )
+        else:
+            self.bias = nnx.data(None)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.dot_general = dot_general
+        self.promote_dtype = promote_dtype
+        self.preferred_element_type = preferred_element_type
+        self.input_is_parallel = input_is_parallel
+
+    def input_spec(self, ndim: int) -> P:
+        """The input layout: split over the batch axes, and the model axis if parallel."""
+        return self._activation_spec(ndim, self.axis_name if self.input_is_parallel else None)
+
+    def output_spec(self, ndim: int) -> P:
+        """The output layout: split over the batch axes, replicated over the model axis."""
+        return self._activation_spec(ndim, None)
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        with jax.named_scope(type(self).__name__):
+            self._check_inputs(inputs, self.in_features, "in_features")
+            x_spec = self.input_spec(inputs.ndim)
+            inputs = self._place(inputs, x_spec)
+            kernel, bias = self.kernel[...], param_value(self.bias)
+
+            def body(x, kernel, bias):
+                kernel, bias = self._replicated_for_grad(kernel, bias)
+                x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+                return kernels.row_parallel_matmul(
+                    x,
+                    kernel,
+                    bias,
+                    axis_name=self.axis_name,
+                    input_is_parallel=self.input_is_parallel,
+                    precision=self.precision,
+                    dot_general=self.dot_general,
+                    preferred_element_type=self.preferred_element_type,
+                )
+
+            return _run(
+                body,
+                self.mesh,
+                (inputs, kernel, bias),
+                (x_spec, self.kernel_spec, self.bias_spec),
+                self.output_spec(inputs.ndim),
+            )
+
+    def declared_collectives(
+        self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
+        input_grad: bool = True,
+    ) -> list[Declared]:  # fmt: skip
+        """The collectives this layer compiles to; see `ColumnParallelLinear.declared_collectives`."""
+        dtype = dtype or self.dtype or self.param_dtype
+        local = self._local_batch_shape(input_shape)
+        lead = local[:-1]
+        out = self._declare("all-reduce", (self.axis_name,), dtype,
+                            _local_bytes((*lead, self.out_features), dtype),
+                            "sum of partial products")  # fmt: skip
+        if grad:
+            if input_grad and not self.input_is_parallel:
+                out += self._declare("all-reduce", (self.axis_name,), dtype,
+                                     _local_bytes(local, dtype), "dx of the sliced input")  # fmt: skip
+            n = self.model_size
+            out += self._declare("all-reduce", self.batch_axes, self.param_dtype,
+                                 _local_bytes((self.in_features // n, self.out_features),
+                                              self.param_dtype), "dW over the batch")  # fmt: skip
+            if self.use_bias:
+                out += self._declare("all-reduce", self.batch_axes, self.param_dtype,
+                                     _local_bytes((self.out_features,), self.param_dtype),
+                                     "db over the batch")  # fmt: skip
+        return out
+
+
+def _run(body, mesh: Mesh, args: tuple, in_specs: tuple, out_spec: P) -> jax.Array:
+    """`jax.shard_map(body)` over `args`, dropping `None` arguments (a missing bias)."""
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    @functools.wraps(body)
+    def wrapped(*xs):
+        full = [None] * len(args)
+        for i, x in zip(present, xs, strict=True):
+            full[i] = x
+        return body(*full)
+
+    return jax.shard_map(
+        wrapped,
+        mesh=mesh,
+        in_specs=tuple(in_specs[i] for i in present),
+        out_specs=out_spec,
+    )(*(args[i] for i in present))

@@ -1,0 +1,48 @@
+"""Test setup: 8 simulated CPU devices, hypothesis profiles, shared fixtures.
+
+The library never sets device counts; the tests ask for them here, before JAX
+initialises its backends.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+# Must run before any backend is created (importing jax does not create one).
+jax.config.update("jax_num_cpu_devices", 8)
+
+import hypothesis  # noqa: E402
+import pytest  # noqa: E402
+
+hypothesis.settings.register_profile(
+    "ci",
+    max_examples=6,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
+hypothesis.settings.register_profile(
+    "thorough",
+    max_examples=100,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[hypothesis.HealthCheck.too_slow],
+)
+hypothesis.settings.load_profile(os.environ.get("SHARDLAX_HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_report_header(config):
+    return (
+        f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, "
+        f"hypothesis profile {os.environ.get('SHARDLAX_HYPOTHESIS_PROFILE', 'ci')}"
+    )
+
+
+@pytest.fixture(autouse=True)
+def _strict_jax():
+    """Strict dtype promotion and rank promotion inside every test (as Equinox does)."""
+    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+        yield
