@@ -1,0 +1,3 @@
+"""Models built only from `shardlax.nn` layers."""
+
+__all__: list[str] = []
