@@ -42,7 +42,15 @@ def pytest_report_header(config):
 
 
 @pytest.fixture(autouse=True)
-def _strict_jax():
-    """Strict dtype promotion and rank promotion inside every test (as Equinox does)."""
-    with jax.numpy_dtype_promotion("strict"), jax.numpy_rank_promotion("raise"):
+def _strict_jax(request):
+    """Strict dtype promotion and rank promotion inside every test (as Equinox does).
+
+    Tests that run optax, whose updates mix Python scalars and int32 step
+    counts, mark themselves `@pytest.mark.standard_dtype_promotion`: rank
+    promotion still raises there.
+    """
+    dtype_mode = (
+        "standard" if request.node.get_closest_marker("standard_dtype_promotion") else "strict"
+    )
+    with jax.numpy_dtype_promotion(dtype_mode), jax.numpy_rank_promotion("raise"):
         yield
