@@ -1,0 +1,162 @@
+"""What the benchmark scripts share: device setup, timing, machine info, output files.
+
+Nothing here imports JAX at module level, so a script can ask for its simulated
+CPU devices (`setup_devices`) before JAX creates a backend.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+SIMULATED_NOTE = (
+    "Simulated CPU devices (XLA host platform) share one memory system and the same "
+    "cores: a collective between them is a memory copy, so aggregate bus bandwidth is "
+    "bounded by the memcpy ceiling measured in the same run. Absolute times mean little; "
+    "ratios, collective bytes and memory are what transfer to accelerators."
+)
+
+
+def setup_devices(n: int) -> None:
+    """Ask for `n` simulated CPU devices; must run before JAX creates a backend."""
+    import jax
+
+    jax.config.update("jax_num_cpu_devices", n)
+    jax.config.update("jax_platforms", "cpu")
+
+
+def machine_info() -> dict:
+    """Platform, CPU count, Python / JAX / jaxlib / flax versions, device kind."""
+    import jax
+    import jaxlib
+
+    try:
+        import flax
+
+        flax_version = flax.__version__
+    except ImportError:  # pragma: no cover
+        flax_version = None
+    dev = jax.devices()[0]
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": sys.version.split()[0],
+        "jax": jax.__version__,
+        "jaxlib": jaxlib.__version__,
+        "flax": flax_version,
+        "backend": dev.platform,
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+    }
+
+
+def percentile(xs: Sequence[float], q: float) -> float:
+    """Linear-interpolated percentile, `q` in [0, 100] (numpy's default method)."""
+    s = sorted(xs)
+    if not s:
+        return float("nan")
+    k = (len(s) - 1) * q / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+def summarize(times: Sequence[float]) -> dict:
+    """Median, p10, p90, min, max and count of a list of seconds."""
+    return {
+        "median_s": statistics.median(times),
+        "p10_s": percentile(times, 10),
+        "p90_s": percentile(times, 90),
+        "min_s": min(times),
+        "max_s": max(times),
+        "n": len(times),
+    }
+
+
+def time_call(fn: Callable, *args) -> float:
+    """Seconds for one call of `fn(*args)`, waiting for every output."""
+    import jax
+
+    t0 = time.perf_counter()
+    out = fn(*args)
+    jax.block_until_ready(out)
+    return time.perf_counter() - t0
+
+
+def interleaved(
+    fns: dict[str, tuple[Callable, tuple]], iters: int, warmup: int
+) -> dict[str, list[float]]:
+    """Time every `fn(*args)` in turn, A B C A B C ..., after `warmup` untimed rounds.
+
+    Interleaving spreads the drift of a shared machine (other processes,
+    frequency changes) over every candidate instead of biasing whichever ran
+    last; compare the medians.
+    """
+    for _ in range(warmup):
+        for fn, args in fns.values():
+            time_call(fn, *args)
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(iters):
+        for name, (fn, args) in fns.items():
+            times[name].append(time_call(fn, *args))
+    return times
+
+
+def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for r in rows:
+            f.write(json.dumps(r, sort_keys=True) + "\n")
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
+    """A markdown table; `align` is one char per column: 'l' or 'r' (default 'r')."""
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---" if a == "l" else "---:" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" or n == int(n) else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} GiB"  # pragma: no cover
+
+
+def fmt_time(s: float) -> str:
+    if s < 1e-3:
+        return f"{s * 1e6:.0f} us"
+    if s < 1:
+        return f"{s * 1e3:.2f} ms"
+    return f"{s:.2f} s"
+
+
+def machine_line(info: dict) -> str:
+    return (
+        f"{info['platform']}, {info['cpu_count']} CPUs "
+        f"({info['cpu_affinity']} usable), {info['device_count']} simulated "
+        f"{info['backend']} devices ({info['device_kind']}), jax {info['jax']}, "
+        f"Python {info['python']}"
+    )
+
+
+def have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True

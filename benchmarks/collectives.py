@@ -1,0 +1,373 @@
+"""Microbenchmark of each collective: shardlax.kernels vs raw jax.lax, with a memcpy ceiling.
+
+For every collective (psum, tiled all_gather, tiled psum_scatter, ppermute as
+a ring shift, all_to_all), device count n and message size S, the script
+compiles `jax.jit(jax.shard_map(body))` twice -- the body calling the
+`shardlax.kernels` wrapper and the body calling `jax.lax` directly -- and a
+plain copy of the same per-device size on the same n devices (the ceiling).
+The three are timed interleaved (A B C A B C ...) after warm-up, each call
+waited on with `block_until_ready`; compile time is measured apart.
+
+Sizes follow nccl-tests: S is the larger of the per-device input and output
+buffers (all-reduce: the buffer; all-gather: the gathered output;
+reduce-scatter: the unscattered input; all-to-all, permute: the buffer).
+
+    algbw = S / t
+    busbw = algbw * 2(n-1)/n   all-reduce
+          = algbw * (n-1)/n    all-gather, reduce-scatter, all-to-all
+          = algbw              permute (send/recv)
+
+busbw is per device; the aggregate over all n devices is n * busbw. The
+ceiling is a memcpy of S bytes on each of the n devices at once (aggregate
+n * S / t_copy); `agg_busbw / ceiling` is the fraction of the machine's copy
+bandwidth the collective reaches. Simulated CPU devices share one memory
+system, so that fraction, not the GB/s, is the figure to read. The bytes of
+every compiled program are read back with `shardlax.audit` and checked
+against S.
+
+One process with max(--devices) simulated CPU devices; the n-device
+benchmarks run on sub-meshes of its first n devices.
+
+Run:
+    python benchmarks/collectives.py                 # 2, 4, 8 devices, 64 KiB..16 MiB
+    python benchmarks/collectives.py --max-size 64M  # up to 64 MiB
+    python benchmarks/collectives.py --quick         # smoke run (seconds)
+
+References:
+  NVIDIA nccl-tests, doc/PERFORMANCE.md (algbw and busbw).
+  AI-Hypercomputer/accelerator-microbenchmarks, collectives.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import _common as C
+
+# ----------------------------------------------------------------------------- config
+DEVICES = (2, 4, 8)
+MIN_SIZE = 64 * 1024
+MAX_SIZE = 16 * 1024 * 1024
+ITERS = 20
+WARMUP = 3
+COLLECTIVES = ("psum", "all_gather", "psum_scatter", "ppermute", "all_to_all")
+HLO_KIND = {
+    "psum": "all-reduce",
+    "all_gather": "all-gather",
+    "psum_scatter": "reduce-scatter",
+    "ppermute": "collective-permute",
+    "all_to_all": "all-to-all",
+}
+AXIS = "x"
+# -----------------------------------------------------------------------------
+
+
+def bus_factor(name: str, n: int) -> float:
+    """nccl-tests busbw / algbw."""
+    if name == "psum":
+        return 2 * (n - 1) / n
+    if name == "ppermute":
+        return 1.0
+    return (n - 1) / n
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper().removesuffix("B").removesuffix("I")
+    mult = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    if s and s[-1] in mult:
+        return int(float(s[:-1]) * mult[s[-1]])
+    return int(s)
+
+
+def sizes_between(lo: int, hi: int, factor: int) -> list[int]:
+    out, s = [], lo
+    while s <= hi:
+        out.append(s)
+        s *= factor
+    return out
+
+
+def bodies(name: str, n: int):
+    """(shardlax body, raw jax.lax body, local input elements per S/4 output elements)."""
+    import jax.lax as lax
+
+    from shardlax import kernels as K
+
+    ring = [(i, (i + 1) % n) for i in range(n)]
+    if name == "psum":
+        return (lambda x: K.all_reduce(x, AXIS)), (lambda x: lax.psum(x, AXIS)), 1
+    if name == "all_gather":
+        return (
+            lambda x: K.all_gather(x, AXIS, axis=0, invariant=False),
+            lambda x: lax.all_gather(x, AXIS, axis=0, tiled=True),
+            n,  # input is S/n
+        )
+    if name == "psum_scatter":
+        return (
+            lambda x: K.reduce_scatter(x, AXIS, axis=0),
+            lambda x: lax.psum_scatter(x, AXIS, scatter_dimension=0, tiled=True),
+            1,
+        )
+    if name == "ppermute":
+        return (lambda x: K.ring_shift(x, AXIS, n)), (lambda x: lax.ppermute(x, AXIS, ring)), 1
+    if name == "all_to_all":
+        return (
+            lambda x: K.all_to_all(x, AXIS, split_axis=0, concat_axis=0),
+            lambda x: lax.all_to_all(x, AXIS, 0, 0, tiled=True),
+            1,
+        )
+    raise ValueError(f"unknown collective {name!r}; expected one of {COLLECTIVES}")
+
+
+def compile_timed(fn, x):
+    import jax
+
+    t0 = time.perf_counter()
+    lowered = jax.jit(fn).lower(x)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    return compiled, t1 - t0, t2 - t1
+
+
+def run(args) -> list[dict]:
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    from shardlax import audit
+
+    info = C.machine_info()
+    sizes = sizes_between(args.min_size, args.max_size, args.factor)
+    rows: list[dict] = []
+    for n in args.devices:
+        mesh = Mesh(np.array(jax.devices()[:n]), (AXIS,))
+        sharding = NamedSharding(mesh, P(AXIS))
+        for size in sizes:
+            elems = size // 4  # f32
+            # The ceiling: each of the n devices copies S bytes at once.
+            x_full = jax.device_put(jnp.arange(n * elems, dtype=jnp.float32), sharding)
+            copy, _, copy_compile = compile_timed(jnp.copy, x_full)
+            for name in args.collectives:
+                k_body, lax_body, div = bodies(name, n)
+                x = x_full if div == 1 else jax.device_put(
+                    jnp.arange(n * elems // div, dtype=jnp.float32), sharding
+                )
+                fns, meta = {}, {}
+                for impl, body in (("shardlax", k_body), ("lax", lax_body)):
+                    f = jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS))
+                    compiled, t_lower, t_compile = compile_timed(f, x)
+                    report = audit.parse_hlo(compiled.as_text(), mesh)
+                    fns[impl] = (compiled, (x,))
+                    meta[impl] = (t_lower, t_compile, report)
+                fns["memcpy"] = (copy, (x_full,))
+                times = C.interleaved(fns, args.iters, args.warmup)
+                ceiling = size / C.summarize(times["memcpy"])["median_s"]  # per device
+                for impl in ("shardlax", "lax"):
+                    t_lower, t_compile, report = meta[impl]
+                    st = C.summarize(times[impl])
+                    algbw = size / st["median_s"]
+                    busbw = algbw * bus_factor(name, n)
+                    kinds = [c.kind for c in report]
+                    audit_bytes = sum(c.bytes for c in report)
+                    rows.append({
+                        "bench": "collectives",
+                        "collective": name,
+                        "impl": impl,
+                        "devices": n,
+                        "size_bytes": size,
+                        "dtype": "f32",
+                        **st,
+                        "p90_over_median": st["p90_s"] / st["median_s"],
+                        "algbw_GBps": algbw / 1e9,
+                        "busbw_GBps": busbw / 1e9,
+                        "agg_busbw_GBps": n * busbw / 1e9,
+                        "ceiling_agg_GBps": n * ceiling / 1e9,
+                        "agg_busbw_over_ceiling": busbw / ceiling,
+                        "memcpy": C.summarize(times["memcpy"]),
+                        "memcpy_compile_s": copy_compile,
+                        "lower_s": t_lower,
+                        "compile_s": t_compile,
+                        "wire_bytes_per_device": size * bus_factor(name, n),
+                        "audit_kinds": kinds,
+                        "audit_bytes": audit_bytes,
+                        "audit_wire_bytes": sum(c.wire_bytes for c in report),
+                        "audit_ok": kinds == [HLO_KIND[name]] and audit_bytes == size,
+                        "mesh": "one process, sub-mesh of the first n of "
+                        f"{info['device_count']} simulated devices",
+                        "note": C.SIMULATED_NOTE,
+                        "machine": info,
+                    })
+                    r = rows[-1]
+                    print(
+                        f"{name:13s} {impl:8s} n={n} S={C.fmt_bytes(size):>9s} "
+                        f"median {C.fmt_time(r['median_s']):>9s} p90 {C.fmt_time(r['p90_s']):>9s} "
+                        f"busbw {r['busbw_GBps']:6.2f} GB/s agg/ceiling "
+                        f"{r['agg_busbw_over_ceiling']:5.2f} audit {'ok' if r['audit_ok'] else 'MISMATCH'}",
+                        flush=True,
+                    )
+    return rows
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def markdown(rows: list[dict]) -> str:
+    info = rows[0]["machine"]
+    by = {(r["collective"], r["impl"], r["devices"], r["size_bytes"]): r for r in rows}
+    devices = sorted({r["devices"] for r in rows})
+    sizes = sorted({r["size_bytes"] for r in rows})
+    names = [c for c in COLLECTIVES if any(r["collective"] == c for r in rows)]
+    big = sizes[-1]
+    out = [
+        "# Collectives: shardlax.kernels vs jax.lax",
+        "",
+        f"Machine: {C.machine_line(info)}.",
+        f"One process; n-device runs use the first n devices. {C.SIMULATED_NOTE}",
+        "",
+        "busbw follows nccl-tests (all-reduce x 2(n-1)/n; all-gather, reduce-scatter, "
+        "all-to-all x (n-1)/n; permute x 1); `agg/ceiling` = n * busbw over the aggregate "
+        "bandwidth of a plain copy of the same size on the same n devices, timed "
+        "interleaved with the collective. Times are medians (p90 in the full table) of "
+        f"{rows[0]['n']} calls after warm-up; compile excluded. `audit` checks the compiled "
+        "HLO holds exactly one collective of the expected kind moving S bytes.",
+        "",
+        f"## Summary at S = {C.fmt_bytes(big)} per device",
+        "",
+    ]
+    summary = []
+    for name in names:
+        for n in devices:
+            k, lx = by.get((name, "shardlax", n, big)), by.get((name, "lax", n, big))
+            if not k or not lx:
+                continue
+            summary.append([
+                name, n, C.fmt_time(k["median_s"]), C.fmt_time(lx["median_s"]),
+                f"{k['median_s'] / lx['median_s']:.2f}",
+                f"{k['busbw_GBps']:.2f}", f"{k['agg_busbw_GBps']:.2f}",
+                f"{k['ceiling_agg_GBps']:.2f}", f"{k['agg_busbw_over_ceiling']:.2f}",
+                "ok" if k["audit_ok"] and lx["audit_ok"] else "MISMATCH",
+            ])
+    out.append(C.md_table(
+        ["collective", "n", "shardlax", "jax.lax", "shardlax/lax", "busbw GB/s",
+         "agg busbw GB/s", "memcpy GB/s (agg)", "agg/ceiling", "audit"],
+        summary,
+    ))
+    out += ["", "## All sizes", ""]
+    full = []
+    for name in names:
+        for n in devices:
+            for s in sizes:
+                k, lx = by.get((name, "shardlax", n, s)), by.get((name, "lax", n, s))
+                if not k or not lx:
+                    continue
+                full.append([
+                    name, n, C.fmt_bytes(s),
+                    f"{C.fmt_time(k['median_s'])} / {C.fmt_time(k['p90_s'])}",
+                    f"{C.fmt_time(lx['median_s'])} / {C.fmt_time(lx['p90_s'])}",
+                    f"{k['median_s'] / lx['median_s']:.2f}",
+                    f"{k['algbw_GBps']:.2f}", f"{k['busbw_GBps']:.2f}",
+                    f"{k['agg_busbw_over_ceiling']:.2f}",
+                    f"{k['audit_bytes']:,}", f"{k['audit_wire_bytes']:,.0f}",
+                ])
+    out.append(C.md_table(
+        ["collective", "n", "S", "shardlax med / p90", "jax.lax med / p90", "ratio",
+         "algbw GB/s", "busbw GB/s", "agg/ceiling", "HLO bytes", "wire bytes"],
+        full,
+    ))
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c for c in COLLECTIVES if any(r["collective"] == c for r in rows)]
+    devices = sorted({r["devices"] for r in rows})
+    colors = dict(zip(devices, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    ncols = min(3, len(names))
+    nrows = -(-len(names) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(5 * ncols, 3.8 * nrows), squeeze=False)
+    for ax, name in zip(axes.flat, names, strict=False):
+        for n in devices:
+            for impl, style in (("shardlax", "-o"), ("lax", "--x")):
+                rs = sorted(
+                    (r for r in rows if r["collective"] == name and r["devices"] == n
+                     and r["impl"] == impl),
+                    key=lambda r: r["size_bytes"],
+                )
+                if not rs:
+                    continue
+                xs = [r["size_bytes"] for r in rs]
+                ax.plot(xs, [r["agg_busbw_GBps"] for r in rs], style, color=colors[n],
+                        ms=4, lw=1.4, label=f"n={n} {'shardlax' if impl == 'shardlax' else 'jax.lax'}")
+                if impl == "shardlax":
+                    ax.plot(xs, [r["ceiling_agg_GBps"] for r in rs], ":", color=colors[n],
+                            lw=2, alpha=0.7, label=f"n={n} memcpy ceiling")
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"{name} ({HLO_KIND[name]})")
+        ax.set_xlabel("message size per device (bytes)")
+        ax.set_ylabel("aggregate bus bandwidth (GB/s)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.xaxis.set_major_formatter(
+            matplotlib.ticker.FuncFormatter(lambda v, _: C.fmt_bytes(v).replace(".0", ""))
+        )
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    legend_ax = list(axes.flat)[len(names)] if len(names) < nrows * ncols else None
+    if legend_ax is not None:
+        legend_ax.legend(handles, labels, loc="center", fontsize=9, frameon=False)
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=len(devices), fontsize=8)
+    info = rows[0]["machine"]
+    fig.suptitle(
+        "Collectives: aggregate busbw (n x nccl-tests busbw) vs memcpy ceiling\n"
+        f"{info['device_count']} simulated CPU devices on {info['cpu_count']} cores "
+        "(one shared memory system), jax " + info["jax"],
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--devices", type=int, nargs="+", default=list(DEVICES))
+    p.add_argument("--min-size", type=parse_size, default=MIN_SIZE, help="e.g. 64K")
+    p.add_argument("--max-size", type=parse_size, default=MAX_SIZE, help="e.g. 16M, 64M")
+    p.add_argument("--factor", type=int, default=4, help="size step (default x4)")
+    p.add_argument("--iters", type=int, default=ITERS)
+    p.add_argument("--warmup", type=int, default=WARMUP)
+    p.add_argument("--collectives", nargs="+", default=list(COLLECTIVES), choices=COLLECTIVES)
+    p.add_argument("--out", type=Path, default=C.DEFAULT_OUT, help="output directory")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 and 4 devices")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.devices, args.min_size, args.max_size = [2, 4], 64 * 1024, 256 * 1024
+        args.iters, args.warmup = 3, 1
+    C.setup_devices(max(args.devices))
+    t0 = time.perf_counter()
+    rows = run(args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    C.write_jsonl(args.out / "collectives.jsonl", rows)
+    (args.out / "collectives.md").write_text(markdown(rows))
+    written = ["collectives.jsonl", "collectives.md"]
+    if not args.no_plot and C.have_matplotlib():
+        plot(rows, args.out / "collectives.png")
+        written.append("collectives.png")
+    print(f"wrote {', '.join(str(args.out / w) for w in written)} in "
+          f"{time.perf_counter() - t0:.0f} s")
+    print(C.SIMULATED_NOTE)
+
+
+if __name__ == "__main__":
+    main()
