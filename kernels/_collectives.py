@@ -40,6 +40,18 @@ def _as_tuple(axes: AxisNames) -> tuple[str, ...]:
     return tuple(axes)
 
 
+def _live(x: jax.Array, axes: AxisNames) -> tuple[str, ...]:
+    """`axes` minus those of size 1 that `x` does not vary over.
+
+    A collective over a size-1 axis moves nothing but still compiles to an
+    HLO op (XLA keeps a size-1 all-reduce); dropping those axes keeps the
+    compiled program at its minimum. An axis `x` varies over is kept, so the
+    vma type of the result stays what the caller asked for.
+    """
+    vary = varying_axes(x)
+    return tuple(a for a in _as_tuple(axes) if lax.axis_size(a) > 1 or a in vary)
+
+
 def varying_axes(x: jax.Array) -> frozenset[str]:
     """The mesh axes over which `x` varies (its vma type), inside shard_map."""
     return frozenset(jax.typeof(x).manual_axis_type.varying)
@@ -62,7 +74,7 @@ def ensure_varying(x: jax.Array, axes: AxisNames) -> jax.Array:
 
 def all_reduce(x: jax.Array, axes: AxisNames) -> jax.Array:
     """Sum over `axes` (psum). Forward: 1 all-reduce. Backward: none."""
-    axes = _as_tuple(axes)
+    axes = _live(x, axes)
     if not axes:
         return x
     return lax.psum(x, axes)
@@ -70,7 +82,7 @@ def all_reduce(x: jax.Array, axes: AxisNames) -> jax.Array:
 
 def all_reduce_max(x: jax.Array, axes: AxisNames) -> jax.Array:
     """Max over `axes` (pmax). Not differentiable; use on stop_gradient values."""
-    axes = _as_tuple(axes)
+    axes = _live(x, axes)
     if not axes:
         return x
     return lax.pmax(x, axes)
@@ -85,7 +97,7 @@ def all_gather(
     `invariant=True` types the result as the same on every device of `axes`
     (`to='invarying'`), which is what the gathered value is.
     """
-    axes = _as_tuple(axes)
+    axes = _live(x, axes)
     if not axes:
         return x
     x = ensure_varying(x, axes)
@@ -99,7 +111,7 @@ def reduce_scatter(x: jax.Array, axes: AxisNames, *, axis: int = 0) -> jax.Array
 
     Forward: 1 reduce-scatter. Backward: 1 all-gather.
     """
-    axes = _as_tuple(axes)
+    axes = _live(x, axes)
     if not axes:
         return x
     x = ensure_varying(x, axes)

@@ -130,6 +130,16 @@ def present_axes(mesh: Mesh, axes: Sequence[str]) -> tuple[str, ...]:
     return tuple(a for a in axes if a in mesh.axis_names)
 
 
+def live_axes(mesh: Mesh, axes: Sequence[str]) -> tuple[str, ...]:
+    """The names of `axes` whose size in `mesh` is more than 1.
+
+    shardlax specs name only these: an axis of size 1 splits nothing, and a
+    value typed as varying over it would make autodiff emit a size-1
+    all-reduce that XLA keeps in the compiled program.
+    """
+    return tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
 def axes_size(mesh: Mesh, axes: Sequence[str]) -> int:
     """Product of the sizes of `axes` in `mesh`."""
     return math.prod(mesh.shape[a] for a in axes)

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from shardlax import kernels
 from shardlax._axes import BATCH_AXES
 from shardlax.audit import Declared
-from shardlax.mesh import axes_size, check_axis, place, present_axes, resolve_mesh
+from shardlax.mesh import axes_size, check_axis, live_axes, place, present_axes, resolve_mesh
 
 
 def sharded_param(
@@ -74,13 +74,19 @@ class ShardedLayer(nnx.Module):
     def batch_size_divisor(self) -> int:
         return axes_size(self.mesh, self.batch_axes)
 
+    def _spec_axis(self, axis: str | None) -> str | None:
+        """`axis` for a PartitionSpec entry, or None when it has size 1 (see `live_axes`)."""
+        return axis if axis is not None and live_axes(self.mesh, (axis,)) else None
+
     def _batch_entry(self) -> str | tuple[str, ...] | None:
-        if not self.batch_axes:
+        live = live_axes(self.mesh, self.batch_axes)
+        if not live:
             return None
-        return self.batch_axes if len(self.batch_axes) > 1 else self.batch_axes[0]
+        return live if len(live) > 1 else live[0]
 
     def _activation_spec(self, ndim: int, last: str | None) -> P:
         """`P(batch, None, ..., last)` for an activation of rank `ndim`."""
+        last = self._spec_axis(last)
         if ndim == 1:
             return P(last)
         return P(self._batch_entry(), *([None] * (ndim - 2)), last)
@@ -136,9 +142,8 @@ class ShardedLayer(nnx.Module):
         Their gradients are then all-reduced over the batch axes in the
         parameter dtype (before any compute-dtype cast), once per parameter.
         """
-        return [
-            None if p is None else kernels.ensure_varying(p, self.batch_axes) for p in params
-        ]
+        live = live_axes(self.mesh, self.batch_axes)
+        return [None if p is None else kernels.ensure_varying(p, live) for p in params]
 
 
 _HLO_NAMES = {

@@ -81,8 +81,8 @@ class ColumnParallelLinear(ShardedLayer):
         self._setup_mesh(mesh, axis_name, batch_axes)
         owner = type(self).__name__
         check_divisible(owner, "out_features", out_features, axis_name, self.model_size)
-        self.kernel_spec = P(None, axis_name)
-        self.bias_spec = P(axis_name)
+        self.kernel_spec = P(None, self._spec_axis(axis_name))
+        self.bias_spec = P(self._spec_axis(axis_name))
         self.kernel = sharded_param(
             kernel_init, rngs.params(), (in_features, out_features), param_dtype,
             self.mesh, self.kernel_spec,
@@ -228,7 +228,7 @@ class RowParallelLinear(ShardedLayer):
         self._setup_mesh(mesh, axis_name, batch_axes)
         owner = type(self).__name__
         check_divisible(owner, "in_features", in_features, axis_name, self.model_size)
-        self.kernel_spec = P(axis_name, None)
+        self.kernel_spec = P(self._spec_axis(axis_name), None)
         self.bias_spec = P(None)
         self.kernel = sharded_param(
             kernel_init, rngs.params(), (in_features, out_features), param_dtype,
