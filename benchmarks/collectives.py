@@ -50,7 +50,7 @@ import _common as C
 DEVICES = (2, 4, 8)
 MIN_SIZE = 64 * 1024
 MAX_SIZE = 16 * 1024 * 1024
-ITERS = 20
+ITERS = 40
 WARMUP = 3
 COLLECTIVES = ("psum", "all_gather", "psum_scatter", "ppermute", "all_to_all")
 HLO_KIND = {
@@ -154,8 +154,10 @@ def run(args) -> list[dict]:
             copy, _, copy_compile = compile_timed(jnp.copy, x_full)
             for name in args.collectives:
                 k_body, lax_body, div = bodies(name, n)
-                x = x_full if div == 1 else jax.device_put(
-                    jnp.arange(n * elems // div, dtype=jnp.float32), sharding
+                x = (
+                    x_full
+                    if div == 1
+                    else jax.device_put(jnp.arange(n * elems // div, dtype=jnp.float32), sharding)
                 )
                 fns, meta = {}, {}
                 for impl, body in (("shardlax", k_body), ("lax", lax_body)):
@@ -174,40 +176,43 @@ def run(args) -> list[dict]:
                     busbw = algbw * bus_factor(name, n)
                     kinds = [c.kind for c in report]
                     audit_bytes = sum(c.bytes for c in report)
-                    rows.append({
-                        "bench": "collectives",
-                        "collective": name,
-                        "impl": impl,
-                        "devices": n,
-                        "size_bytes": size,
-                        "dtype": "f32",
-                        **st,
-                        "p90_over_median": st["p90_s"] / st["median_s"],
-                        "algbw_GBps": algbw / 1e9,
-                        "busbw_GBps": busbw / 1e9,
-                        "agg_busbw_GBps": n * busbw / 1e9,
-                        "ceiling_agg_GBps": n * ceiling / 1e9,
-                        "agg_busbw_over_ceiling": busbw / ceiling,
-                        "memcpy": C.summarize(times["memcpy"]),
-                        "memcpy_compile_s": copy_compile,
-                        "lower_s": t_lower,
-                        "compile_s": t_compile,
-                        "wire_bytes_per_device": size * bus_factor(name, n),
-                        "audit_kinds": kinds,
-                        "audit_bytes": audit_bytes,
-                        "audit_wire_bytes": sum(c.wire_bytes for c in report),
-                        "audit_ok": kinds == [HLO_KIND[name]] and audit_bytes == size,
-                        "mesh": "one process, sub-mesh of the first n of "
-                        f"{info['device_count']} simulated devices",
-                        "note": C.SIMULATED_NOTE,
-                        "machine": info,
-                    })
+                    rows.append(
+                        {
+                            "bench": "collectives",
+                            "collective": name,
+                            "impl": impl,
+                            "devices": n,
+                            "size_bytes": size,
+                            "dtype": "f32",
+                            **st,
+                            "p90_over_median": st["p90_s"] / st["median_s"],
+                            "algbw_GBps": algbw / 1e9,
+                            "busbw_GBps": busbw / 1e9,
+                            "agg_busbw_GBps": n * busbw / 1e9,
+                            "ceiling_agg_GBps": n * ceiling / 1e9,
+                            "agg_busbw_over_ceiling": busbw / ceiling,
+                            "memcpy": C.summarize(times["memcpy"]),
+                            "memcpy_compile_s": copy_compile,
+                            "lower_s": t_lower,
+                            "compile_s": t_compile,
+                            "wire_bytes_per_device": size * bus_factor(name, n),
+                            "audit_kinds": kinds,
+                            "audit_bytes": audit_bytes,
+                            "audit_wire_bytes": sum(c.wire_bytes for c in report),
+                            "audit_ok": kinds == [HLO_KIND[name]] and audit_bytes == size,
+                            "mesh": "one process, sub-mesh of the first n of "
+                            f"{info['device_count']} simulated devices",
+                            "note": C.SIMULATED_NOTE,
+                            "machine": info,
+                        }
+                    )
                     r = rows[-1]
                     print(
                         f"{name:13s} {impl:8s} n={n} S={C.fmt_bytes(size):>9s} "
                         f"median {C.fmt_time(r['median_s']):>9s} p90 {C.fmt_time(r['p90_s']):>9s} "
                         f"busbw {r['busbw_GBps']:6.2f} GB/s agg/ceiling "
-                        f"{r['agg_busbw_over_ceiling']:5.2f} audit {'ok' if r['audit_ok'] else 'MISMATCH'}",
+                        f"{r['agg_busbw_over_ceiling']:5.2f} "
+                        f"audit {'ok' if r['audit_ok'] else 'MISMATCH'}",
                         flush=True,
                     )
     return rows
@@ -245,18 +250,37 @@ def markdown(rows: list[dict]) -> str:
             k, lx = by.get((name, "shardlax", n, big)), by.get((name, "lax", n, big))
             if not k or not lx:
                 continue
-            summary.append([
-                name, n, C.fmt_time(k["median_s"]), C.fmt_time(lx["median_s"]),
-                f"{k['median_s'] / lx['median_s']:.2f}",
-                f"{k['busbw_GBps']:.2f}", f"{k['agg_busbw_GBps']:.2f}",
-                f"{k['ceiling_agg_GBps']:.2f}", f"{k['agg_busbw_over_ceiling']:.2f}",
-                "ok" if k["audit_ok"] and lx["audit_ok"] else "MISMATCH",
-            ])
-    out.append(C.md_table(
-        ["collective", "n", "shardlax", "jax.lax", "shardlax/lax", "busbw GB/s",
-         "agg busbw GB/s", "memcpy GB/s (agg)", "agg/ceiling", "audit"],
-        summary,
-    ))
+            summary.append(
+                [
+                    name,
+                    n,
+                    C.fmt_time(k["median_s"]),
+                    C.fmt_time(lx["median_s"]),
+                    f"{k['median_s'] / lx['median_s']:.2f}",
+                    f"{k['busbw_GBps']:.2f}",
+                    f"{k['agg_busbw_GBps']:.2f}",
+                    f"{k['ceiling_agg_GBps']:.2f}",
+                    f"{k['agg_busbw_over_ceiling']:.2f}",
+                    "ok" if k["audit_ok"] and lx["audit_ok"] else "MISMATCH",
+                ]
+            )
+    out.append(
+        C.md_table(
+            [
+                "collective",
+                "n",
+                "shardlax",
+                "jax.lax",
+                "shardlax/lax",
+                "busbw GB/s",
+                "agg busbw GB/s",
+                "memcpy GB/s (agg)",
+                "agg/ceiling",
+                "audit",
+            ],
+            summary,
+        )
+    )
     out += ["", "## All sizes", ""]
     full = []
     for name in names:
@@ -265,20 +289,39 @@ def markdown(rows: list[dict]) -> str:
                 k, lx = by.get((name, "shardlax", n, s)), by.get((name, "lax", n, s))
                 if not k or not lx:
                     continue
-                full.append([
-                    name, n, C.fmt_bytes(s),
-                    f"{C.fmt_time(k['median_s'])} / {C.fmt_time(k['p90_s'])}",
-                    f"{C.fmt_time(lx['median_s'])} / {C.fmt_time(lx['p90_s'])}",
-                    f"{k['median_s'] / lx['median_s']:.2f}",
-                    f"{k['algbw_GBps']:.2f}", f"{k['busbw_GBps']:.2f}",
-                    f"{k['agg_busbw_over_ceiling']:.2f}",
-                    f"{k['audit_bytes']:,}", f"{k['audit_wire_bytes']:,.0f}",
-                ])
-    out.append(C.md_table(
-        ["collective", "n", "S", "shardlax med / p90", "jax.lax med / p90", "ratio",
-         "algbw GB/s", "busbw GB/s", "agg/ceiling", "HLO bytes", "wire bytes"],
-        full,
-    ))
+                full.append(
+                    [
+                        name,
+                        n,
+                        C.fmt_bytes(s),
+                        f"{C.fmt_time(k['median_s'])} / {C.fmt_time(k['p90_s'])}",
+                        f"{C.fmt_time(lx['median_s'])} / {C.fmt_time(lx['p90_s'])}",
+                        f"{k['median_s'] / lx['median_s']:.2f}",
+                        f"{k['algbw_GBps']:.2f}",
+                        f"{k['busbw_GBps']:.2f}",
+                        f"{k['agg_busbw_over_ceiling']:.2f}",
+                        f"{k['audit_bytes']:,}",
+                        f"{k['audit_wire_bytes']:,.0f}",
+                    ]
+                )
+    out.append(
+        C.md_table(
+            [
+                "collective",
+                "n",
+                "S",
+                "shardlax med / p90",
+                "jax.lax med / p90",
+                "ratio",
+                "algbw GB/s",
+                "busbw GB/s",
+                "agg/ceiling",
+                "HLO bytes",
+                "wire bytes",
+            ],
+            full,
+        )
+    )
     return "\n".join(out) + "\n"
 
 
@@ -290,6 +333,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     names = [c for c in COLLECTIVES if any(r["collective"] == c for r in rows)]
     devices = sorted({r["devices"] for r in rows})
+    sizes = sorted({r["size_bytes"] for r in rows})
     colors = dict(zip(devices, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
     ncols = min(3, len(names))
     nrows = -(-len(names) // ncols)
@@ -298,27 +342,44 @@ def plot(rows: list[dict], path: Path) -> None:
         for n in devices:
             for impl, style in (("shardlax", "-o"), ("lax", "--x")):
                 rs = sorted(
-                    (r for r in rows if r["collective"] == name and r["devices"] == n
-                     and r["impl"] == impl),
+                    (
+                        r
+                        for r in rows
+                        if r["collective"] == name and r["devices"] == n and r["impl"] == impl
+                    ),
                     key=lambda r: r["size_bytes"],
                 )
                 if not rs:
                     continue
                 xs = [r["size_bytes"] for r in rs]
-                ax.plot(xs, [r["agg_busbw_GBps"] for r in rs], style, color=colors[n],
-                        ms=4, lw=1.4, label=f"n={n} {'shardlax' if impl == 'shardlax' else 'jax.lax'}")
+                ax.plot(
+                    xs,
+                    [r["agg_busbw_GBps"] for r in rs],
+                    style,
+                    color=colors[n],
+                    ms=4,
+                    lw=1.4,
+                    label=f"n={n} {'shardlax' if impl == 'shardlax' else 'jax.lax'}",
+                )
                 if impl == "shardlax":
-                    ax.plot(xs, [r["ceiling_agg_GBps"] for r in rs], ":", color=colors[n],
-                            lw=2, alpha=0.7, label=f"n={n} memcpy ceiling")
+                    ax.plot(
+                        xs,
+                        [r["ceiling_agg_GBps"] for r in rs],
+                        ":",
+                        color=colors[n],
+                        lw=2,
+                        alpha=0.7,
+                        label=f"n={n} memcpy ceiling",
+                    )
         ax.set_xscale("log", base=2)
         ax.set_title(f"{name} ({HLO_KIND[name]})")
         ax.set_xlabel("message size per device (bytes)")
         ax.set_ylabel("aggregate bus bandwidth (GB/s)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.xaxis.set_major_formatter(
-            matplotlib.ticker.FuncFormatter(lambda v, _: C.fmt_bytes(v).replace(".0", ""))
-        )
-    for ax in list(axes.flat)[len(names):]:
+        ticks = sorted({r["size_bytes"] for r in rows})[:: max(1, len(sizes) // 5)]
+        ax.set_xticks(ticks, [C.fmt_bytes(t).replace(".0", "") for t in ticks])
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
     legend_ax = list(axes.flat)[len(names)] if len(names) < nrows * ncols else None
@@ -343,7 +404,7 @@ def main(argv=None) -> None:
     p.add_argument("--devices", type=int, nargs="+", default=list(DEVICES))
     p.add_argument("--min-size", type=parse_size, default=MIN_SIZE, help="e.g. 64K")
     p.add_argument("--max-size", type=parse_size, default=MAX_SIZE, help="e.g. 16M, 64M")
-    p.add_argument("--factor", type=int, default=4, help="size step (default x4)")
+    p.add_argument("--factor", type=int, default=2, help="size step (default x2)")
     p.add_argument("--iters", type=int, default=ITERS)
     p.add_argument("--warmup", type=int, default=WARMUP)
     p.add_argument("--collectives", nargs="+", default=list(COLLECTIVES), choices=COLLECTIVES)
@@ -364,8 +425,9 @@ def main(argv=None) -> None:
     if not args.no_plot and C.have_matplotlib():
         plot(rows, args.out / "collectives.png")
         written.append("collectives.png")
-    print(f"wrote {', '.join(str(args.out / w) for w in written)} in "
-          f"{time.perf_counter() - t0:.0f} s")
+    print(
+        f"wrote {', '.join(str(args.out / w) for w in written)} in {time.perf_counter() - t0:.0f} s"
+    )
     print(C.SIMULATED_NOTE)
 
 

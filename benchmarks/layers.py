@@ -1,0 +1,543 @@
+"""Per-layer / per-train-step benchmark: shardlax (shard_map) vs GSPMD vs one device.
+
+Each row is one training step (loss, gradients, optimizer update) of one
+parallel strategy, built three ways:
+
+  shardlax   the shardlax layers / strategy (`jax.shard_map`, every collective
+             written by hand), on an Explicit mesh;
+  gspmd      the same math written with plain `nnx.Linear` / `jnp`, jitted with
+             its parameters and batch placed by `NamedSharding` on an Auto mesh,
+             so XLA's sharding propagation (GSPMD) chooses the collectives;
+  unsharded  the same plain model on one device.
+
+The three start from the same parameter values (same `nnx.Rngs`) and inputs;
+the losses they return are recorded to show they compute the same thing.
+For each the script records trace+lower and compile time, the collectives of
+the compiled HLO (`shardlax.audit`: count, kinds, bytes per device), the
+per-device memory of `memory_analysis()` (arguments, temp), and step times
+from interleaved runs (shardlax, gspmd, unsharded, shardlax, ...). Ratios
+are of medians; the spread of a ratio is the p10-p90 of the per-round ratios
+(each round times the three back to back).
+
+Theoretical minimum collectives per step (per device; n = devices on the
+axis, B = local tokens, D = model width, F = hidden width, L = layers,
+P = parameter bytes of the whole model, f32):
+
+  tp_mlp      column -> row MLP, n-way tensor parallel, input not differentiated:
+              forward 1 all-reduce of the activation [B, D] over 'model';
+              backward none (dx of the column layer is not needed, dW is local).
+  fsdp_deep   L scanned layers [D, D], fully sharded over 'fsdp' with remat:
+              per layer 2 all-gathers of the parameters (forward, and again
+              in the rematerialised backward) + 1 reduce-scatter of their
+              gradients; plus 1 scalar all-reduce of the loss.
+  zero2       data-parallel MLP with Adam, gradients and optimizer state
+              sharded over 'data' (ZeRO-2): 1 reduce-scatter of the gradients
+              (P bytes) + 1 all-gather of the updated parameters (P bytes).
+  fsdp_tp     column -> row MLP on a (fsdp, model) mesh: per weight the
+              fsdp all-gathers and reduce-scatter of FSDP on its 1/model
+              shard, plus the tensor-parallel all-reduce of the activation.
+  tinylm      TinyLM train step: per block the attention and MLP row layers'
+              activation all-reduces (forward), the column layers' input
+              gradient all-reduces (backward), and the gradient reduction
+              over the batch axes.
+
+A collective inside a `lax.scan` appears once in the HLO; the "executed"
+bytes multiply it by the row's loop trip count.
+
+Run:
+    python benchmarks/layers.py                  # every row that exists, 4 devices
+    python benchmarks/layers.py --rows tp_mlp --devices 8 --repeats 30
+    python benchmarks/layers.py --quick          # smoke run (seconds)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import _common as C
+
+# ----------------------------------------------------------------------------- config
+DEVICES = 4
+REPEATS = 15
+WARMUP = 2
+LR = 1e-2
+SIZES = {  # default, --quick
+    "tp_mlp": (dict(batch=256, d=512, f=2048), dict(batch=16, d=32, f=64)),
+    "fsdp_deep": (dict(batch=64, d=512, layers=8), dict(batch=8, d=32, layers=2)),
+    "zero2": (dict(batch=256, d=512, f=2048), dict(batch=16, d=32, f=64)),
+    "fsdp_tp": (dict(batch=128, d=512, f=2048), dict(batch=16, d=32, f=64)),
+    "tinylm": (dict(batch=8, seq=64), dict(batch=4, seq=8)),
+}
+IMPLS = ("shardlax", "gspmd", "unsharded")
+# -----------------------------------------------------------------------------
+
+
+class Skip(Exception):
+    """A row whose shardlax feature does not exist (yet)."""
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One way to run a step: `fn(*args)` returns (new state..., loss)."""
+
+    fn: Callable
+    args: tuple
+    mesh: Any = None
+
+
+@dataclasses.dataclass
+class Row:
+    name: str
+    strategy: str
+    mesh: str
+    config: dict
+    candidates: dict[str, Candidate]
+    minimum: list[dict]  # {kind, axes, bytes, count, why}, bytes per instance per device
+    loop_trips: int = 1
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def minimum(kind: str, axes, nbytes: int, count: int = 1, why: str = "") -> dict:
+    return {"kind": kind, "axes": list(axes), "bytes": int(nbytes), "count": count, "why": why}
+
+
+def place_state(state, mesh, spec_of: Callable[[str], Any]):
+    """`device_put` every leaf of an nnx State with `NamedSharding(mesh, spec_of(path))`."""
+    import jax
+    from jax.sharding import NamedSharding
+
+    return jax.tree_util.tree_map_with_path(
+        lambda path, v: jax.device_put(v, NamedSharding(mesh, spec_of(jax.tree_util.keystr(path)))),
+        state,
+    )
+
+
+def on_device(tree, device):
+    import jax
+
+    return jax.tree.map(lambda v: jax.device_put(v, device), tree)
+
+
+def sgd_step(graphdef, loss_of: Callable) -> Callable:
+    """`step(state, *batch) -> (state, loss)`: one SGD step of an nnx model."""
+    import jax
+    from flax import nnx
+
+    def step(state, *batch):
+        def loss_fn(state):
+            return loss_of(nnx.merge(graphdef, state), *batch)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state)
+        state = jax.tree.map(lambda p, g: p - LR * g, state, grads)
+        return state, loss
+
+    return step
+
+
+def mse(model, x, y):
+    import jax.numpy as jnp
+
+    return jnp.mean((model(x) - y) ** 2)
+
+
+def three_ways(plain_factory, sharded_factory, batch, gspmd_mesh, spec_of, batch_specs, devices):
+    """Candidates for a plain nnx model and its shardlax twin, trained with SGD on MSE.
+
+    plain_factory() -> nnx model of nnx.Linear; sharded_factory() -> the shardlax
+    model (built on its own mesh); spec_of(path) -> PartitionSpec of a plain
+    parameter under GSPMD; batch_specs -> specs of the batch arrays.
+    """
+    import jax
+    from flax import nnx
+    from jax.sharding import NamedSharding
+
+    out = {}
+    model = sharded_factory()
+    graphdef, state = nnx.split(model)
+    out["shardlax"] = Candidate(jax.jit(sgd_step(graphdef, mse)), (state, *batch))
+    plain = plain_factory()
+    graphdef, state = nnx.split(plain)
+    step = jax.jit(sgd_step(graphdef, mse))
+    g_batch = tuple(
+        jax.device_put(b, NamedSharding(gspmd_mesh, s))
+        for b, s in zip(batch, batch_specs, strict=True)
+    )
+    out["gspmd"] = Candidate(step, (place_state(state, gspmd_mesh, spec_of), *g_batch), gspmd_mesh)
+    out["unsharded"] = Candidate(
+        jax.jit(sgd_step(graphdef, mse)), on_device((state, *batch), devices[0])
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- rows
+
+
+def row_tp_mlp(cfg: dict, n: int, devices) -> Row:
+    """Column -> row MLP, n-way tensor parallel over 'model' (batch replicated)."""
+    import jax
+    from flax import nnx
+    from jax.sharding import PartitionSpec as P
+
+    import shardlax
+
+    b, d, f = cfg["batch"], cfg["d"], cfg["f"]
+
+    class PlainMLP(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(d, f, rngs=rngs)
+            self.down = nnx.Linear(f, d, rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(jax.nn.gelu(self.up(x)))
+
+    class ParallelMLP(nnx.Module):
+        def __init__(self, rngs, mesh):
+            self.up = shardlax.nn.ColumnParallelLinear(d, f, rngs=rngs, mesh=mesh)
+            self.down = shardlax.nn.RowParallelLinear(f, d, rngs=rngs, mesh=mesh)
+
+        def __call__(self, x):
+            return self.down(jax.nn.gelu(self.up(x)))
+
+    mesh = shardlax.make_mesh(model=n, devices=devices)
+    auto = shardlax.make_mesh(model=n, devices=devices, axis_types="auto")
+    kx, ky = jax.random.split(jax.random.key(1))
+    x, y = jax.random.normal(kx, (b, d)), jax.random.normal(ky, (b, d))
+
+    def spec_of(path: str):
+        if "up" in path:
+            return P(None, "model") if "kernel" in path else P("model")
+        return P("model", None) if "kernel" in path else P()
+
+    cands = three_ways(
+        lambda: PlainMLP(nnx.Rngs(0)),
+        lambda: ParallelMLP(nnx.Rngs(0), mesh),
+        (x, y),
+        auto,
+        spec_of,
+        (P(), P()),
+        devices,
+    )
+    cands["shardlax"].mesh = mesh
+    return Row(
+        name="tp_mlp",
+        strategy="tensor parallel (Megatron column -> row)",
+        mesh=f"model={n}",
+        config=dict(cfg, n=n),
+        candidates=cands,
+        minimum=[
+            minimum(
+                "all-reduce", ["model"], b * d * 4, 1, "forward: sum of partial products [B, D]"
+            )
+        ],
+    )
+
+
+ROWS: dict[str, Callable[..., Row]] = {
+    "tp_mlp": row_tp_mlp,
+}
+
+
+# ----------------------------------------------------------------------------- measure
+
+
+def compile_timed(fn, args):
+    t0 = time.perf_counter()
+    lowered = fn.lower(*args)
+    t1 = time.perf_counter()
+    compiled = lowered.compile()
+    t2 = time.perf_counter()
+    return compiled, t1 - t0, t2 - t1
+
+
+def collectives_summary(report, loop_trips: int) -> dict:
+    kinds: dict[str, int] = {}
+    for c in report:
+        kinds[c.kind] = kinds.get(c.kind, 0) + c.operands
+    trips = [loop_trips if c.in_loop else 1 for c in report]
+    return {
+        "hlo_ops": len(report),
+        "tensors": sum(c.operands for c in report),
+        "kinds": kinds,
+        "bytes": sum(c.bytes for c in report),
+        "wire_bytes": sum(c.wire_bytes for c in report),
+        "executed_bytes": sum(c.bytes * t for c, t in zip(report, trips, strict=True)),
+        "executed_wire_bytes": sum(c.wire_bytes * t for c, t in zip(report, trips, strict=True)),
+        "list": [
+            {"kind": c.kind, "axes": list(c.axes), "dtype": c.dtype, "bytes": c.bytes,
+             "operands": c.operands, "in_loop": c.in_loop}
+            for c in report
+        ],
+    }  # fmt: skip
+
+
+def measure(row: Row, args) -> list[dict]:
+    import jax
+
+    from shardlax import audit
+
+    info = C.machine_info()
+    compiled, meta = {}, {}
+    for impl, cand in row.candidates.items():
+        c, t_lower, t_compile = compile_timed(cand.fn, cand.args)
+        mem = c.memory_analysis()
+        report = audit.parse_hlo(c.as_text(), cand.mesh)
+        out = c(*cand.args)
+        loss = float(jax.device_get(out[-1]))
+        compiled[impl] = (c, cand.args)
+        meta[impl] = {
+            "lower_s": t_lower,
+            "compile_s": t_compile,
+            "memory": {
+                "arguments": int(mem.argument_size_in_bytes),
+                "outputs": int(mem.output_size_in_bytes),
+                "temp": int(mem.temp_size_in_bytes),
+            },
+            "collectives": collectives_summary(report, row.loop_trips),
+            "loss": loss,
+        }
+    times = C.interleaved(compiled, args.repeats, args.warmup)
+    mins = row.minimum
+    min_bytes = sum(m["bytes"] * m["count"] for m in mins)
+    rows = []
+    for impl in row.candidates:
+        st = C.summarize(times[impl])
+        r = {
+            "bench": "layers",
+            "row": row.name,
+            "strategy": row.strategy,
+            "impl": impl,
+            "mesh": row.mesh if impl != "unsharded" else "1 device",
+            "config": row.config,
+            **st,
+            "spread": (st["p90_s"] - st["p10_s"]) / st["median_s"],
+            **meta[impl],
+            "minimum": mins,
+            "minimum_tensors": sum(m["count"] for m in mins),
+            "minimum_bytes": min_bytes,
+            "loop_trips": row.loop_trips,
+            "process": f"one process, {info['device_count']} simulated devices",
+            "note": C.SIMULATED_NOTE,
+            "machine": info,
+        }
+        for other in ("gspmd", "unsharded"):
+            if impl == "shardlax" and other in times:
+                per_round = [a / b for a, b in zip(times["shardlax"], times[other], strict=True)]
+                r[f"ratio_vs_{other}"] = st["median_s"] / statistics.median(times[other])
+                r[f"ratio_vs_{other}_p10"] = C.percentile(per_round, 10)
+                r[f"ratio_vs_{other}_p90"] = C.percentile(per_round, 90)
+                c_self = meta["shardlax"]["lower_s"] + meta["shardlax"]["compile_s"]
+                c_other = meta[other]["lower_s"] + meta[other]["compile_s"]
+                r[f"compile_ratio_vs_{other}"] = c_self / c_other
+        rows.append(r)
+        col = r["collectives"]
+        print(
+            f"{row.name:10s} {impl:9s} median {C.fmt_time(r['median_s']):>9s} "
+            f"spread {r['spread']:4.2f} compile {r['lower_s'] + r['compile_s']:.2f}s "
+            f"collectives {col['tensors']} {col['kinds']} {C.fmt_bytes(col['bytes'])} "
+            f"(min {C.fmt_bytes(min_bytes)}) temp {C.fmt_bytes(r['memory']['temp'])} "
+            f"loss {r['loss']:.6f}",
+            flush=True,
+        )
+    return rows
+
+
+# ----------------------------------------------------------------------------- outputs
+
+
+def _kinds(k: dict) -> str:
+    short = {"all-reduce": "AR", "all-gather": "AG", "reduce-scatter": "RS",
+             "all-to-all": "A2A", "collective-permute": "CP"}  # fmt: skip
+    return " ".join(f"{v} {short.get(kind, kind)}" for kind, v in sorted(k.items())) or "none"
+
+
+def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
+    info = rows[0]["machine"] if rows else C.machine_info()
+    out = [
+        "# Layers and train steps: shardlax vs GSPMD vs one device",
+        "",
+        f"Machine: {C.machine_line(info)}. {C.SIMULATED_NOTE}",
+        "",
+        "Times are medians of interleaved runs (shardlax, gspmd, unsharded, ...); ratio "
+        "spreads are the p10-p90 of per-round ratios. Compile = trace + lower + compile. "
+        "Collectives are those of the compiled HLO (tensors moved per step, AR = all-reduce, "
+        "AG = all-gather, RS = reduce-scatter), bytes per device, beside the theoretical "
+        "minimum of the strategy. Memory is `memory_analysis()` per device.",
+        "",
+        "## Ratios",
+        "",
+    ]
+    by = {(r["row"], r["impl"]): r for r in rows}
+    names = list(dict.fromkeys(r["row"] for r in rows))
+    ratio_rows = []
+    for name in names:
+        s = by.get((name, "shardlax"))
+        if not s:
+            continue
+        cells = [f"{name} ({s['mesh']})"]
+        for other in ("gspmd", "unsharded"):
+            if f"ratio_vs_{other}" in s:
+                cells.append(
+                    f"{s[f'ratio_vs_{other}']:.2f} ({s[f'ratio_vs_{other}_p10']:.2f}-"
+                    f"{s[f'ratio_vs_{other}_p90']:.2f})"
+                )
+                cells.append(f"{s[f'compile_ratio_vs_{other}']:.2f}")
+            else:
+                cells += ["-", "-"]
+        g = by.get((name, "gspmd"))
+        cells.append(
+            f"{s['collectives']['tensors']} / {g['collectives']['tensors'] if g else '-'} / "
+            f"{s['minimum_tensors']}"
+        )
+        cells.append(
+            f"{C.fmt_bytes(s['collectives']['executed_bytes'])} / "
+            f"{C.fmt_bytes(g['collectives']['executed_bytes']) if g else '-'} / "
+            f"{C.fmt_bytes(s['minimum_bytes'])}"
+        )
+        ratio_rows.append(cells)
+    out.append(C.md_table(
+        ["row", "step time shardlax/GSPMD", "compile shardlax/GSPMD",
+         "step time shardlax/unsharded", "compile shardlax/unsharded",
+         "collectives shardlax / GSPMD / min", "bytes shardlax / GSPMD / min"],
+        ratio_rows,
+    ))  # fmt: skip
+    out += ["", "## Every candidate", ""]
+    full = []
+    for name in names:
+        for impl in IMPLS:
+            r = by.get((name, impl))
+            if not r:
+                continue
+            col = r["collectives"]
+            full.append([
+                name, impl, r["mesh"], C.fmt_time(r["median_s"]),
+                f"{C.fmt_time(r['p10_s'])}-{C.fmt_time(r['p90_s'])}",
+                f"{r['lower_s'] + r['compile_s']:.2f} s",
+                f"{col['tensors']} ({_kinds(col['kinds'])})",
+                C.fmt_bytes(col["executed_bytes"]),
+                C.fmt_bytes(r["memory"]["arguments"]), C.fmt_bytes(r["memory"]["temp"]),
+                f"{r['loss']:.6g}",
+            ])  # fmt: skip
+    out.append(C.md_table(
+        ["row", "impl", "mesh", "step median", "p10-p90", "compile", "collectives",
+         "bytes/device", "args/device", "temp/device", "loss"],
+        full,
+    ))  # fmt: skip
+    out += ["", "## Theoretical minimum per row", ""]
+    for name in names:
+        r = by.get((name, "shardlax"))
+        if r:
+            items = "; ".join(
+                f"{m['count']} x {m['kind']} over {','.join(m['axes'])} of "
+                f"{C.fmt_bytes(m['bytes'])} ({m['why']})"
+                for m in r["minimum"]
+            )
+            out.append(f"- **{name}** ({r['strategy']}, config {r['config']}): {items}")
+    if skipped:
+        out += ["", "## Rows not run", ""]
+        out += [f"- **{k}**: {v}" for k, v in skipped.items()]
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shard = [r for r in rows if r["impl"] == "shardlax" and "ratio_vs_gspmd" in r]
+    if not shard:
+        return
+    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(shard) + 2), 4))
+    series = [
+        ("ratio_vs_gspmd", "step time shardlax / GSPMD"),
+        ("ratio_vs_unsharded", "step time shardlax / unsharded"),
+        ("compile_ratio_vs_gspmd", "compile time shardlax / GSPMD"),
+    ]
+    width = 0.8 / len(series)
+    for i, (key, label) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(shard))]
+        ys = [r.get(key, float("nan")) for r in shard]
+        err = None
+        if not key.startswith("compile"):
+            err = [
+                [max(0.0, y - r.get(key + "_p10", y)) for y, r in zip(ys, shard, strict=True)],
+                [max(0.0, r.get(key + "_p90", y) - y) for y, r in zip(ys, shard, strict=True)],
+            ]
+        bars = ax.bar(xs, ys, width, label=label, yerr=err, capsize=3)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
+    ax.axhline(1.0, color="black", lw=1)
+    ax.set_xticks(range(len(shard)), [f"{r['row']}\n({r['mesh']})" for r in shard])
+    ax.set_ylabel("ratio (< 1: shardlax faster)")
+    info = shard[0]["machine"]
+    ax.set_title(
+        "Train step: shardlax vs GSPMD vs one device (medians, p10-p90 of per-round ratios)\n"
+        f"simulated CPU devices on {info['cpu_count']} cores, jax {info['jax']}",
+        fontsize=9,
+    )
+    ax.legend(fontsize=8)
+    ax.grid(True, axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--rows", nargs="+", default=list(SIZES), choices=list(SIZES))
+    p.add_argument("--devices", type=int, default=DEVICES)
+    p.add_argument("--repeats", type=int, default=REPEATS)
+    p.add_argument("--warmup", type=int, default=WARMUP)
+    p.add_argument("--set", nargs="*", default=[], metavar="ROW.KEY=INT",
+                   help="override a size, e.g. tp_mlp.batch=512")  # fmt: skip
+    p.add_argument("--out", type=Path, default=C.DEFAULT_OUT, help="output directory")
+    p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 repeats")
+    p.add_argument("--no-plot", action="store_true")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.repeats, args.warmup = 2, 1
+    sizes = {k: dict(v[1] if args.quick else v[0]) for k, v in SIZES.items()}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        name, _, field = key.partition(".")
+        sizes[name][field] = int(value)
+    C.setup_devices(args.devices)
+    import jax
+
+    t0 = time.perf_counter()
+    devices = jax.devices()[: args.devices]
+    rows, skipped = [], {}
+    for name in args.rows:
+        builder = ROWS.get(name)
+        if builder is None:
+            skipped[name] = "no row function yet (its shardlax feature has not landed)"
+            print(f"{name:10s} skipped: {skipped[name]}")
+            continue
+        try:
+            row = builder(sizes[name], args.devices, devices)
+        except Skip as e:
+            skipped[name] = str(e)
+            print(f"{name:10s} skipped: {e}")
+            continue
+        rows += measure(row, args)
+    args.out.mkdir(parents=True, exist_ok=True)
+    C.write_jsonl(args.out / "layers.jsonl", rows)
+    (args.out / "layers.md").write_text(markdown(rows, skipped))
+    written = ["layers.jsonl", "layers.md"]
+    if rows and not args.no_plot and C.have_matplotlib():
+        plot(rows, args.out / "layers.png")
+        written.append("layers.png")
+    print(f"wrote {', '.join(str(args.out / w) for w in written)} in "
+          f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    print(C.SIMULATED_NOTE)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""Smoke runs of the benchmark scripts: they run and write their outputs.
+
+Benchmarks are measurements, not tests: nothing here asserts a time. Each
+script runs in its own process (it asks for its own simulated devices before
+JAX starts) with `--quick`: tiny sizes, 2-4 devices, a few repeats.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _run(script: str, out: Path, *extra: str) -> list[dict]:
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / script), "--quick", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=ROOT,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    stem = script.removesuffix(".py")
+    rows = [json.loads(line) for line in (out / f"{stem}.jsonl").read_text().splitlines()]
+    assert rows, f"{stem}.jsonl is empty"
+    md = (out / f"{stem}.md").read_text()
+    assert md.startswith("# ") and "| ---" in md
+    if _have_matplotlib():
+        png = out / f"{stem}.png"
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return rows
+
+
+@pytest.mark.slow
+def test_collectives_quick(tmp_path):
+    rows = _run("collectives.py", tmp_path)
+    assert {r["collective"] for r in rows} == {
+        "psum", "all_gather", "psum_scatter", "ppermute", "all_to_all"
+    }  # fmt: skip
+    assert {r["impl"] for r in rows} == {"shardlax", "lax"}
+    assert {r["devices"] for r in rows} == {2, 4}
+    for r in rows:
+        # The compiled program holds exactly the one collective, moving S bytes.
+        assert r["audit_ok"], r
+        assert r["machine"]["jax"] and r["machine"]["cpu_count"]
+        assert r["median_s"] > 0 and r["ceiling_agg_GBps"] > 0
+
+
+@pytest.mark.slow
+def test_layers_quick(tmp_path):
+    rows = _run("layers.py", tmp_path, "--devices", "4")
+    by = {(r["row"], r["impl"]): r for r in rows}
+    assert ("tp_mlp", "shardlax") in by
+    for name in {r["row"] for r in rows}:
+        impls = {i for (n, i) in by if n == name}
+        assert impls == {"shardlax", "gspmd", "unsharded"}, (name, impls)
+        losses = [by[name, i]["loss"] for i in impls]
+        # The three candidates compute the same step (same parameters and batch).
+        assert max(losses) - min(losses) <= 1e-3 * max(1.0, abs(losses[0])), (name, losses)
+        s = by[name, "shardlax"]
+        assert s["ratio_vs_gspmd"] > 0 and s["compile_ratio_vs_unsharded"] > 0
+        assert by[name, "unsharded"]["collectives"]["tensors"] == 0
+    tp = by["tp_mlp", "shardlax"]
+    assert tp["collectives"]["kinds"] == {"all-reduce": 1}
+    assert tp["collectives"]["bytes"] == tp["minimum_bytes"]
