@@ -43,9 +43,7 @@ def matmul_last(
     kwargs = {}
     if preferred_element_type is not None:
         kwargs["preferred_element_type"] = preferred_element_type
-    return dot_general(
-        x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision, **kwargs
-    )
+    return dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision, **kwargs)
 
 
 def _add_bias(y: jax.Array, bias: jax.Array | None) -> jax.Array:

@@ -57,7 +57,9 @@ def _check_layer(layer_cls, mesh, case, **layer_kwargs):
 
     # forward, under jit and eagerly
     y = nnx.jit(lambda m, x: m(x))(layer, x)
-    y_ref = reference_linear(x, jnp.asarray(kernel), None if bias is None else jnp.asarray(bias), dtype)
+    y_ref = reference_linear(
+        x, jnp.asarray(kernel), None if bias is None else jnp.asarray(bias), dtype
+    )
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
     utils.assert_close(y, y_ref, dtype, "forward (jit)")
     with jax.set_mesh(mesh):
@@ -127,7 +129,7 @@ def test_mesh_kinds_and_presharded_inputs(kind):
     col = shardlax.nn.ColumnParallelLinear(8, 16, mesh=mesh, rngs=nnx.Rngs(0))
     row = shardlax.nn.RowParallelLinear(16, 8, mesh=mesh, rngs=nnx.Rngs(1))
     x = jax.random.normal(jax.random.key(0), (4, 8))
-    ref = (jax.nn.relu(x @ np.asarray(col.kernel[...])) @ np.asarray(row.kernel[...]))
+    ref = jax.nn.relu(x @ np.asarray(col.kernel[...])) @ np.asarray(row.kernel[...])
     for inputs in (x, jax.device_put(x, jax.sharding.NamedSharding(mesh, col.input_spec(2)))):
         y = nnx.jit(lambda c, r, x: r(jax.nn.relu(c(x))))(col, row, inputs)
         utils.assert_close(y, ref)

@@ -33,9 +33,7 @@ def assert_close(actual, expected, dtype=jnp.float32, err_msg: str = "") -> None
     e = np.asarray(jnp.asarray(expected, jnp.float32))
     tol = tolerance(dtype)
     scale = max(1.0, float(np.max(np.abs(e))) if e.size else 1.0)
-    np.testing.assert_allclose(
-        a, e, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=err_msg
-    )
+    np.testing.assert_allclose(a, e, rtol=tol["rtol"], atol=tol["atol"] * scale, err_msg=err_msg)
 
 
 def need_devices(n: int) -> None:

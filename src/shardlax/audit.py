@@ -134,7 +134,10 @@ class Report(list):
 
     def table(self) -> str:
         """A markdown table, one row per collective."""
-        rows = ["| kind | axes | dtype | bytes/device | wire bytes/device | in loop |", "|---|---|---|---:|---:|---|"]
+        rows = [
+            "| kind | axes | dtype | bytes/device | wire bytes/device | in loop |",
+            "|---|---|---|---:|---:|---|",
+        ]
         for c in self:
             rows.append(
                 f"| {c.kind} | {','.join(c.axes) or '-'} | {c.dtype} | {c.bytes:,} | "
@@ -170,6 +173,19 @@ def _split_type(rest: str) -> tuple[str, str]:
 
 
 def _parse_groups(attrs: str) -> list[list[int]] | None:
+    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+    if m:
+        # mesh-axes form: mesh['axis_0'=2,'axis_1'=4] {'axis_0'}: a group per
+        # combination of the other axes, spanning the named ones (row-major ids)
+        names, dims = [], []
+        for item in m.group(1).split(","):
+            name, _, size = item.partition("=")
+            names.append(name.strip().strip("'\""))
+            dims.append(int(size))
+        over = [names.index(a.strip().strip("'\"")) for a in m.group(2).split(",") if a.strip()]
+        rest = [i for i in range(len(dims)) if i not in over]
+        ids = np.arange(math.prod(dims)).reshape(dims).transpose(rest + over)
+        return ids.reshape(-1, math.prod(dims[i] for i in over)).tolist()
     m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", attrs)
     if m:
         out_shape = [int(v) for v in m.group(1).split(",")]
@@ -182,7 +198,10 @@ def _parse_groups(attrs: str) -> list[list[int]] | None:
     if m:
         if not m.group(1):
             return []  # every device in one group
-        return [[int(v) for v in g.split(",") if v.strip()] for g in re.findall(r"\{([0-9,\s]*)\}", m.group(1))]
+        return [
+            [int(v) for v in g.split(",") if v.strip()]
+            for g in re.findall(r"\{([0-9,\s]*)\}", m.group(1))
+        ]
     m = re.search(r"source_target_pairs=\{(.*?)\}\}", attrs + "}")
     if m:
         return [[int(v) for v in g.split(",")] for g in re.findall(r"\{([0-9,\s]+)\}", m.group(0))]
@@ -196,7 +215,9 @@ def _axes_of(groups: list[list[int]] | None, mesh: Mesh | None) -> tuple[tuple[s
         return (), size
     shape = mesh.devices.shape
     if not groups:
-        return tuple(sorted(n for n, s in zip(mesh.axis_names, shape, strict=True) if s > 1)), mesh.size
+        return tuple(
+            sorted(n for n, s in zip(mesh.axis_names, shape, strict=True) if s > 1)
+        ), mesh.size
     varying: set[str] = set()
     for g in groups:
         coords = np.array(np.unravel_index(np.array(g), shape))  # [ndim, len(g)]
@@ -390,7 +411,8 @@ class Comparison(list):
             db = "-" if r.declared_bytes is None else f"{r.declared_bytes:,}"
             rows.append(
                 f"| {r.kind} | {','.join(r.axes) or '-'} | {r.dtype} | {r.declared_count} | "
-                f"{r.compiled_count} ({r.instructions}) | {db} | {r.compiled_bytes:,} | {'yes' if r.ok else 'NO'} |"
+                f"{r.compiled_count} ({r.instructions}) | {db} | {r.compiled_bytes:,} | "
+                f"{'yes' if r.ok else 'NO'} |"
             )
         return "\n".join(rows)
 

@@ -61,9 +61,7 @@ def make_mesh(
         )
     kinds = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
     if axis_types not in kinds:
-        raise ValueError(
-            f"make_mesh(axis_types={axis_types!r}): expected 'explicit' or 'auto'."
-        )
+        raise ValueError(f"make_mesh(axis_types={axis_types!r}): expected 'explicit' or 'auto'.")
     grid = np.array(devices[:n], dtype=object).reshape(data, fsdp, model)
     return Mesh(grid, AXES, axis_types=(kinds[axis_types],) * 3)
 

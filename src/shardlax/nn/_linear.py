@@ -110,7 +110,7 @@ class ColumnParallelLinear(ShardedLayer):
         return self._activation_spec(ndim, None)
 
     def output_spec(self, ndim: int) -> P:
-        """The layout of the output: split over the batch axes and, unless gathered, the model axis."""
+        """The output layout: split over the batch axes and, unless gathered, the model axis."""
         return self._activation_spec(ndim, None if self.gather_output else self.axis_name)
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -160,12 +160,12 @@ class ColumnParallelLinear(ShardedLayer):
         lead = local[:-1]
         out = []
         if self.gather_output:
-            out += self._declare("all-gather", (self.axis_name,), dtype,
-                                 _local_bytes((*lead, self.out_features), dtype), "gather_output")  # fmt: skip
+            y_bytes = _local_bytes((*lead, self.out_features), dtype)
+            out += self._declare("all-gather", (self.axis_name,), dtype, y_bytes, "gather_output")
         if grad:
             if input_grad:
-                out += self._declare("all-reduce", (self.axis_name,), dtype,
-                                     _local_bytes(local, dtype), "dx: sum over output shards")  # fmt: skip
+                dx_bytes = _local_bytes(local, dtype)
+                out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, "dx")
             if self.gather_output:
                 out += self._declare("reduce-scatter", (self.axis_name,), dtype,
                                      _local_bytes((*lead, self.out_features), dtype),
@@ -293,7 +293,7 @@ class RowParallelLinear(ShardedLayer):
         self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
         input_grad: bool = True,
     ) -> list[Declared]:  # fmt: skip
-        """The collectives this layer compiles to; see `ColumnParallelLinear.declared_collectives`."""
+        """The collectives this layer compiles to (see ColumnParallelLinear's)."""
         dtype = dtype or self.dtype or self.param_dtype
         local = self._local_batch_shape(input_shape)
         lead = local[:-1]
@@ -302,8 +302,8 @@ class RowParallelLinear(ShardedLayer):
                             "sum of partial products")  # fmt: skip
         if grad:
             if input_grad and not self.input_is_parallel:
-                out += self._declare("all-reduce", (self.axis_name,), dtype,
-                                     _local_bytes(local, dtype), "dx of the sliced input")  # fmt: skip
+                dx_bytes = _local_bytes(local, dtype)
+                out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, "dx")
             n = self.model_size
             out += self._declare("all-reduce", self.batch_axes, self.param_dtype,
                                  _local_bytes((self.in_features // n, self.out_features),
