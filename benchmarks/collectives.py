@@ -23,7 +23,8 @@ n * S / t_copy); `agg_busbw / ceiling` is the fraction of the machine's copy
 bandwidth the collective reaches. Simulated CPU devices share one memory
 system, so that fraction, not the GB/s, is the figure to read. The bytes of
 every compiled program are read back with `shardlax.audit` and checked
-against S.
+against S, and the compiled instructions of the shardlax and jax.lax
+programs are compared (they are identical when the wrapper costs nothing).
 
 One process with max(--devices) simulated CPU devices; the n-device
 benchmarks run on sub-meshes of its first n devices.
@@ -41,6 +42,7 @@ References:
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from pathlib import Path
 
@@ -50,7 +52,7 @@ import _common as C
 DEVICES = (2, 4, 8)
 MIN_SIZE = 64 * 1024
 MAX_SIZE = 16 * 1024 * 1024
-ITERS = 40
+ITERS = 50
 WARMUP = 3
 COLLECTIVES = ("psum", "all_gather", "psum_scatter", "ppermute", "all_to_all")
 HLO_KIND = {
@@ -121,6 +123,16 @@ def bodies(name: str, n: int):
     raise ValueError(f"unknown collective {name!r}; expected one of {COLLECTIVES}")
 
 
+def hlo_instructions(text: str) -> list[str]:
+    """The instructions of a compiled HLO module, without metadata (source locations)."""
+    text = re.sub(r",?\s*metadata=\{[^}]*\}", "", text)
+    return [
+        line
+        for line in text.splitlines()
+        if re.match(r"^\s*(ROOT\s+)?%?[\w.\-]+ = ", line) or ("{" in line and "->" in line)
+    ]
+
+
 def compile_timed(fn, x):
     import jax
 
@@ -159,13 +171,14 @@ def run(args) -> list[dict]:
                     if div == 1
                     else jax.device_put(jnp.arange(n * elems // div, dtype=jnp.float32), sharding)
                 )
-                fns, meta = {}, {}
+                fns, meta, hlo = {}, {}, {}
                 for impl, body in (("shardlax", k_body), ("lax", lax_body)):
                     f = jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS))
                     compiled, t_lower, t_compile = compile_timed(f, x)
                     report = audit.parse_hlo(compiled.as_text(), mesh)
                     fns[impl] = (compiled, (x,))
                     meta[impl] = (t_lower, t_compile, report)
+                    hlo[impl] = hlo_instructions(compiled.as_text())
                 fns["memcpy"] = (copy, (x_full,))
                 times = C.interleaved(fns, args.iters, args.warmup)
                 ceiling = size / C.summarize(times["memcpy"])["median_s"]  # per device
@@ -200,6 +213,7 @@ def run(args) -> list[dict]:
                             "audit_bytes": audit_bytes,
                             "audit_wire_bytes": sum(c.wire_bytes for c in report),
                             "audit_ok": kinds == [HLO_KIND[name]] and audit_bytes == size,
+                            "same_hlo_as_lax": hlo["shardlax"] == hlo["lax"],
                             "mesh": "one process, sub-mesh of the first n of "
                             f"{info['device_count']} simulated devices",
                             "note": C.SIMULATED_NOTE,
@@ -239,7 +253,10 @@ def markdown(rows: list[dict]) -> str:
         "bandwidth of a plain copy of the same size on the same n devices, timed "
         "interleaved with the collective. Times are medians (p90 in the full table) of "
         f"{rows[0]['n']} calls after warm-up; compile excluded. `audit` checks the compiled "
-        "HLO holds exactly one collective of the expected kind moving S bytes.",
+        "HLO holds exactly one collective of the expected kind moving S bytes; `same HLO` "
+        "compares the compiled instructions of the shardlax and jax.lax programs (source "
+        "metadata stripped): when they are equal, any time difference between the two "
+        "columns is measurement noise.",
         "",
         f"## Summary at S = {C.fmt_bytes(big)} per device",
         "",
@@ -262,6 +279,7 @@ def markdown(rows: list[dict]) -> str:
                     f"{k['ceiling_agg_GBps']:.2f}",
                     f"{k['agg_busbw_over_ceiling']:.2f}",
                     "ok" if k["audit_ok"] and lx["audit_ok"] else "MISMATCH",
+                    "yes" if k["same_hlo_as_lax"] else "no",
                 ]
             )
     out.append(
@@ -277,6 +295,7 @@ def markdown(rows: list[dict]) -> str:
                 "memcpy GB/s (agg)",
                 "agg/ceiling",
                 "audit",
+                "same HLO",
             ],
             summary,
         )

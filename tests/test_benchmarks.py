@@ -61,6 +61,7 @@ def test_collectives_quick(tmp_path):
     for r in rows:
         # The compiled program holds exactly the one collective, moving S bytes.
         assert r["audit_ok"], r
+        assert r["same_hlo_as_lax"], r
         assert r["machine"]["jax"] and r["machine"]["cpu_count"]
         assert r["median_s"] > 0 and r["ceiling_agg_GBps"] > 0
 
