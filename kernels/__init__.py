@@ -19,20 +19,38 @@ from ._collectives import varying_axes as varying_axes
 from ._linear import column_parallel_matmul as column_parallel_matmul
 from ._linear import matmul_last as matmul_last
 from ._linear import row_parallel_matmul as row_parallel_matmul
+from ._zero import all_gather_bucket as all_gather_bucket
+from ._zero import all_reduce_bucket as all_reduce_bucket
+from ._zero import all_reduce_then_shard_bucket as all_reduce_then_shard_bucket
+from ._zero import local_shard as local_shard
+from ._zero import pack_bucket as pack_bucket
+from ._zero import reduce_scatter_bucket as reduce_scatter_bucket
+from ._zero import shard_size as shard_size
+from ._zero import sharded_tree_norm as sharded_tree_norm
+from ._zero import unpack_bucket as unpack_bucket
 
 __all__ = [
     "all_gather",
+    "all_gather_bucket",
     "all_reduce",
+    "all_reduce_bucket",
     "all_reduce_max",
+    "all_reduce_then_shard_bucket",
     "all_to_all",
     "axis_index",
     "axis_size",
     "column_parallel_matmul",
     "ensure_varying",
+    "local_shard",
     "matmul_last",
+    "pack_bucket",
     "ppermute",
     "reduce_scatter",
+    "reduce_scatter_bucket",
     "ring_shift",
     "row_parallel_matmul",
+    "shard_size",
+    "sharded_tree_norm",
+    "unpack_bucket",
     "varying_axes",
 ]
