@@ -16,6 +16,10 @@ from ._collectives import ppermute as ppermute
 from ._collectives import reduce_scatter as reduce_scatter
 from ._collectives import ring_shift as ring_shift
 from ._collectives import varying_axes as varying_axes
+from ._fsdp import MOVEMENT_PRIMITIVES as MOVEMENT_PRIMITIVES
+from ._fsdp import fsdp_gather as fsdp_gather
+from ._fsdp import gather_bits as gather_bits
+from ._fsdp import reshard_policy as reshard_policy
 from ._linear import column_parallel_matmul as column_parallel_matmul
 from ._linear import matmul_last as matmul_last
 from ._linear import row_parallel_matmul as row_parallel_matmul
@@ -30,6 +34,7 @@ from ._zero import sharded_tree_norm as sharded_tree_norm
 from ._zero import unpack_bucket as unpack_bucket
 
 __all__ = [
+    "MOVEMENT_PRIMITIVES",
     "all_gather",
     "all_gather_bucket",
     "all_reduce",
@@ -41,12 +46,15 @@ __all__ = [
     "axis_size",
     "column_parallel_matmul",
     "ensure_varying",
+    "fsdp_gather",
+    "gather_bits",
     "local_shard",
     "matmul_last",
     "pack_bucket",
     "ppermute",
     "reduce_scatter",
     "reduce_scatter_bucket",
+    "reshard_policy",
     "ring_shift",
     "row_parallel_matmul",
     "shard_size",
