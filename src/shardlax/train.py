@@ -1,0 +1,436 @@
+"""One way to write a train step: `Trainer` / `make_train_step`.
+
+A `Trainer` is built from an NNX model, any optax transformation, a loss
+function and a mesh, and a *strategy* that says what is split where:
+
+| strategy  | parameters        | gradients (per step)              | optimizer state |
+| --------- | ----------------- | --------------------------------- | --------------- |
+| ``dp``    | replicated        | all-reduced, full                 | replicated      |
+| ``zero1`` | replicated        | all-reduced, then sliced to 1/N   | 1/N per device  |
+| ``zero2`` | replicated        | reduce-scattered to 1/N           | 1/N per device  |
+
+It returns a functional `TrainState` and a jitted `step(state, batch) ->
+(state, metrics)` that donates the old state. The step is one `jax.shard_map`
+over the mesh: each device computes the gradient of its part of the batch
+(over `accum_steps` micro-batches, summed locally), the gradients are reduced
+once per step and per bucket, optax runs on the full gradients (dp) or on
+this device's flat shards (zero1/2), and the updated shards are all-gathered
+into the replicated parameters, one all-gather per bucket.
+
+`loss_fn(model, batch) -> scalar` must return the *mean* over the batch it
+is given; the step's loss and gradients are those of the mean over the global
+batch, so they equal single-device training on the whole batch.
+
+References:
+  Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
+  Parameter Models", SC 2020 (arXiv:1910.02054).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from shardlax import kernels, zero
+from shardlax._axes import DATA
+from shardlax.audit import Declared
+from shardlax.mesh import axes_size, check_axis, live_axes, place, resolve_mesh
+
+#: The strategies `Trainer` implements.
+STRATEGIES = ("dp", "zero1", "zero2")
+
+_OWNER = "Trainer"
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """What a train step carries from one step to the next (a pytree).
+
+    Attributes:
+      params: the model's `nnx.Param` state (global arrays; replicated over
+        the data axes for dp/zero1/zero2).
+      opt_state: the optax state. Under zero1/zero2 every leaf that follows a
+        parameter is that parameter flattened and zero-padded to
+        `N * ceil(n_p / N)` elements and split `P(data)`: 1/N per device.
+      rest: the model's other state (e.g. RNG counters), read-only in the step.
+      step: the number of steps taken (int32 scalar).
+    """
+
+    params: Any
+    opt_state: Any
+    rest: Any
+    step: jax.Array
+
+
+class Trainer:
+    """Builds and runs the train step of one model under one parallelism strategy.
+
+    Args:
+      model: an NNX module; its `nnx.Param`s are trained, its other state is
+        passed to `loss_fn` unchanged.
+      tx: any optax `GradientTransformation`. Under zero1/zero2 it runs on
+        flat per-parameter shards: elementwise transforms are exact, and the
+        global norm of `optax.clip_by_global_norm` is made exact by
+        `optax_norm_hook` (see `shardlax.zero`).
+      loss_fn: `loss_fn(model, batch) -> scalar`, the mean loss over `batch`
+        (a pytree of arrays whose leading dim is the batch).
+      mesh: the mesh; default the one set with `jax.set_mesh`.
+      strategy: one of `STRATEGIES`.
+      accum_steps: split each device's part of the batch into this many
+        micro-batches, run them one after another (`lax.scan`) and sum their
+        gradients locally; the cross-device reduction runs once per step.
+      data_axis: the mesh axis (or axes) the batch and the ZeRO state are split
+        over (default ``'data'``).
+      bucket_bytes: capacity of a gradient / parameter bucket in bytes (one
+        collective per bucket), or None for one bucket per dtype.
+      optax_norm_hook: trace `tx.update` under `shardlax.zero.global_norm_hook`
+        so `optax.clip_by_global_norm` uses the true global norm (default
+        True). Set False only if `tx` uses `shardlax.zero.clip_by_global_norm`
+        or no norm at all.
+
+    Example:
+      >>> mesh = shardlax.make_mesh(data=8)  # doctest: +SKIP
+      >>> tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))  # doctest: +SKIP
+      >>> trainer = Trainer(model, tx, loss_fn, mesh=mesh, strategy="zero2")  # doctest: +SKIP
+      >>> state = trainer.init()  # doctest: +SKIP
+      >>> state, metrics = trainer.step(state, batch)  # doctest: +SKIP
+      >>> model = trainer.model(state)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nnx.Module,
+        tx: optax.GradientTransformation,
+        loss_fn: Callable[[nnx.Module, Any], jax.Array],
+        *,
+        mesh: Mesh | None = None,
+        strategy: str = "zero2",
+        accum_steps: int = 1,
+        data_axis: str | Sequence[str] = DATA,
+        bucket_bytes: int | None = zero.DEFAULT_BUCKET_BYTES,
+        optax_norm_hook: bool = True,
+        _cast_params: bool = True,
+    ):
+        if strategy not in STRATEGIES:
+            raise ValueError(
+                f"{_OWNER}(strategy={strategy!r}): unknown strategy. Choose one of "
+                f"{STRATEGIES}, e.g. strategy='zero2'."
+            )
+        if not isinstance(tx, optax.GradientTransformation):
+            raise TypeError(
+                f"{_OWNER}(tx={tx!r}): expected an optax.GradientTransformation, got "
+                f"{type(tx).__name__}. Pass e.g. optax.adamw(1e-3)."
+            )
+        if not isinstance(model, nnx.Module):
+            raise TypeError(
+                f"{_OWNER}(model=...): expected a flax.nnx.Module, got {type(model).__name__}."
+            )
+        if isinstance(accum_steps, bool) or not isinstance(accum_steps, int) or accum_steps < 1:
+            raise ValueError(
+                f"{_OWNER}(accum_steps={accum_steps!r}): expected a positive int, the number "
+                f"of micro-batches per step. Pass accum_steps=1 for no accumulation."
+            )
+        self.mesh = resolve_mesh(mesh, _OWNER)
+        self.data_axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
+        for a in self.data_axes:
+            check_axis(self.mesh, a, _OWNER, "data_axis")
+        self.live = live_axes(self.mesh, self.data_axes)
+        self.n = axes_size(self.mesh, self.data_axes)
+        self.strategy = strategy
+        self.tx = tx
+        self.loss_fn = loss_fn
+        self.accum_steps = accum_steps
+        self.optax_norm_hook = optax_norm_hook
+        self._cast_params = _cast_params
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        leaves, self._treedef = jax.tree.flatten(params)
+        self._shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+        self._rest_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rest)
+        self.buckets = zero.plan_buckets(self._shapes, self.n, bucket_bytes)
+        self._norm_groups: list[tuple[str, ...]] = []
+        self._init_params = params
+        self._init_rest = rest
+        self.step = jax.jit(self._step, donate_argnums=0)
+
+    # ------------------------------------------------------------------ layout
+    @property
+    def _split(self) -> str | tuple[str, ...] | None:
+        """The PartitionSpec entry of the data axes (None when all have size 1)."""
+        if not self.live:
+            return None
+        return self.live if len(self.live) > 1 else self.live[0]
+
+    @property
+    def sharded_state(self) -> bool:
+        return self.strategy in ("zero1", "zero2")
+
+    def _opt_specs(self) -> Any:
+        if not self.sharded_state:
+            params = jax.tree.unflatten(self._treedef, self._shapes)
+            return jax.tree.map(lambda _: P(), jax.eval_shape(self.tx.init, params))
+        flat = jax.tree.unflatten(self._treedef, zero.flat_shard_shapes(self._shapes, self.n))
+        return zero.sharded_state_specs(self.tx, flat, self._split)
+
+    def state_specs(self) -> TrainState:
+        """The PartitionSpec of every leaf of the `TrainState`."""
+        return TrainState(
+            params=jax.tree.unflatten(self._treedef, [P()] * len(self._shapes)),
+            opt_state=self._opt_specs(),
+            rest=jax.tree.map(lambda _: P(), self._rest_shapes),
+            step=P(),
+        )
+
+    def init(self) -> TrainState:
+        """The first `TrainState`: the model's parameters, placed, and `tx.init` of them.
+
+        Under zero1/zero2 the optimizer state is initialised on the flat,
+        zero-padded parameters and split over the data axes (1/N per device).
+        """
+        specs = self.state_specs()
+        n = self.n
+
+        def make(params, rest):
+            if self.sharded_state:
+                leaves = jax.tree.leaves(params)
+                flat = [jnp.pad(jnp.ravel(x), (0, s.shape[0] - x.size)) for x, s in
+                        zip(leaves, zero.flat_shard_shapes(leaves, n), strict=True)]  # fmt: skip
+                opt = self.tx.init(jax.tree.unflatten(self._treedef, flat))
+            else:
+                opt = self.tx.init(params)
+            return TrainState(params, opt, rest, jnp.zeros((), jnp.int32))
+
+        shardings = jax.tree.map(
+            lambda s: jax.sharding.NamedSharding(self.mesh, s),
+            specs,
+            is_leaf=lambda x: isinstance(x, P),
+        )
+        return jax.jit(make, out_shardings=shardings)(self._init_params, self._init_rest)
+
+    def model(self, state: TrainState) -> nnx.Module:
+        """The NNX model holding the parameters of `state`."""
+        return nnx.merge(self.graphdef, state.params, state.rest)
+
+    # -------------------------------------------------------------- the step
+    def _check_batch(self, batch: Any) -> int:
+        leaves = jax.tree.leaves(batch)
+        if not leaves:
+            raise ValueError(f"{_OWNER}.step(batch={batch!r}): the batch has no arrays.")
+        sizes = {x.shape[0] if x.ndim else None for x in leaves}
+        if len(sizes) != 1 or None in sizes:
+            raise ValueError(
+                f"{_OWNER}.step: every array of the batch needs the same leading (batch) dim, "
+                f"got leading dims {sorted(map(str, sizes))}. Stack examples on axis 0."
+            )
+        b = sizes.pop()
+        axes = self.data_axes
+        if b % self.n:
+            raise ValueError(
+                f"{_OWNER}.step: the batch of {b} cannot be split over mesh axes {axes} "
+                f"(size {self.n}): {self.n} does not divide {b}. Use a global batch divisible "
+                f"by {self.n}."
+            )
+        local, k = b // self.n, self.accum_steps
+        if local % k:
+            raise ValueError(
+                f"{_OWNER}(accum_steps={k}): the per-device batch of {local} (global batch "
+                f"{b} over mesh axes {axes} of size {self.n}) cannot be split into {k} "
+                f"micro-batches: {k} does not divide {local}. Choose accum_steps dividing "
+                f"{local}, or a global batch divisible by {self.n * k}."
+            )
+        return b
+
+    def _step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
+        self._check_batch(batch)
+        specs = self.state_specs()
+        batch_specs = jax.tree.map(lambda x: P(self._split), batch)
+        params = jax.tree.map(lambda x, s: place(x, self.mesh, s), state.params, specs.params)
+        batch = jax.tree.map(lambda x, s: place(x, self.mesh, s), batch, batch_specs)
+        body = jax.shard_map(
+            self._body,
+            mesh=self.mesh,
+            in_specs=(specs.params, specs.opt_state, specs.rest, batch_specs),
+            out_specs=(specs.params, specs.opt_state, P()),
+        )
+        new_params, opt_state, loss = body(params, state.opt_state, state.rest, batch)
+        new_state = TrainState(new_params, opt_state, state.rest, state.step + 1)
+        return new_state, {"loss": loss}
+
+    def _local_grads(self, leaves, rest, batch):
+        """Sum over micro-batches of this device's loss and gradients (no collective)."""
+        k = self.accum_steps
+
+        def loss_of(leaves, micro):
+            model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, leaves), rest)
+            return self.loss_fn(model, micro)
+
+        grad_fn = jax.value_and_grad(loss_of)
+        if k == 1:
+            return grad_fn(leaves, batch)
+        micro = jax.tree.map(lambda x: jnp.reshape(x, (k, x.shape[0] // k, *x.shape[1:])), batch)
+
+        def one(carry, mb):
+            loss_sum, grad_sum = carry
+            loss, grads = grad_fn(leaves, mb)
+            return (
+                loss_sum + loss.astype(jnp.float32),
+                [a + g for a, g in zip(grad_sum, grads, strict=True)],
+            ), None
+
+        zeros = [kernels.ensure_varying(jnp.zeros_like(x), self._vary(x)) for x in leaves]
+        loss0 = kernels.ensure_varying(jnp.zeros((), jnp.float32), self.live)  # batch varies
+        (loss, grads), _ = jax.lax.scan(one, (loss0, zeros), micro)
+        return loss, grads
+
+    def _vary(self, x) -> tuple[str, ...]:
+        return tuple(kernels.varying_axes(x))
+
+    def _body(self, params, opt_state, rest, batch):
+        leaves = jax.tree.leaves(params)
+        live, n, k = self.live, self.n, self.accum_steps
+        if self._cast_params:
+            # Replicated params typed as varying: their gradients stay per device, and
+            # the one reduction per step is ours (all-reduce or reduce-scatter), not
+            # the all-reduce autodiff would insert for an invariant input.
+            leaves = [kernels.ensure_varying(x, live) for x in leaves]
+        loss, grads = self._local_grads(leaves, rest, batch)
+        scale = 1.0 / (n * k)
+        loss = kernels.all_reduce(loss, live) * scale  # loss: f32[], the global mean
+        params_leaves = jax.tree.leaves(params)
+        if self.strategy == "dp":
+            full = [None] * len(leaves)
+            for b in self.buckets:
+                reduced = kernels.all_reduce_bucket([grads[i] for i in b.leaves], live)
+                for i, g in zip(b.leaves, reduced, strict=True):
+                    full[i] = g * jnp.asarray(scale, g.dtype)
+            new_leaves, opt_state = self._update(full, opt_state, params_leaves)
+            return jax.tree.unflatten(self._treedef, new_leaves), opt_state, loss
+        reduce = (
+            kernels.reduce_scatter_bucket
+            if self.strategy == "zero2"
+            else kernels.all_reduce_then_shard_bucket
+        )
+        grad_shards = [None] * len(leaves)
+        for b in self.buckets:
+            shards = reduce([grads[i] for i in b.leaves], live)  # [S_p] each
+            for i, g in zip(b.leaves, shards, strict=True):
+                grad_shards[i] = g * jnp.asarray(scale, g.dtype)
+        param_shards = [kernels.local_shard(x, live) for x in params_leaves]  # [S_p] each
+        new_shards, opt_state = self._update(grad_shards, opt_state, param_shards)
+        new_leaves = [None] * len(leaves)
+        for b in self.buckets:
+            full = kernels.all_gather_bucket([new_shards[i] for i in b.leaves], b.shapes, live)
+            for i, x in zip(b.leaves, full, strict=True):
+                new_leaves[i] = x
+        return jax.tree.unflatten(self._treedef, new_leaves), opt_state, loss
+
+    def _update(self, grads, opt_state, params):
+        """`tx.update` + `optax.apply_updates` on leaves (full or shards)."""
+        g = jax.tree.unflatten(self._treedef, grads)
+        p = jax.tree.unflatten(self._treedef, params)
+        if self.optax_norm_hook:
+            with zero.global_norm_hook():
+                updates, opt_state = self.tx.update(g, opt_state, p)
+        else:
+            updates, opt_state = self.tx.update(g, opt_state, p)
+        return jax.tree.leaves(optax.apply_updates(p, updates)), opt_state
+
+    # --------------------------------------------------------- declarations
+    def declared_collectives(self, batch: Any, *, global_norms: int = 0) -> list[Declared]:
+        """The collectives one step compiles to, for a batch shaped like `batch`.
+
+        Per step, N = size of the data axes, B = buckets, `P_b` = padded bytes of
+        bucket b (`N * S_b * itemsize`), `n_b` = its unpadded bytes:
+
+        - dp:    all-reduce `n_b` per bucket (the gradients, once).
+        - zero1: all-reduce `P_b` per bucket, then all-gather `P_b` per bucket.
+        - zero2: reduce-scatter `P_b` per bucket, then all-gather `P_b` per bucket.
+        - all:   1 scalar all-reduce of the loss, and `global_norms` scalar
+          all-reduces for global norms of sharded gradients (1 for a chain with
+          `clip_by_global_norm` under zero1/zero2; 0 under dp, whose reduced
+          gradients are replicated).
+
+        Nothing is declared when the data axes have size 1.
+        """
+        self._check_batch(batch)
+        live = self.live
+        if not live:
+            return []
+
+        def dt(b):
+            return _hlo_dtype(b.dtype)
+
+        out = [Declared("all-reduce", live, "f32", 1, 4, "loss: mean over the global batch")]
+        if self.strategy == "dp":
+            out += [Declared("all-reduce", live, dt(b), 1, b.bytes, "gradient bucket")
+                    for b in self.buckets]  # fmt: skip
+        else:
+            kind = "reduce-scatter" if self.strategy == "zero2" else "all-reduce"
+            out += [Declared(kind, live, dt(b), 1, b.padded_bytes, "gradient bucket")
+                    for b in self.buckets]  # fmt: skip
+            out += [Declared("all-gather", live, dt(b), 1, b.padded_bytes, "parameter bucket")
+                    for b in self.buckets]  # fmt: skip
+        out += [Declared("all-reduce", live, "f32", 1, 4, "global norm")] * global_norms
+        return out
+
+    def state_bytes(self) -> dict[str, int]:
+        """Bytes per device of the parameters and the optimizer state (global / shard)."""
+        state = jax.eval_shape(self.init)
+        specs = self.state_specs()
+
+        def local(x, s):
+            shard = jax.sharding.NamedSharding(self.mesh, s).shard_shape(x.shape)
+            return math.prod(shard) * jnp.dtype(x.dtype).itemsize
+
+        def total(tree, spec_tree):
+            return sum(
+                jax.tree.leaves(
+                    jax.tree.map(local, tree, spec_tree, is_leaf=lambda x: isinstance(x, P))
+                )
+            )
+
+        return {
+            "params": total(state.params, specs.params),
+            "opt_state": total(state.opt_state, specs.opt_state),
+        }
+
+
+def make_train_step(
+    model: nnx.Module,
+    tx: optax.GradientTransformation,
+    loss_fn: Callable[[nnx.Module, Any], jax.Array],
+    **kwargs: Any,
+) -> tuple[TrainState, Callable[[TrainState, Any], tuple[TrainState, dict[str, jax.Array]]]]:
+    """`(state, step)` of a `Trainer(model, tx, loss_fn, **kwargs)`.
+
+    Example:
+      >>> state, step = make_train_step(model, optax.adamw(1e-3), loss_fn,
+      ...                               mesh=mesh, strategy="zero2")  # doctest: +SKIP
+      >>> for batch in batches:  # doctest: +SKIP
+      ...     state, metrics = step(state, batch)
+    """
+    trainer = Trainer(model, tx, loss_fn, **kwargs)
+    return trainer.init(), trainer.step
+
+
+@functools.cache
+def _hlo_names() -> dict[str, str]:
+    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
+
+
+def _hlo_dtype(dtype: Any) -> str:
+    name = jnp.dtype(dtype).name
+    return _hlo_names().get(name, name)
+
+
+__all__ = ["STRATEGIES", "TrainState", "Trainer", "make_train_step"]
