@@ -5,6 +5,9 @@ docstring states its math, the shardings of its arguments and results, and
 the collectives it runs forward and backward.
 """
 
+from ._attention import dot_product_attention as dot_product_attention
+from ._attention import head_parallel_attention as head_parallel_attention
+from ._attention import rotary_embedding as rotary_embedding
 from ._collectives import all_gather as all_gather
 from ._collectives import all_reduce as all_reduce
 from ._collectives import all_reduce_max as all_reduce_max
@@ -16,6 +19,13 @@ from ._collectives import ppermute as ppermute
 from ._collectives import reduce_scatter as reduce_scatter
 from ._collectives import ring_shift as ring_shift
 from ._collectives import varying_axes as varying_axes
+from ._cross_entropy import global_mean as global_mean
+from ._cross_entropy import vocab_parallel_cross_entropy as vocab_parallel_cross_entropy
+from ._dropout import global_uniform_bits as global_uniform_bits
+from ._dropout import shard_offsets as shard_offsets
+from ._dropout import sharding_invariant_dropout as sharding_invariant_dropout
+from ._embed import vocab_parallel_embed as vocab_parallel_embed
+from ._embed import vocab_parallel_logits as vocab_parallel_logits
 from ._fsdp import MOVEMENT_PRIMITIVES as MOVEMENT_PRIMITIVES
 from ._fsdp import fsdp_gather as fsdp_gather
 from ._fsdp import gather_bits as gather_bits
@@ -23,6 +33,14 @@ from ._fsdp import reshard_policy as reshard_policy
 from ._linear import column_parallel_matmul as column_parallel_matmul
 from ._linear import matmul_last as matmul_last
 from ._linear import row_parallel_matmul as row_parallel_matmul
+from ._mlp import parallel_mlp as parallel_mlp
+from ._norm import rms_norm as rms_norm
+from ._sequence import enter_tensor_parallel as enter_tensor_parallel
+from ._sequence import exit_tensor_parallel as exit_tensor_parallel
+from ._sequence import gather_sequence as gather_sequence
+from ._sequence import scatter_sequence as scatter_sequence
+from ._sequence import sequence_parallel_column_matmul as sequence_parallel_column_matmul
+from ._sequence import sequence_parallel_row_matmul as sequence_parallel_row_matmul
 from ._zero import all_gather_bucket as all_gather_bucket
 from ._zero import all_reduce_bucket as all_reduce_bucket
 from ._zero import all_reduce_then_shard_bucket as all_reduce_then_shard_bucket
@@ -45,20 +63,38 @@ __all__ = [
     "axis_index",
     "axis_size",
     "column_parallel_matmul",
+    "dot_product_attention",
     "ensure_varying",
+    "enter_tensor_parallel",
+    "exit_tensor_parallel",
     "fsdp_gather",
     "gather_bits",
+    "gather_sequence",
+    "global_mean",
+    "global_uniform_bits",
+    "head_parallel_attention",
     "local_shard",
     "matmul_last",
     "pack_bucket",
+    "parallel_mlp",
     "ppermute",
     "reduce_scatter",
     "reduce_scatter_bucket",
     "reshard_policy",
     "ring_shift",
+    "rms_norm",
+    "rotary_embedding",
     "row_parallel_matmul",
+    "scatter_sequence",
+    "sequence_parallel_column_matmul",
+    "sequence_parallel_row_matmul",
+    "shard_offsets",
     "shard_size",
     "sharded_tree_norm",
+    "sharding_invariant_dropout",
     "unpack_bucket",
     "varying_axes",
+    "vocab_parallel_cross_entropy",
+    "vocab_parallel_embed",
+    "vocab_parallel_logits",
 ]

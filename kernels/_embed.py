@@ -1,0 +1,92 @@
+"""Vocabulary-parallel embedding and its tied output head (Megatron VocabParallelEmbedding).
+
+The table `E: [V, D]` is split by rows over the model axis: device i holds
+rows `[i V/N, (i+1) V/N)`. A lookup is then a sum over devices of "my row if
+the id is mine, else zeros", and the tied head `x @ E^T` produces logits
+already split over the vocabulary, which `vocab_parallel_cross_entropy`
+consumes without gathering them.
+
+References:
+  Shoeybi et al., "Megatron-LM", 2019 (arXiv:1909.08053), section 3
+  (input embedding and output layer parallelised along the vocabulary).
+  Korthikanti et al., 2022 (arXiv:2205.05198): with sequence parallelism the
+  embedding's all-reduce becomes a reduce-scatter over the sequence.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from ._collectives import all_reduce, axis_index, ensure_varying
+from ._sequence import gather_sequence, scatter_sequence
+
+
+def vocab_parallel_embed(
+    ids: jax.Array,
+    table_shard: jax.Array,
+    *,
+    num_embeddings: int,
+    axis_name: str = "model",
+    sequence_parallel: bool = False,
+    seq_axis: int = 1,
+) -> jax.Array:
+    """`E[ids]` from a table split over the vocabulary.
+
+    Math: `E[t] = sum_i [t in rows_i] E_i[t - start_i]`, one term non-zero.
+    Ids follow `jnp.take` (as `nnx.Embed`): a negative id counts from the end
+    (`-1` is row V-1); an id outside `[-V, V)` embeds to NaN.
+
+    Shardings (N = size of `axis_name`):
+      ids:         int[B, S]   replicated over `axis_name`
+      table_shard: [V/N, D]    `P(axis_name, None)` of the global [V, D]
+      returns:     [B, S, D]   replicated over `axis_name`; with
+                   `sequence_parallel`, [B, S/N, D] split over the sequence
+
+    Collectives over `axis_name`: forward 1 all-reduce of `[B, S, D]` (SP: 1
+    reduce-scatter over the sequence); backward none (SP: 1 all-gather of the
+    output gradient). The table gradient stays local: rows outside a
+    device's range get zero.
+    """
+    rows_local = table_shard.shape[0]
+    start = axis_index(axis_name) * rows_local
+    ids = jnp.where(ids < 0, ids + num_embeddings, ids)
+    invalid = (ids < 0) | (ids >= num_embeddings)  # invalid: bool[B, S]
+    local = ids - start
+    mine = (local >= 0) & (local < rows_local)
+    rows = jnp.take(table_shard, jnp.where(mine, local, 0), axis=0)  # rows: [B, S, D]
+    rows = jnp.where(mine[..., None], rows, jnp.zeros((), rows.dtype))
+    rows = jnp.where(invalid[..., None], jnp.full((), jnp.nan, rows.dtype), rows)
+    if sequence_parallel:
+        return scatter_sequence(rows, axis_name, seq_axis=seq_axis)  # [B, S/N, D]
+    return all_reduce(rows, axis_name)  # [B, S, D]
+
+
+def vocab_parallel_logits(
+    x: jax.Array,
+    table_shard: jax.Array,
+    *,
+    axis_name: str = "model",
+    sequence_parallel: bool = False,
+    seq_axis: int = 1,
+    precision: Any = None,
+) -> jax.Array:
+    """The tied output head `x @ E^T`, its logits split over the vocabulary.
+
+    Shardings (N = size of `axis_name`):
+      x:           [B, S, D]    replicated over `axis_name` (SP: [B, S/N, D])
+      table_shard: [V/N, D]     `P(axis_name, None)`
+      returns:     [B, S, V/N]  `P(batch, None, axis_name)`
+
+    Collectives over `axis_name`: forward none (SP: 1 all-gather of x);
+    backward 1 all-reduce of dx (SP: 1 reduce-scatter).
+    """
+    if sequence_parallel:
+        x = gather_sequence(x, axis_name, seq_axis=seq_axis)  # x: [B, S, D]
+    else:
+        x = ensure_varying(x, axis_name)
+    # logits_shard: [B, S, V/N]
+    return lax.dot_general(x, table_shard, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)
