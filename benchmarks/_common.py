@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -84,32 +85,32 @@ def summarize(times: Sequence[float]) -> dict:
     }
 
 
-def time_call(fn: Callable, *args) -> float:
-    """Seconds for one call of `fn(*args)`, waiting for every output."""
+def time_call(fn: Callable[[], Any]) -> float:
+    """Seconds for one call of `fn()`, waiting for every output."""
     import jax
 
     t0 = time.perf_counter()
-    out = fn(*args)
+    out = fn()
     jax.block_until_ready(out)
     return time.perf_counter() - t0
 
 
 def interleaved(
-    fns: dict[str, tuple[Callable, tuple]], iters: int, warmup: int
+    fns: dict[str, Callable[[], Any]], iters: int, warmup: int
 ) -> dict[str, list[float]]:
-    """Time every `fn(*args)` in turn, A B C A B C ..., after `warmup` untimed rounds.
+    """Time every `fn()` in turn, A B C A B C ..., after `warmup` untimed rounds.
 
     Interleaving spreads the drift of a shared machine (other processes,
     frequency changes) over every candidate instead of biasing whichever ran
-    last; compare the medians.
+    last; compare the medians, or the per-round ratios.
     """
     for _ in range(warmup):
-        for fn, args in fns.values():
-            time_call(fn, *args)
+        for fn in fns.values():
+            time_call(fn)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(iters):
-        for name, (fn, args) in fns.items():
-            times[name].append(time_call(fn, *args))
+        for name, fn in fns.items():
+            times[name].append(time_call(fn))
     return times
 
 

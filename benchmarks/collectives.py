@@ -42,6 +42,7 @@ References:
 from __future__ import annotations
 
 import argparse
+import functools
 import re
 import time
 from pathlib import Path
@@ -176,10 +177,10 @@ def run(args) -> list[dict]:
                     f = jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS))
                     compiled, t_lower, t_compile = compile_timed(f, x)
                     report = audit.parse_hlo(compiled.as_text(), mesh)
-                    fns[impl] = (compiled, (x,))
+                    fns[impl] = functools.partial(compiled, x)
                     meta[impl] = (t_lower, t_compile, report)
                     hlo[impl] = hlo_instructions(compiled.as_text())
-                fns["memcpy"] = (copy, (x_full,))
+                fns["memcpy"] = functools.partial(copy, x_full)
                 times = C.interleaved(fns, args.iters, args.warmup)
                 ceiling = size / C.summarize(times["memcpy"])["median_s"]  # per device
                 for impl in ("shardlax", "lax"):

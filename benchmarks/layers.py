@@ -84,10 +84,15 @@ class Skip(Exception):
 
 @dataclasses.dataclass
 class Candidate:
-    """One way to run a step: `fn(*args)` returns (new state..., loss)."""
+    """One way to run a step: `fn(state, batch) -> (state, loss or {'loss': ...})`.
 
-    fn: Callable
-    args: tuple
+    `fn` is jitted and donates `state`; the benchmark carries the returned
+    state into the next call, as a training loop does.
+    """
+
+    fn: Any
+    state: Any
+    batch: Any
     mesh: Any = None
 
 
@@ -109,15 +114,15 @@ def minimum(kind: str, axes, nbytes: int, count: int = 1, why: str = "") -> dict
     return {"kind": kind, "axes": list(axes), "bytes": int(nbytes), "count": count, "why": why}
 
 
-def place_state(state, mesh, spec_of: Callable[[str], Any]):
-    """`device_put` every leaf of an nnx State with `NamedSharding(mesh, spec_of(path))`."""
+def place(tree, mesh, spec_of: Callable[[str], Any]):
+    """`device_put` every leaf with `NamedSharding(mesh, spec_of(path))`."""
     import jax
     from jax.sharding import NamedSharding
 
-    return jax.tree_util.tree_map_with_path(
-        lambda path, v: jax.device_put(v, NamedSharding(mesh, spec_of(jax.tree_util.keystr(path)))),
-        state,
-    )
+    def put(path, v):
+        return jax.device_put(v, NamedSharding(mesh, spec_of(jax.tree_util.keystr(path))))
+
+    return jax.tree_util.tree_map_with_path(put, tree)
 
 
 def on_device(tree, device):
@@ -126,55 +131,81 @@ def on_device(tree, device):
     return jax.tree.map(lambda v: jax.device_put(v, device), tree)
 
 
-def sgd_step(graphdef, loss_of: Callable) -> Callable:
-    """`step(state, *batch) -> (state, loss)`: one SGD step of an nnx model."""
+def adam():
+    import optax
+
+    return optax.adam(LR)
+
+
+def optax_step(graphdef, tx, loss_fn: Callable, out_shardings=None) -> Callable:
+    """Jitted `step((params, opt_state), batch) -> ((params, opt_state), loss)`, donating the state.
+
+    The model's parameters are the `nnx.Param`s of `graphdef`; `loss_fn(model, batch)`.
+    """
     import jax
+    import optax
     from flax import nnx
 
-    def step(state, *batch):
-        def loss_fn(state):
-            return loss_of(nnx.merge(graphdef, state), *batch)
+    def step(state, batch):
+        params, opt_state = state
 
-        loss, grads = jax.value_and_grad(loss_fn)(state)
-        state = jax.tree.map(lambda p, g: p - LR * g, state, grads)
-        return state, loss
+        def loss_of(params):
+            return loss_fn(nnx.merge(graphdef, params), batch)
 
-    return step
+        loss, grads = jax.value_and_grad(loss_of)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    if out_shardings is not None:
+        return jax.jit(step, donate_argnums=0, out_shardings=(out_shardings, None))
+    return jax.jit(step, donate_argnums=0)
 
 
-def mse(model, x, y):
+def mse(model, batch):
     import jax.numpy as jnp
 
+    x, y = batch
     return jnp.mean((model(x) - y) ** 2)
 
 
-def three_ways(plain_factory, sharded_factory, batch, gspmd_mesh, spec_of, batch_specs, devices):
-    """Candidates for a plain nnx model and its shardlax twin, trained with SGD on MSE.
+def plain_candidates(plain, batch, gspmd_mesh, param_spec, batch_spec, devices, opt_spec=None):
+    """GSPMD and unsharded candidates of a plain nnx model trained with Adam on MSE.
 
-    plain_factory() -> nnx model of nnx.Linear; sharded_factory() -> the shardlax
-    model (built on its own mesh); spec_of(path) -> PartitionSpec of a plain
-    parameter under GSPMD; batch_specs -> specs of the batch arrays.
+    param_spec(path) / opt_spec(path) -> PartitionSpec of a parameter / optimizer
+    state leaf under GSPMD (opt_spec defaults to param_spec); batch_spec: the
+    spec of each batch array. The state's shardings are pinned as outputs too,
+    so the step keeps its layout from one call to the next.
     """
     import jax
     from flax import nnx
     from jax.sharding import NamedSharding
 
-    out = {}
-    model = sharded_factory()
-    graphdef, state = nnx.split(model)
-    out["shardlax"] = Candidate(jax.jit(sgd_step(graphdef, mse)), (state, *batch))
-    plain = plain_factory()
-    graphdef, state = nnx.split(plain)
-    step = jax.jit(sgd_step(graphdef, mse))
-    g_batch = tuple(
-        jax.device_put(b, NamedSharding(gspmd_mesh, s))
-        for b, s in zip(batch, batch_specs, strict=True)
+    graphdef, params = nnx.split(plain)
+    tx = adam()
+    opt_state = tx.init(params)
+    opt_spec = opt_spec or param_spec
+    g_state = (place(params, gspmd_mesh, param_spec), place(opt_state, gspmd_mesh, opt_spec))
+    shardings = jax.tree.map(lambda v: v.sharding, g_state)
+    g_batch = jax.tree.map(
+        lambda v: jax.device_put(v, NamedSharding(gspmd_mesh, batch_spec)), batch
     )
-    out["gspmd"] = Candidate(step, (place_state(state, gspmd_mesh, spec_of), *g_batch), gspmd_mesh)
-    out["unsharded"] = Candidate(
-        jax.jit(sgd_step(graphdef, mse)), on_device((state, *batch), devices[0])
-    )
-    return out
+    return {
+        "gspmd": Candidate(optax_step(graphdef, tx, mse, shardings), g_state, g_batch, gspmd_mesh),
+        "unsharded": Candidate(
+            optax_step(graphdef, tx, mse),
+            on_device((params, opt_state), devices[0]),
+            on_device(batch, devices[0]),
+        ),
+    }
+
+
+def module_candidate(model, batch, mesh) -> Candidate:
+    """A shardlax model (its layers place themselves) trained with Adam on MSE."""
+    from flax import nnx
+
+    graphdef, params = nnx.split(model)
+    tx = adam()
+    return Candidate(optax_step(graphdef, tx, mse), (params, tx.init(params)), batch, mesh)
 
 
 # ----------------------------------------------------------------------------- rows
@@ -209,23 +240,15 @@ def row_tp_mlp(cfg: dict, n: int, devices) -> Row:
     mesh = shardlax.make_mesh(model=n, devices=devices)
     auto = shardlax.make_mesh(model=n, devices=devices, axis_types="auto")
     kx, ky = jax.random.split(jax.random.key(1))
-    x, y = jax.random.normal(kx, (b, d)), jax.random.normal(ky, (b, d))
+    batch = (jax.random.normal(kx, (b, d)), jax.random.normal(ky, (b, d)))
 
     def spec_of(path: str):
         if "up" in path:
             return P(None, "model") if "kernel" in path else P("model")
         return P("model", None) if "kernel" in path else P()
 
-    cands = three_ways(
-        lambda: PlainMLP(nnx.Rngs(0)),
-        lambda: ParallelMLP(nnx.Rngs(0), mesh),
-        (x, y),
-        auto,
-        spec_of,
-        (P(), P()),
-        devices,
-    )
-    cands["shardlax"].mesh = mesh
+    cands = {"shardlax": module_candidate(ParallelMLP(nnx.Rngs(0), mesh), batch, mesh)}
+    cands |= plain_candidates(PlainMLP(nnx.Rngs(0)), batch, auto, spec_of, P(), devices)
     return Row(
         name="tp_mlp",
         strategy="tensor parallel (Megatron column -> row)",
@@ -246,6 +269,27 @@ ROWS: dict[str, Callable[..., Row]] = {
 
 
 # ----------------------------------------------------------------------------- measure
+
+
+class Runner:
+    """Calls a compiled step, carrying its (donated) state into the next call."""
+
+    def __init__(self, compiled, state, batch):
+        import jax
+        import jax.numpy as jnp
+
+        # Fresh buffers: optax may share one zeros buffer between state leaves,
+        # which donation cannot take twice.
+        self.state = jax.tree.map(jnp.copy, state)
+        self.compiled, self.batch = compiled, batch
+
+    def __call__(self):
+        self.state, out = self.compiled(self.state, self.batch)
+        return out
+
+    @staticmethod
+    def loss(out):
+        return out["loss"] if isinstance(out, dict) else out
 
 
 def compile_timed(fn, args):
@@ -284,14 +328,13 @@ def measure(row: Row, args) -> list[dict]:
     from shardlax import audit
 
     info = C.machine_info()
-    compiled, meta = {}, {}
+    meta, runners = {}, {}
     for impl, cand in row.candidates.items():
-        c, t_lower, t_compile = compile_timed(cand.fn, cand.args)
+        c, t_lower, t_compile = compile_timed(cand.fn, (cand.state, cand.batch))
         mem = c.memory_analysis()
         report = audit.parse_hlo(c.as_text(), cand.mesh)
-        out = c(*cand.args)
-        loss = float(jax.device_get(out[-1]))
-        compiled[impl] = (c, cand.args)
+        runners[impl] = Runner(c, cand.state, cand.batch)
+        loss = float(jax.device_get(runners[impl].loss(runners[impl]())))
         meta[impl] = {
             "lower_s": t_lower,
             "compile_s": t_compile,
@@ -299,11 +342,12 @@ def measure(row: Row, args) -> list[dict]:
                 "arguments": int(mem.argument_size_in_bytes),
                 "outputs": int(mem.output_size_in_bytes),
                 "temp": int(mem.temp_size_in_bytes),
+                "alias": int(mem.alias_size_in_bytes),
             },
             "collectives": collectives_summary(report, row.loop_trips),
             "loss": loss,
         }
-    times = C.interleaved(compiled, args.repeats, args.warmup)
+    times = C.interleaved(runners, args.repeats, args.warmup)
     mins = row.minimum
     min_bytes = sum(m["bytes"] * m["count"] for m in mins)
     rows = []
