@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._collectives import all_reduce, axis_index, ensure_varying
-from ._sequence import gather_sequence, scatter_sequence
+from ._collectives import all_reduce, axis_index
+from ._sequence import cast_varying, gather_sequence, scatter_sequence
 
 
 def vocab_parallel_embed(
@@ -87,6 +87,6 @@ def vocab_parallel_logits(
     if sequence_parallel:
         x = gather_sequence(x, axis_name, seq_axis=seq_axis)  # x: [B, S, D]
     else:
-        x = ensure_varying(x, axis_name)
+        x = cast_varying(x, axis_name)
     # logits_shard: [B, S, V/N]
     return lax.dot_general(x, table_shard, (((x.ndim - 1,), (1,)), ((), ())), precision=precision)

@@ -30,6 +30,13 @@ from ._collectives import all_gather, all_reduce, ensure_varying, reduce_scatter
 from ._linear import DotGeneral, _add_bias, column_parallel_matmul, matmul_last
 
 
+def cast_varying(x: jax.Array, axis_name: str) -> jax.Array:
+    """`ensure_varying(x, axis_name)` unless the axis has size 1 (then no cast, no size-1 psum)."""
+    if lax.axis_size(axis_name) == 1:
+        return x
+    return ensure_varying(x, axis_name)
+
+
 def gather_sequence(x_shard: jax.Array, axis_name: str, *, seq_axis: int = 1) -> jax.Array:
     """Megatron-SP's `g`: the full sequence from its shards, typed varying over `axis_name`.
 
@@ -67,7 +74,7 @@ def enter_tensor_parallel(
     """
     if sequence_parallel:
         return gather_sequence(x, axis_name, seq_axis=seq_axis)
-    return ensure_varying(x, axis_name)
+    return cast_varying(x, axis_name)
 
 
 def sequence_parallel_column_matmul(

@@ -1,9 +1,21 @@
 """Flax NNX layers whose every collective is written by hand in `shardlax.kernels`."""
 
+from ._attention import ParallelAttention as ParallelAttention
+from ._dropout import Dropout as Dropout
+from ._embed import ParallelEmbed as ParallelEmbed
 from ._linear import ColumnParallelLinear as ColumnParallelLinear
 from ._linear import RowParallelLinear as RowParallelLinear
+from ._loss import vocab_parallel_cross_entropy as vocab_parallel_cross_entropy
+from ._mlp import ParallelMLP as ParallelMLP
+from ._norm import RMSNorm as RMSNorm
 
 __all__ = [
     "ColumnParallelLinear",
+    "Dropout",
+    "ParallelAttention",
+    "ParallelEmbed",
+    "ParallelMLP",
+    "RMSNorm",
     "RowParallelLinear",
+    "vocab_parallel_cross_entropy",
 ]

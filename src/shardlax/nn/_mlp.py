@@ -1,0 +1,184 @@
+"""The Megatron MLP (column -> activation -> row) as one shard_map."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes
+from flax.nnx.nn.linear import default_bias_init, default_kernel_init
+from jax import lax
+from jax.sharding import Mesh
+
+from shardlax import kernels
+from shardlax._axes import MODEL
+from shardlax.audit import Declared
+from shardlax.kernels._mlp import ACTIVATIONS
+from shardlax.nn._base import param_value
+from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
+from shardlax.nn._sequence import SequenceLayer, nbytes
+from shardlax.nn._sequence import run_shard_map as _run
+
+
+class ParallelMLP(SequenceLayer):
+    """`down(act(up(x)))` or SwiGLU `down(silu(gate(x)) * up(x))`, tensor-parallel.
+
+    `up` (and `gate`) are `ColumnParallelLinear(in_features, hidden_features)`,
+    `down` is `RowParallelLinear(hidden_features, out_features)`; they hold the
+    parameters (same values as `nnx.Linear`s built in the order up, gate,
+    down from the same `rngs`) and the whole MLP runs as one shard_map.
+
+    Collectives over the model axis (N), forward / backward:
+      TP: 1 all-reduce of y / 1 all-reduce of dx.
+      SP (`sequence_parallel=True`, x and y `[B, S/N, D]`): 1 all-gather of x
+      and 1 reduce-scatter of y / 1 all-gather of dy and 1 reduce-scatter of dx.
+    Weight gradients: 1 all-reduce per parameter over the batch axes.
+
+    Args:
+      in_features, hidden_features: model and hidden widths (N divides hidden).
+      out_features: default `in_features`.
+      activation: ``'gelu'`` (tanh approximation, `nnx.gelu`), ``'relu'``,
+        ``'silu'`` or ``'swiglu'`` (adds a `gate` projection).
+      use_bias, dtype, param_dtype, precision, kernel_init, bias_init,
+        dot_general, promote_dtype, rngs: as `nnx.Linear`.
+      mesh, axis_name, batch_axes: as `ColumnParallelLinear`.
+      sequence_parallel: activations split over the sequence (Megatron-SP).
+
+    References:
+      Shoeybi et al., 2019 (arXiv:1909.08053); Korthikanti et al., 2022
+      (arXiv:2205.05198); Shazeer, 2020 (arXiv:2002.05202).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: int | None = None,
+        *,
+        activation: str = "gelu",
+        use_bias: bool = True,
+        dtype: Any | None = None,
+        param_dtype: Any = jnp.float32,
+        precision: Any = None,
+        kernel_init: Any = default_kernel_init,
+        bias_init: Any = default_bias_init,
+        dot_general: Any = lax.dot_general,
+        promote_dtype: Any = dtypes.promote_dtype,
+        rngs: nnx.Rngs,
+        mesh: Mesh | None = None,
+        axis_name: str = MODEL,
+        batch_axes: Sequence[str] | None = None,
+        sequence_parallel: bool = False,
+    ):
+        self._setup_mesh(mesh, axis_name, batch_axes)
+        if activation not in ACTIVATIONS:
+            raise ValueError(
+                f"ParallelMLP(activation={activation!r}): expected one of {ACTIVATIONS}."
+            )
+        out_features = in_features if out_features is None else out_features
+        common = dict(
+            use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
+            kernel_init=kernel_init, bias_init=bias_init, dot_general=dot_general,
+            promote_dtype=promote_dtype, rngs=rngs, mesh=self.mesh, axis_name=axis_name,
+            batch_axes=self.batch_axes,
+        )  # fmt: skip
+        self.up = ColumnParallelLinear(in_features, hidden_features, **common)
+        self.gate = (
+            ColumnParallelLinear(in_features, hidden_features, **common)
+            if activation == "swiglu"
+            else nnx.data(None)
+        )
+        self.down = RowParallelLinear(hidden_features, out_features, **common)
+        self.in_features = in_features
+        self.hidden_features = hidden_features
+        self.out_features = out_features
+        self.activation = activation
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.dot_general = dot_general
+        self.promote_dtype = promote_dtype
+        self.sequence_parallel = sequence_parallel
+
+    _ROW_BIAS = 3  # index of down.bias in _params()
+
+    def _params(self):
+        gate = self.gate
+        return (
+            self.up.kernel[...], self.down.kernel[...], param_value(self.up.bias),
+            param_value(self.down.bias), None if gate is None else gate.kernel[...],
+            None if gate is None else param_value(gate.bias),
+        )  # fmt: skip
+
+    def _param_specs(self):
+        col, row = self.up, self.down
+        return (col.kernel_spec, row.kernel_spec, col.bias_spec, row.bias_spec,
+                col.kernel_spec, col.bias_spec)  # fmt: skip
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        with jax.named_scope(type(self).__name__):
+            self._check_hidden(x, self.in_features, "in_features")
+            spec = self.hidden_spec(x.ndim)
+            x = self._place(x, spec)
+
+            def body(x, *params):
+                params = self._cast_for_grad(params, self._ROW_BIAS)
+                x, *params = self.promote_dtype((x, *params), dtype=self.dtype)
+                return kernels.parallel_mlp(
+                    x, *params, activation=self.activation, axis_name=self.axis_name,
+                    sequence_parallel=self.sequence_parallel, precision=self.precision,
+                    dot_general=self.dot_general,
+                )  # fmt: skip
+
+            return _run(body, self.mesh, (x, *self._params()), (spec, *self._param_specs()), spec)
+
+    def declared_collectives(
+        self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
+        input_grad: bool = True,
+    ) -> list[Declared]:  # fmt: skip
+        """Collectives of one call on a global input `[B, S, in_features]`."""
+        dtype = dtype or self.dtype or self.param_dtype
+        return _block_collectives(
+            self, input_shape, self.in_features, self.out_features, dtype, grad, input_grad,
+            list(self._params()), "mlp", self._ROW_BIAS,
+        )  # fmt: skip
+
+
+def _block_collectives(
+    layer: SequenceLayer, input_shape, in_features, out_features, dtype, grad, input_grad,
+    params, name, row_bias=None,
+) -> list[Declared]:  # fmt: skip
+    """Entry/exit collectives of a column -> row block, and its parameter gradients."""
+    local = layer._local_batch_shape(input_shape)
+    full_in = (*local[:-1], in_features)
+    full_out = (*local[:-1], out_features)
+    m = (layer.axis_name,)
+    out: list[Declared] = []
+    if layer.sequence_parallel:
+        out += layer._declare("all-gather", m, dtype, nbytes(full_in, dtype), f"{name}: gather x")
+        out += layer._declare("reduce-scatter", m, dtype, nbytes(full_out, dtype),
+                              f"{name}: scatter y")  # fmt: skip
+    else:
+        out += layer._declare("all-reduce", m, dtype, nbytes(full_out, dtype), f"{name}: sum y")
+    if grad:
+        if layer.sequence_parallel:
+            out += layer._declare("all-gather", m, dtype, nbytes(full_out, dtype), f"{name}: dy")
+            if input_grad:
+                out += layer._declare("reduce-scatter", m, dtype, nbytes(full_in, dtype),
+                                      f"{name}: dx")  # fmt: skip
+        elif input_grad:
+            out += layer._declare("all-reduce", m, dtype, nbytes(full_in, dtype), f"{name}: dx")
+        for i, p in enumerate(params):
+            if p is None:
+                continue
+            local_shape = p.sharding.shard_shape(p.shape)
+            axes = layer.batch_axes
+            if layer.sequence_parallel and i == row_bias:
+                axes = (*axes, layer.axis_name)  # summed over the sequence shards too
+            out += layer._declare("all-reduce", axes, p.dtype, nbytes(local_shape, p.dtype),
+                                  f"{name}: d param over the tokens")  # fmt: skip
+    return out
