@@ -60,7 +60,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
 import _common as C
+import shardlax
+from shardlax import audit
 
 # ----------------------------------------------------------------------------- config
 DEVICES = 4
@@ -110,14 +119,32 @@ class Row:
 # ----------------------------------------------------------------------------- helpers
 
 
-def minimum(kind: str, axes, nbytes: int, count: int = 1, why: str = "") -> dict:
-    return {"kind": kind, "axes": list(axes), "bytes": int(nbytes), "count": count, "why": why}
+def wire_factor(kind: str, n: int) -> float:
+    """Bytes each device sends per byte of S with the ring algorithm (as `shardlax.audit`)."""
+    if n <= 1:
+        return 0.0
+    if kind == "all-reduce":
+        return 2 * (n - 1) / n
+    if kind == "collective-permute":
+        return 1.0
+    return (n - 1) / n
+
+
+def minimum(kind: str, axes, nbytes: int, n: int, count: int = 1, why: str = "") -> dict:
+    """A collective the strategy cannot do without: `count` x `nbytes` (S) over `n` devices."""
+    return {
+        "kind": kind,
+        "axes": list(axes),
+        "bytes": int(nbytes),
+        "wire_bytes": nbytes * wire_factor(kind, n),
+        "group_size": n,
+        "count": count,
+        "why": why,
+    }
 
 
 def place(tree, mesh, spec_of: Callable[[str], Any]):
     """`device_put` every leaf with `NamedSharding(mesh, spec_of(path))`."""
-    import jax
-    from jax.sharding import NamedSharding
 
     def put(path, v):
         return jax.device_put(v, NamedSharding(mesh, spec_of(jax.tree_util.keystr(path))))
@@ -126,14 +153,10 @@ def place(tree, mesh, spec_of: Callable[[str], Any]):
 
 
 def on_device(tree, device):
-    import jax
-
     return jax.tree.map(lambda v: jax.device_put(v, device), tree)
 
 
 def adam():
-    import optax
-
     return optax.adam(LR)
 
 
@@ -142,9 +165,6 @@ def optax_step(graphdef, tx, loss_fn: Callable, out_shardings=None) -> Callable:
 
     The model's parameters are the `nnx.Param`s of `graphdef`; `loss_fn(model, batch)`.
     """
-    import jax
-    import optax
-    from flax import nnx
 
     def step(state, batch):
         params, opt_state = state
@@ -162,8 +182,6 @@ def optax_step(graphdef, tx, loss_fn: Callable, out_shardings=None) -> Callable:
 
 
 def mse(model, batch):
-    import jax.numpy as jnp
-
     x, y = batch
     return jnp.mean((model(x) - y) ** 2)
 
@@ -176,10 +194,6 @@ def plain_candidates(plain, batch, gspmd_mesh, param_spec, batch_spec, devices, 
     spec of each batch array. The state's shardings are pinned as outputs too,
     so the step keeps its layout from one call to the next.
     """
-    import jax
-    from flax import nnx
-    from jax.sharding import NamedSharding
-
     graphdef, params = nnx.split(plain)
     tx = adam()
     opt_state = tx.init(params)
@@ -201,7 +215,6 @@ def plain_candidates(plain, batch, gspmd_mesh, param_spec, batch_spec, devices, 
 
 def module_candidate(model, batch, mesh) -> Candidate:
     """A shardlax model (its layers place themselves) trained with Adam on MSE."""
-    from flax import nnx
 
     graphdef, params = nnx.split(model)
     tx = adam()
@@ -211,44 +224,51 @@ def module_candidate(model, batch, mesh) -> Candidate:
 # ----------------------------------------------------------------------------- rows
 
 
+class PlainMLP(nnx.Module):
+    """`down(gelu(up(x)))` of two `nnx.Linear`: the model of the MLP rows."""
+
+    def __init__(self, d: int, f: int, rngs: nnx.Rngs):
+        self.up = nnx.Linear(d, f, rngs=rngs)
+        self.down = nnx.Linear(f, d, rngs=rngs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.up(x)))
+
+
+class ParallelMLP(nnx.Module):
+    """The same MLP from shardlax's column- and row-parallel linears."""
+
+    def __init__(self, d: int, f: int, rngs: nnx.Rngs, mesh, **kwargs):
+        self.up = shardlax.nn.ColumnParallelLinear(d, f, rngs=rngs, mesh=mesh, **kwargs)
+        self.down = shardlax.nn.RowParallelLinear(f, d, rngs=rngs, mesh=mesh, **kwargs)
+
+    def __call__(self, x):
+        return self.down(jax.nn.gelu(self.up(x)))
+
+
+def regression_batch(b: int, d: int):
+    kx, ky = jax.random.split(jax.random.key(1))
+    return (jax.random.normal(kx, (b, d)), jax.random.normal(ky, (b, d)))
+
+
+def mlp_param_bytes(d: int, f: int) -> int:
+    return (d * f + f + f * d + d) * 4
+
+
 def row_tp_mlp(cfg: dict, n: int, devices) -> Row:
     """Column -> row MLP, n-way tensor parallel over 'model' (batch replicated)."""
-    import jax
-    from flax import nnx
-    from jax.sharding import PartitionSpec as P
-
-    import shardlax
-
     b, d, f = cfg["batch"], cfg["d"], cfg["f"]
-
-    class PlainMLP(nnx.Module):
-        def __init__(self, rngs):
-            self.up = nnx.Linear(d, f, rngs=rngs)
-            self.down = nnx.Linear(f, d, rngs=rngs)
-
-        def __call__(self, x):
-            return self.down(jax.nn.gelu(self.up(x)))
-
-    class ParallelMLP(nnx.Module):
-        def __init__(self, rngs, mesh):
-            self.up = shardlax.nn.ColumnParallelLinear(d, f, rngs=rngs, mesh=mesh)
-            self.down = shardlax.nn.RowParallelLinear(f, d, rngs=rngs, mesh=mesh)
-
-        def __call__(self, x):
-            return self.down(jax.nn.gelu(self.up(x)))
-
     mesh = shardlax.make_mesh(model=n, devices=devices)
     auto = shardlax.make_mesh(model=n, devices=devices, axis_types="auto")
-    kx, ky = jax.random.split(jax.random.key(1))
-    batch = (jax.random.normal(kx, (b, d)), jax.random.normal(ky, (b, d)))
+    batch = regression_batch(b, d)
 
     def spec_of(path: str):
         if "up" in path:
             return P(None, "model") if "kernel" in path else P("model")
         return P("model", None) if "kernel" in path else P()
 
-    cands = {"shardlax": module_candidate(ParallelMLP(nnx.Rngs(0), mesh), batch, mesh)}
-    cands |= plain_candidates(PlainMLP(nnx.Rngs(0)), batch, auto, spec_of, P(), devices)
+    cands = {"shardlax": module_candidate(ParallelMLP(d, f, nnx.Rngs(0), mesh), batch, mesh)}
+    cands |= plain_candidates(PlainMLP(d, f, nnx.Rngs(0)), batch, auto, spec_of, P(), devices)
     return Row(
         name="tp_mlp",
         strategy="tensor parallel (Megatron column -> row)",
@@ -256,15 +276,51 @@ def row_tp_mlp(cfg: dict, n: int, devices) -> Row:
         config=dict(cfg, n=n),
         candidates=cands,
         minimum=[
-            minimum(
-                "all-reduce", ["model"], b * d * 4, 1, "forward: sum of partial products [B, D]"
-            )
+            minimum("all-reduce", ["model"], b * d * 4, n, 1, "forward: partial products [B, D]")
+        ],
+    )
+
+
+def row_zero2(cfg: dict, n: int, devices) -> Row:
+    """Data-parallel MLP with Adam; gradients and optimizer state split over 'data'."""
+    try:
+        from shardlax.train import Trainer
+    except ImportError as e:
+        raise Skip(f"shardlax.train is not available ({e})") from e
+    b, d, f = cfg["batch"], cfg["d"], cfg["f"]
+    mesh = shardlax.make_mesh(data=n, devices=devices)
+    auto = shardlax.make_mesh(data=n, devices=devices, axis_types="auto")
+    batch = regression_batch(b, d)
+    trainer = Trainer(PlainMLP(d, f, nnx.Rngs(0)), adam(), mse, mesh=mesh, strategy="zero2")
+    cands = {"shardlax": Candidate(trainer.step, trainer.init(), batch, mesh)}
+
+    def opt_spec(path: str):
+        # Adam's moments split on their first dim (ZeRO-2 under GSPMD); the count replicated.
+        if ".mu" in path or ".nu" in path:
+            return P("data", None) if "kernel" in path else P("data")
+        return P()
+
+    cands |= plain_candidates(
+        PlainMLP(d, f, nnx.Rngs(0)), batch, auto, lambda _: P(), P("data"), devices, opt_spec
+    )
+    p_bytes = mlp_param_bytes(d, f)
+    return Row(
+        name="zero2",
+        strategy="ZeRO-2 (data parallel, sharded gradients and Adam state)",
+        mesh=f"data={n}",
+        config=dict(cfg, n=n),
+        candidates=cands,
+        minimum=[
+            minimum("reduce-scatter", ["data"], p_bytes, n, 1, "gradients, every byte once"),
+            minimum("all-gather", ["data"], p_bytes, n, 1, "updated parameters, every byte once"),
+            minimum("all-reduce", ["data"], 4, n, 1, "the loss, for logging"),
         ],
     )
 
 
 ROWS: dict[str, Callable[..., Row]] = {
     "tp_mlp": row_tp_mlp,
+    "zero2": row_zero2,
 }
 
 
@@ -275,8 +331,6 @@ class Runner:
     """Calls a compiled step, carrying its (donated) state into the next call."""
 
     def __init__(self, compiled, state, batch):
-        import jax
-        import jax.numpy as jnp
 
         # Fresh buffers: optax may share one zeros buffer between state leaves,
         # which donation cannot take twice.
@@ -323,10 +377,6 @@ def collectives_summary(report, loop_trips: int) -> dict:
 
 
 def measure(row: Row, args) -> list[dict]:
-    import jax
-
-    from shardlax import audit
-
     info = C.machine_info()
     meta, runners = {}, {}
     for impl, cand in row.candidates.items():
@@ -350,6 +400,7 @@ def measure(row: Row, args) -> list[dict]:
     times = C.interleaved(runners, args.repeats, args.warmup)
     mins = row.minimum
     min_bytes = sum(m["bytes"] * m["count"] for m in mins)
+    min_wire = sum(m["wire_bytes"] * m["count"] for m in mins)
     rows = []
     for impl in row.candidates:
         st = C.summarize(times[impl])
@@ -366,6 +417,7 @@ def measure(row: Row, args) -> list[dict]:
             "minimum": mins,
             "minimum_tensors": sum(m["count"] for m in mins),
             "minimum_bytes": min_bytes,
+            "minimum_wire_bytes": min_wire,
             "loop_trips": row.loop_trips,
             "process": f"one process, {info['device_count']} simulated devices",
             "note": C.SIMULATED_NOTE,
@@ -402,6 +454,21 @@ def _kinds(k: dict) -> str:
     return " ".join(f"{v} {short.get(kind, kind)}" for kind, v in sorted(k.items())) or "none"
 
 
+def _ratio(r: dict, key: str) -> str:
+    if key not in r:
+        return "-"
+    if f"{key}_p10" in r:
+        return f"{r[key]:.2f} ({r[key + '_p10']:.2f}-{r[key + '_p90']:.2f})"
+    return f"{r[key]:.2f}"
+
+
+def _min_kinds(mins: list[dict]) -> dict:
+    out: dict[str, int] = {}
+    for m in mins:
+        out[m["kind"]] = out.get(m["kind"], 0) + m["count"]
+    return out
+
+
 def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
     info = rows[0]["machine"] if rows else C.machine_info()
     out = [
@@ -409,11 +476,15 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
         "",
         f"Machine: {C.machine_line(info)}. {C.SIMULATED_NOTE}",
         "",
-        "Times are medians of interleaved runs (shardlax, gspmd, unsharded, ...); ratio "
-        "spreads are the p10-p90 of per-round ratios. Compile = trace + lower + compile. "
-        "Collectives are those of the compiled HLO (tensors moved per step, AR = all-reduce, "
-        "AG = all-gather, RS = reduce-scatter), bytes per device, beside the theoretical "
-        "minimum of the strategy. Memory is `memory_analysis()` per device.",
+        "Each row is one Adam train step (loss, gradients, update; state donated and carried). "
+        "Times are medians of interleaved runs (shardlax, gspmd, unsharded, shardlax, ...); "
+        "the range after a ratio is the p10-p90 of the per-round ratios. Compile = trace + "
+        "lower + compile. Collectives are read from the compiled HLO: tensors moved per step "
+        "(AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all), S = bytes per "
+        "device (nccl-tests size), wire = bytes each device sends with ring algorithms "
+        "(all-reduce 2S(n-1)/n, others S(n-1)/n), collectives inside a scan counted once per "
+        "iteration; `minimum` is the least the strategy needs (see the module docstring). "
+        "Memory is `memory_analysis()` per device.",
         "",
         "## Ratios",
         "",
@@ -422,34 +493,22 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
     names = list(dict.fromkeys(r["row"] for r in rows))
     ratio_rows = []
     for name in names:
-        s = by.get((name, "shardlax"))
+        s, g, u = (by.get((name, i)) for i in IMPLS)
         if not s:
             continue
-        cells = [f"{name} ({s['mesh']})"]
-        for other in ("gspmd", "unsharded"):
-            if f"ratio_vs_{other}" in s:
-                cells.append(
-                    f"{s[f'ratio_vs_{other}']:.2f} ({s[f'ratio_vs_{other}_p10']:.2f}-"
-                    f"{s[f'ratio_vs_{other}_p90']:.2f})"
-                )
-                cells.append(f"{s[f'compile_ratio_vs_{other}']:.2f}")
-            else:
-                cells += ["-", "-"]
-        g = by.get((name, "gspmd"))
-        cells.append(
-            f"{s['collectives']['tensors']} / {g['collectives']['tensors'] if g else '-'} / "
-            f"{s['minimum_tensors']}"
-        )
-        cells.append(
-            f"{C.fmt_bytes(s['collectives']['executed_bytes'])} / "
-            f"{C.fmt_bytes(g['collectives']['executed_bytes']) if g else '-'} / "
-            f"{C.fmt_bytes(s['minimum_bytes'])}"
-        )
-        ratio_rows.append(cells)
+        ratio_rows.append([
+            f"{name} ({s['mesh']})",
+            _ratio(s, "ratio_vs_gspmd"), _ratio(s, "ratio_vs_unsharded"),
+            _ratio(s, "compile_ratio_vs_gspmd"), _ratio(s, "compile_ratio_vs_unsharded"),
+            f"{C.fmt_bytes(s['collectives']['executed_wire_bytes'])} / "
+            f"{C.fmt_bytes(g['collectives']['executed_wire_bytes']) if g else '-'} / "
+            f"{C.fmt_bytes(s['minimum_wire_bytes'])}",
+            " / ".join(C.fmt_bytes(r["memory"]["temp"]) if r else "-" for r in (s, g, u)),
+        ])  # fmt: skip
     out.append(C.md_table(
-        ["row", "step time shardlax/GSPMD", "compile shardlax/GSPMD",
-         "step time shardlax/unsharded", "compile shardlax/unsharded",
-         "collectives shardlax / GSPMD / min", "bytes shardlax / GSPMD / min"],
+        ["row (mesh)", "step shardlax/GSPMD", "step shardlax/unsharded",
+         "compile shardlax/GSPMD", "compile shardlax/unsharded",
+         "wire bytes/device shardlax / GSPMD / min", "temp/device shardlax / GSPMD / unsharded"],
         ratio_rows,
     ))  # fmt: skip
     out += ["", "## Every candidate", ""]
@@ -465,14 +524,24 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
                 f"{C.fmt_time(r['p10_s'])}-{C.fmt_time(r['p90_s'])}",
                 f"{r['lower_s'] + r['compile_s']:.2f} s",
                 f"{col['tensors']} ({_kinds(col['kinds'])})",
-                C.fmt_bytes(col["executed_bytes"]),
+                C.fmt_bytes(col["executed_bytes"]), C.fmt_bytes(col["executed_wire_bytes"]),
                 C.fmt_bytes(r["memory"]["arguments"]), C.fmt_bytes(r["memory"]["temp"]),
                 f"{r['loss']:.6g}",
             ])  # fmt: skip
+        s = by.get((name, "shardlax"))
+        if s:
+            mins = s["minimum"]
+            full.append([
+                name, "*minimum*", "", "", "", "",
+                f"{s['minimum_tensors']} ({_kinds(_min_kinds(mins))})",
+                C.fmt_bytes(s["minimum_bytes"]), C.fmt_bytes(s["minimum_wire_bytes"]),
+                "", "", "",
+            ])  # fmt: skip
     out.append(C.md_table(
-        ["row", "impl", "mesh", "step median", "p10-p90", "compile", "collectives",
-         "bytes/device", "args/device", "temp/device", "loss"],
+        ["row", "impl", "mesh", "step median", "p10-p90", "compile", "collectives / step",
+         "S bytes/device", "wire bytes/device", "args/device", "temp/device", "loss"],
         full,
+        align="lllrrrrrrrrr",
     ))  # fmt: skip
     out += ["", "## Theoretical minimum per row", ""]
     for name in names:
@@ -483,7 +552,7 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
                 f"{C.fmt_bytes(m['bytes'])} ({m['why']})"
                 for m in r["minimum"]
             )
-            out.append(f"- **{name}** ({r['strategy']}, config {r['config']}): {items}")
+            out.append(f"- **{name}** ({r['strategy']}; {r['config']}): {items}")
     if skipped:
         out += ["", "## Rows not run", ""]
         out += [f"- **{k}**: {v}" for k, v in skipped.items()]
@@ -553,7 +622,6 @@ def main(argv=None) -> None:
         name, _, field = key.partition(".")
         sizes[name][field] = int(value)
     C.setup_devices(args.devices)
-    import jax
 
     t0 = time.perf_counter()
     devices = jax.devices()[: args.devices]
