@@ -559,44 +559,84 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
+def _bars(ax, labels, series, title, ylabel, errors=None):
+    """Grouped bars: `series` is [(legend, [value per label])]; a line at 1."""
+    width = 0.8 / len(series)
+    for i, (legend, ys) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
+        err = errors[i] if errors else None
+        bars = ax.bar(xs, ys, width, label=legend, yerr=err, capsize=3 if err else 0)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center", color="white")
+    ax.axhline(1.0, color="black", lw=1)
+    ax.set_xticks(range(len(labels)), labels, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.legend(fontsize=7)
+    ax.grid(True, axis="y", alpha=0.3)
+
+
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    shard = [r for r in rows if r["impl"] == "shardlax" and "ratio_vs_gspmd" in r]
-    if not shard:
+    by = {(r["row"], r["impl"]): r for r in rows}
+    names = [n for n in dict.fromkeys(r["row"] for r in rows) if all((n, i) in by for i in IMPLS)]
+    if not names:
         return
-    fig, ax = plt.subplots(figsize=(max(6, 1.8 * len(shard) + 2), 4))
-    series = [
-        ("ratio_vs_gspmd", "step time shardlax / GSPMD"),
-        ("ratio_vs_unsharded", "step time shardlax / unsharded"),
-        ("compile_ratio_vs_gspmd", "compile time shardlax / GSPMD"),
-    ]
-    width = 0.8 / len(series)
-    for i, (key, label) in enumerate(series):
-        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(shard))]
-        ys = [r.get(key, float("nan")) for r in shard]
-        err = None
-        if not key.startswith("compile"):
-            err = [
-                [max(0.0, y - r.get(key + "_p10", y)) for y, r in zip(ys, shard, strict=True)],
-                [max(0.0, r.get(key + "_p90", y) - y) for y, r in zip(ys, shard, strict=True)],
-            ]
-        bars = ax.bar(xs, ys, width, label=label, yerr=err, capsize=3)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=2)
-    ax.axhline(1.0, color="black", lw=1)
-    ax.set_xticks(range(len(shard)), [f"{r['row']}\n({r['mesh']})" for r in shard])
-    ax.set_ylabel("ratio (< 1: shardlax faster)")
+    shard = [by[n, "shardlax"] for n in names]
+    labels = [f"{n}\n({by[n, 'shardlax']['mesh']})" for n in names]
+    fig, axes = plt.subplots(1, 3, figsize=(max(12, 4.2 * len(names) + 3), 4.2))
+
+    def ratio(key):
+        ys = [r[key] for r in shard]
+        err = [
+            [max(0.0, y - r[key + "_p10"]) for y, r in zip(ys, shard, strict=True)],
+            [max(0.0, r[key + "_p90"] - y) for y, r in zip(ys, shard, strict=True)],
+        ]
+        return ys, err
+
+    g, eg = ratio("ratio_vs_gspmd")
+    u, eu = ratio("ratio_vs_unsharded")
+    c = [r["compile_ratio_vs_gspmd"] for r in shard]
+    _bars(
+        axes[0], labels,
+        [("step: shardlax / GSPMD", g), ("step: shardlax / unsharded", u),
+         ("compile: shardlax / GSPMD", c)],
+        "time ratios (medians; bars: p10-p90 of per-round ratios)", "ratio (< 1: shardlax faster)",
+        errors=[eg, eu, None],
+    )  # fmt: skip
+
+    def wire(impl):
+        return [
+            by[n, impl]["collectives"]["executed_wire_bytes"]
+            / by[n, "shardlax"]["minimum_wire_bytes"]
+            for n in names
+        ]
+
+    _bars(
+        axes[1], labels, [("shardlax", wire("shardlax")), ("GSPMD", wire("gspmd"))],
+        "collective bytes sent per device / theoretical minimum", "ratio (1 = minimum)",
+    )  # fmt: skip
+
+    def mem(impl):
+        def total(r):
+            return r["memory"]["arguments"] + r["memory"]["temp"]
+
+        return [total(by[n, impl]) / total(by[n, "unsharded"]) for n in names]
+
+    _bars(
+        axes[2], labels,
+        [("shardlax", mem("shardlax")), ("GSPMD", mem("gspmd")), ("unsharded", mem("unsharded"))],
+        "per-device memory (arguments + temp) / unsharded", "ratio",
+    )  # fmt: skip
     info = shard[0]["machine"]
-    ax.set_title(
-        "Train step: shardlax vs GSPMD vs one device (medians, p10-p90 of per-round ratios)\n"
-        f"simulated CPU devices on {info['cpu_count']} cores, jax {info['jax']}",
-        fontsize=9,
+    fig.suptitle(
+        f"Train steps: shardlax vs GSPMD vs one device -- {info['device_count']} simulated CPU "
+        f"devices on {info['cpu_count']} cores, jax {info['jax']} (times: ratios only)",
+        fontsize=10,
     )
-    ax.legend(fontsize=8)
-    ax.grid(True, axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
