@@ -72,7 +72,7 @@ import shardlax
 from shardlax import audit
 
 # ----------------------------------------------------------------------------- config
-DEVICES = 4
+DEVICES = (4,)
 REPEATS = 15
 WARMUP = 2
 LR = 1e-2
@@ -407,6 +407,7 @@ def measure(row: Row, args) -> list[dict]:
         r = {
             "bench": "layers",
             "row": row.name,
+            "devices": row.config["n"],
             "strategy": row.strategy,
             "impl": impl,
             "mesh": row.mesh if impl != "unsharded" else "1 device",
@@ -435,7 +436,7 @@ def measure(row: Row, args) -> list[dict]:
         rows.append(r)
         col = r["collectives"]
         print(
-            f"{row.name:10s} {impl:9s} median {C.fmt_time(r['median_s']):>9s} "
+            f"{row.name:10s} n={row.config['n']} {impl:9s} median {C.fmt_time(r['median_s']):>9s} "
             f"spread {r['spread']:4.2f} compile {r['lower_s'] + r['compile_s']:.2f}s "
             f"collectives {col['tensors']} {col['kinds']} {C.fmt_bytes(col['bytes'])} "
             f"(min {C.fmt_bytes(min_bytes)}) temp {C.fmt_bytes(r['memory']['temp'])} "
@@ -489,11 +490,11 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
         "## Ratios",
         "",
     ]
-    by = {(r["row"], r["impl"]): r for r in rows}
-    names = list(dict.fromkeys(r["row"] for r in rows))
+    by = {(r["row"], r["devices"], r["impl"]): r for r in rows}
+    keys = list(dict.fromkeys((r["row"], r["devices"]) for r in rows))
     ratio_rows = []
-    for name in names:
-        s, g, u = (by.get((name, i)) for i in IMPLS)
+    for name, n in keys:
+        s, g, u = (by.get((name, n, i)) for i in IMPLS)
         if not s:
             continue
         ratio_rows.append([
@@ -513,9 +514,9 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
     ))  # fmt: skip
     out += ["", "## Every candidate", ""]
     full = []
-    for name in names:
+    for name, n in keys:
         for impl in IMPLS:
-            r = by.get((name, impl))
+            r = by.get((name, n, impl))
             if not r:
                 continue
             col = r["collectives"]
@@ -528,7 +529,7 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
                 C.fmt_bytes(r["memory"]["arguments"]), C.fmt_bytes(r["memory"]["temp"]),
                 f"{r['loss']:.6g}",
             ])  # fmt: skip
-        s = by.get((name, "shardlax"))
+        s = by.get((name, n, "shardlax"))
         if s:
             mins = s["minimum"]
             full.append([
@@ -544,8 +545,8 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
         align="lllrrrrrrrrr",
     ))  # fmt: skip
     out += ["", "## Theoretical minimum per row", ""]
-    for name in names:
-        r = by.get((name, "shardlax"))
+    for name, n in keys:
+        r = by.get((name, n, "shardlax"))
         if r:
             items = "; ".join(
                 f"{m['count']} x {m['kind']} over {','.join(m['axes'])} of "
@@ -581,12 +582,13 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by = {(r["row"], r["impl"]): r for r in rows}
-    names = [n for n in dict.fromkeys(r["row"] for r in rows) if all((n, i) in by for i in IMPLS)]
+    by = {((r["row"], r["devices"]), r["impl"]): r for r in rows}
+    keys = dict.fromkeys((r["row"], r["devices"]) for r in rows)
+    names = [k for k in keys if all((k, i) in by for i in IMPLS)]
     if not names:
         return
     shard = [by[n, "shardlax"] for n in names]
-    labels = [f"{n}\n({by[n, 'shardlax']['mesh']})" for n in names]
+    labels = [f"{n[0]}\n({by[n, 'shardlax']['mesh']})" for n in names]
     fig, axes = plt.subplots(1, 3, figsize=(max(12, 4.2 * len(names) + 3), 4.2))
 
     def ratio(key):
@@ -645,7 +647,8 @@ def plot(rows: list[dict], path: Path) -> None:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--devices", type=int, default=DEVICES)
+    p.add_argument("--devices", type=int, nargs="+", default=list(DEVICES),
+                   help="device counts; each row runs on a mesh of each")  # fmt: skip
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--warmup", type=int, default=WARMUP)
     p.add_argument("--set", nargs="*", default=[], metavar="ROW.KEY=INT",
@@ -661,24 +664,24 @@ def main(argv=None) -> None:
         key, _, value = item.partition("=")
         name, _, field = key.partition(".")
         sizes[name][field] = int(value)
-    C.setup_devices(args.devices)
+    C.setup_devices(max(args.devices))
 
     t0 = time.perf_counter()
-    devices = jax.devices()[: args.devices]
     rows, skipped = [], {}
-    for name in args.rows:
-        builder = ROWS.get(name)
-        if builder is None:
-            skipped[name] = "no row function yet (its shardlax feature has not landed)"
-            print(f"{name:10s} skipped: {skipped[name]}")
-            continue
-        try:
-            row = builder(sizes[name], args.devices, devices)
-        except Skip as e:
-            skipped[name] = str(e)
-            print(f"{name:10s} skipped: {e}")
-            continue
-        rows += measure(row, args)
+    for n in args.devices:
+        for name in args.rows:
+            builder = ROWS.get(name)
+            if builder is None:
+                skipped[name] = "no row function yet (its shardlax feature has not landed)"
+                print(f"{name:10s} skipped: {skipped[name]}")
+                continue
+            try:
+                row = builder(sizes[name], n, jax.devices()[:n])
+            except Skip as e:
+                skipped[name] = str(e)
+                print(f"{name:10s} skipped: {e}")
+                continue
+            rows += measure(row, args)
     args.out.mkdir(parents=True, exist_ok=True)
     C.write_jsonl(args.out / "layers.jsonl", rows)
     (args.out / "layers.md").write_text(markdown(rows, skipped))
