@@ -137,8 +137,7 @@ def test_accumulation_reduces_once(strategy):
                             strategy=strategy, accum_steps=4)  # fmt: skip
     state = trainer.init()
     report = audit.collectives(trainer.step, state, batches[0])
-    norms = 0 if strategy == "dp" else 1
-    cmp = audit.compare(trainer.declared_collectives(batches[0], global_norms=norms), report)
+    cmp = audit.compare(trainer.declared_collectives(batches[0]), report)
     assert cmp.ok, cmp.table()
     assert not [c for c in report if c.in_loop], report.table()
     big = [c for c in report if c.bytes > 8]  # gradient and parameter buckets
@@ -155,12 +154,10 @@ def _declared_table(strategy, n, bucket_bytes):
     batch = make_batch(16)
     state = trainer.init()
     report = audit.collectives(trainer.step, state, batch)
-    norms = 0 if strategy == "dp" else 1
-    return (
-        trainer,
-        report,
-        audit.compare(trainer.declared_collectives(batch, global_norms=norms), report),
-    )
+    declared = trainer.declared_collectives(batch)
+    norms = [d for d in declared if d.why == "global norm"]
+    assert len(norms) == (0 if strategy == "dp" else 1)  # dp clips replicated gradients
+    return trainer, report, audit.compare(declared, report)
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
@@ -194,7 +191,7 @@ def test_missing_cast_to_varying_is_caught():
                             strategy="zero2", _cast_params=False)  # fmt: skip
     batch = make_batch(16)
     report = audit.collectives(trainer.step, trainer.init(), batch)
-    cmp = audit.compare(trainer.declared_collectives(batch, global_norms=1), report)
+    cmp = audit.compare(trainer.declared_collectives(batch), report)
     assert not cmp.ok
     assert sum(c.bytes for c in report.where("all-reduce")) >= 412, report.table()
 

@@ -158,7 +158,7 @@ class Trainer:
         self._shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
         self._rest_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rest)
         self.buckets = zero.plan_buckets(self._shapes, self.n, bucket_bytes)
-        self._norm_groups: list[tuple[str, ...]] = []
+        self._norm_reductions: list[tuple[tuple[str, ...], Any]] | None = None
         self._init_params = params
         self._init_rest = rest
         self.step = jax.jit(self._step, donate_argnums=0)
@@ -338,27 +338,29 @@ class Trainer:
         """`tx.update` + `optax.apply_updates` on leaves (full or shards)."""
         g = jax.tree.unflatten(self._treedef, grads)
         p = jax.tree.unflatten(self._treedef, params)
-        if self.optax_norm_hook:
-            with zero.global_norm_hook():
+        with zero.record_norms() as norms:
+            if self.optax_norm_hook:
+                with zero.global_norm_hook():
+                    updates, opt_state = self.tx.update(g, opt_state, p)
+            else:
                 updates, opt_state = self.tx.update(g, opt_state, p)
-        else:
-            updates, opt_state = self.tx.update(g, opt_state, p)
+        self._norm_reductions = list(norms)
         return jax.tree.leaves(optax.apply_updates(p, updates)), opt_state
 
     # --------------------------------------------------------- declarations
-    def declared_collectives(self, batch: Any, *, global_norms: int = 0) -> list[Declared]:
+    def declared_collectives(self, batch: Any) -> list[Declared]:
         """The collectives one step compiles to, for a batch shaped like `batch`.
 
-        Per step, N = size of the data axes, B = buckets, `P_b` = padded bytes of
-        bucket b (`N * S_b * itemsize`), `n_b` = its unpadded bytes:
+        Per step, N = size of the data axes, `P_b` = padded bytes of bucket b
+        (`N * S_b * itemsize`), `n_b` = its unpadded bytes:
 
         - dp:    all-reduce `n_b` per bucket (the gradients, once).
         - zero1: all-reduce `P_b` per bucket, then all-gather `P_b` per bucket.
         - zero2: reduce-scatter `P_b` per bucket, then all-gather `P_b` per bucket.
-        - all:   1 scalar all-reduce of the loss, and `global_norms` scalar
-          all-reduces for global norms of sharded gradients (1 for a chain with
-          `clip_by_global_norm` under zero1/zero2; 0 under dp, whose reduced
-          gradients are replicated).
+        - all:   1 scalar all-reduce of the loss, and 1 scalar all-reduce per
+          global norm of sharded values that `tx` computes (zero1/zero2 with
+          `clip_by_global_norm`: 1; dp: 0, its reduced gradients are replicated).
+          The norms are counted by tracing the step (`zero.record_norms`).
 
         Nothing is declared when the data axes have size 1.
         """
@@ -366,6 +368,9 @@ class Trainer:
         live = self.live
         if not live:
             return []
+        if self._norm_reductions is None:
+            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+            jax.eval_shape(self._step, jax.eval_shape(self.init), abstract)
 
         def dt(b):
             return _hlo_dtype(b.dtype)
@@ -380,7 +385,9 @@ class Trainer:
                     for b in self.buckets]  # fmt: skip
             out += [Declared("all-gather", live, dt(b), 1, b.padded_bytes, "parameter bucket")
                     for b in self.buckets]  # fmt: skip
-        out += [Declared("all-reduce", live, "f32", 1, 4, "global norm")] * global_norms
+        for axes, dtype in self._norm_reductions or ():
+            item = jnp.dtype(dtype).itemsize
+            out.append(Declared("all-reduce", axes, _hlo_dtype(dtype), 1, item, "global norm"))
         return out
 
     def state_bytes(self) -> dict[str, int]:

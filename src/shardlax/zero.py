@@ -181,7 +181,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         del params
-        g_norm = kernels.sharded_tree_norm(updates)
+        g_norm = _norm(updates)
         trigger = jnp.squeeze(g_norm < max_norm)
 
         def clip_fn(t):
@@ -193,6 +193,36 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
 
 
 _HOOK_LOCK = threading.RLock()
+_RECORD = threading.local()
+
+
+def _norm(tree, ord=None, squared=False):
+    """`kernels.sharded_tree_norm`, noting its all-reduces for `record_norms`."""
+    record = getattr(_RECORD, "axes", None)
+    if record is not None:
+        groups: dict[tuple[str, ...], list[Any]] = {}
+        for x in jax.tree.leaves(tree):
+            groups.setdefault(tuple(sorted(kernels.varying_axes(x))), []).append(x.dtype)
+        record.extend(
+            (axes, jnp.dtype(jnp.result_type(*dts))) for axes, dts in groups.items() if axes
+        )
+    return kernels.sharded_tree_norm(tree, ord=ord, squared=squared)
+
+
+@contextlib.contextmanager
+def record_norms():
+    """Collect the mesh axes of every all-reduce the sharded norms traced inside run.
+
+    Yields a list that receives, per global norm computed on shards, one
+    `(axes, dtype)` per group of leaves sharded alike: the scalar all-reduces
+    a step declares for its norms.
+    """
+    saved = getattr(_RECORD, "axes", None)
+    _RECORD.axes = []
+    try:
+        yield _RECORD.axes
+    finally:
+        _RECORD.axes = saved
 
 
 @contextlib.contextmanager
@@ -210,12 +240,9 @@ def global_norm_hook():
     with _HOOK_LOCK:
         saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
 
-        def norm(tree, ord=None, squared=False):
-            return kernels.sharded_tree_norm(tree, ord=ord, squared=squared)
-
         try:
             for mod, name in targets:
-                setattr(mod, name, norm)
+                setattr(mod, name, _norm)
             yield
         finally:
             for mod, name, fn in saved:
@@ -229,5 +256,6 @@ __all__ = [
     "flat_shard_shapes",
     "global_norm_hook",
     "plan_buckets",
+    "record_norms",
     "sharded_state_specs",
 ]
