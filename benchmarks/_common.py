@@ -6,9 +6,11 @@ CPU devices (`setup_devices`) before JAX creates a backend.
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -161,3 +163,31 @@ def have_matplotlib() -> bool:
     except ImportError:
         return False
     return True
+
+
+def hlo_instructions(text: str) -> list[str]:
+    """The instructions of a compiled HLO module, canonical and sorted, for comparing programs.
+
+    Source metadata, instruction and computation names and parameter labels
+    are dropped, so two programs that differ only in how they were written
+    (a `shardlax.kernels` wrapper vs the `jax.lax` call it wraps) compare equal.
+    """
+    text = re.sub(r",?\s*metadata=\{[^}]*\}", "", text)
+    out = []
+    for line in text.splitlines():
+        if line.startswith("HloModule"):
+            continue
+        if re.match(r"^\s*(ROOT\s+)?%?[\w.\-]+ = ", line) or ("{" in line and "->" in line):
+            line = re.sub(r"%[\w.\-]+", "%_", line)
+            line = re.sub(r"^\s*(ROOT\s+)?[\w.\-]+ = ", r"\1_ = ", line)
+            line = re.sub(r"[\w.\-]+: ", "", line)  # parameter labels in headers
+            line = re.sub(r"^\s*(ENTRY\s+)?[\w.\-]+ \(", r"\1_ (", line)
+            line = re.sub(r"(to_apply|calls|body|condition)=\S+", r"\1=_", line)
+            out.append(line.strip())
+    return sorted(out)
+
+
+def hlo_difference(a: list[str], b: list[str]) -> int:
+    """How many canonical instructions of `a` have no equal in `b` (and vice versa, the max)."""
+    ca, cb = collections.Counter(a), collections.Counter(b)
+    return max(sum((ca - cb).values()), sum((cb - ca).values()))

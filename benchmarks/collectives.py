@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import re
 import time
 from pathlib import Path
 
@@ -124,16 +123,6 @@ def bodies(name: str, n: int):
     raise ValueError(f"unknown collective {name!r}; expected one of {COLLECTIVES}")
 
 
-def hlo_instructions(text: str) -> list[str]:
-    """The instructions of a compiled HLO module, without metadata (source locations)."""
-    text = re.sub(r",?\s*metadata=\{[^}]*\}", "", text)
-    return [
-        line
-        for line in text.splitlines()
-        if re.match(r"^\s*(ROOT\s+)?%?[\w.\-]+ = ", line) or ("{" in line and "->" in line)
-    ]
-
-
 def compile_timed(fn, x):
     import jax
 
@@ -179,7 +168,7 @@ def run(args) -> list[dict]:
                     report = audit.parse_hlo(compiled.as_text(), mesh)
                     fns[impl] = functools.partial(compiled, x)
                     meta[impl] = (t_lower, t_compile, report)
-                    hlo[impl] = hlo_instructions(compiled.as_text())
+                    hlo[impl] = C.hlo_instructions(compiled.as_text())
                 fns["memcpy"] = functools.partial(copy, x_full)
                 times = C.interleaved(fns, args.iters, args.warmup)
                 ceiling = size / C.summarize(times["memcpy"])["median_s"]  # per device

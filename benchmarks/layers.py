@@ -378,7 +378,7 @@ def collectives_summary(report, loop_trips: int) -> dict:
 
 def measure(row: Row, args) -> list[dict]:
     info = C.machine_info()
-    meta, runners = {}, {}
+    meta, runners, hlo = {}, {}, {}
     for impl, cand in row.candidates.items():
         c, t_lower, t_compile = compile_timed(cand.fn, (cand.state, cand.batch))
         mem = c.memory_analysis()
@@ -397,6 +397,7 @@ def measure(row: Row, args) -> list[dict]:
             "collectives": collectives_summary(report, row.loop_trips),
             "loss": loss,
         }
+        hlo[impl] = C.hlo_instructions(c.as_text())
     times = C.interleaved(runners, args.repeats, args.warmup)
     mins = row.minimum
     min_bytes = sum(m["bytes"] * m["count"] for m in mins)
@@ -433,6 +434,11 @@ def measure(row: Row, args) -> list[dict]:
                 c_self = meta["shardlax"]["lower_s"] + meta["shardlax"]["compile_s"]
                 c_other = meta[other]["lower_s"] + meta[other]["compile_s"]
                 r[f"compile_ratio_vs_{other}"] = c_self / c_other
+        if impl == "shardlax" and "gspmd" in hlo:
+            # Few differing instructions: the two programs are the same computation,
+            # and a time difference is dispatch or noise.
+            r["hlo_instructions"] = len(hlo["shardlax"])
+            r["hlo_differing_vs_gspmd"] = C.hlo_difference(hlo["shardlax"], hlo["gspmd"])
         rows.append(r)
         col = r["collectives"]
         print(
@@ -485,7 +491,9 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
         "device (nccl-tests size), wire = bytes each device sends with ring algorithms "
         "(all-reduce 2S(n-1)/n, others S(n-1)/n), collectives inside a scan counted once per "
         "iteration; `minimum` is the least the strategy needs (see the module docstring). "
-        "Memory is `memory_analysis()` per device.",
+        "Memory is `memory_analysis()` per device. The last column counts the compiled "
+        "instructions of the shardlax program with no identical instruction in the GSPMD "
+        "program (names and source metadata ignored): a handful means the same program.",
         "",
         "## Ratios",
         "",
@@ -505,11 +513,13 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
             f"{C.fmt_bytes(g['collectives']['executed_wire_bytes']) if g else '-'} / "
             f"{C.fmt_bytes(s['minimum_wire_bytes'])}",
             " / ".join(C.fmt_bytes(r["memory"]["temp"]) if r else "-" for r in (s, g, u)),
+            f"{s.get('hlo_differing_vs_gspmd', '-')} of {s.get('hlo_instructions', '-')}",
         ])  # fmt: skip
     out.append(C.md_table(
         ["row (mesh)", "step shardlax/GSPMD", "step shardlax/unsharded",
          "compile shardlax/GSPMD", "compile shardlax/unsharded",
-         "wire bytes/device shardlax / GSPMD / min", "temp/device shardlax / GSPMD / unsharded"],
+         "wire bytes/device shardlax / GSPMD / min", "temp/device shardlax / GSPMD / unsharded",
+         "HLO instructions differing from GSPMD"],
         ratio_rows,
     ))  # fmt: skip
     out += ["", "## Every candidate", ""]
