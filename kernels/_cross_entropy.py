@@ -13,7 +13,8 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 
-from ._collectives import all_reduce, all_reduce_max, axis_index, axis_size
+from ._collectives import all_reduce, all_reduce_max, axis_size
+from ._sequence import shard_start
 
 
 def vocab_parallel_cross_entropy(
@@ -55,7 +56,7 @@ def vocab_parallel_cross_entropy(
     v_local = logits_shard.shape[-1]
     v_pad = v_local * axis_size(axis_name)
     vocab = v_pad if vocab_size is None else vocab_size
-    start = axis_index(axis_name) * v_local
+    start = shard_start(axis_name, v_local)
     z = logits_shard.astype(jnp.float32)  # z: f32[..., V/N]
     if vocab < v_pad:
         column = start + jnp.arange(v_local)

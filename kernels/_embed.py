@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._collectives import all_reduce, axis_index
-from ._sequence import cast_varying, gather_sequence, scatter_sequence
+from ._collectives import all_reduce
+from ._sequence import cast_varying, gather_sequence, scatter_sequence, shard_start
 
 
 def vocab_parallel_embed(
@@ -52,7 +52,7 @@ def vocab_parallel_embed(
     device's range get zero.
     """
     rows_local = table_shard.shape[0]
-    start = axis_index(axis_name) * rows_local
+    start = shard_start(axis_name, rows_local)
     ids = jnp.where(ids < 0, ids + num_embeddings, ids)
     invalid = (ids < 0) | (ids >= num_embeddings)  # invalid: bool[B, S]
     local = ids - start

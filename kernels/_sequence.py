@@ -26,7 +26,7 @@ from typing import Any
 import jax
 from jax import lax
 
-from ._collectives import all_gather, all_reduce, ensure_varying, reduce_scatter
+from ._collectives import all_gather, all_reduce, axis_index, ensure_varying, reduce_scatter
 from ._linear import DotGeneral, _add_bias, column_parallel_matmul, matmul_last
 
 
@@ -35,6 +35,18 @@ def cast_varying(x: jax.Array, axis_name: str) -> jax.Array:
     if lax.axis_size(axis_name) == 1:
         return x
     return ensure_varying(x, axis_name)
+
+
+def shard_start(axis_name: str, size: int) -> jax.Array | int:
+    """`axis_index(axis_name) * size`: where this device's block of a split dim starts.
+
+    The Python int 0 when the axis has size 1, so that nothing downstream is
+    typed as varying over an axis of size 1 (which would leave size-1
+    collectives in the compiled program).
+    """
+    if lax.axis_size(axis_name) == 1:
+        return 0
+    return axis_index(axis_name) * size
 
 
 def gather_sequence(x_shard: jax.Array, axis_name: str, *, seq_axis: int = 1) -> jax.Array:

@@ -16,11 +16,10 @@ from jax.sharding import Mesh
 from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
-from shardlax.nn._base import param_value
+from shardlax.nn._base import AUTO
 from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
-from shardlax.nn._mlp import _block_collectives
+from shardlax.nn._mlp import _activation_collectives
 from shardlax.nn._sequence import SequenceLayer
-from shardlax.nn._sequence import run_shard_map as _run
 
 
 class ParallelAttention(SequenceLayer):
@@ -54,7 +53,8 @@ class ParallelAttention(SequenceLayer):
       rope_theta: RoPE base, or None for no position embedding.
       use_bias, dtype, param_dtype, precision, kernel_init, bias_init,
         dot_general, promote_dtype, rngs: as `nnx.Linear` (use_bias default False).
-      mesh, axis_name, batch_axes, sequence_parallel: as `ParallelMLP`.
+      mesh, axis_name, batch_axes, sequence_parallel, fsdp_axis,
+        reshard_after_forward: as `ParallelMLP`.
 
     References:
       Shoeybi et al., 2019 (arXiv:1909.08053); Ainslie et al., 2023
@@ -84,6 +84,8 @@ class ParallelAttention(SequenceLayer):
         axis_name: str = MODEL,
         batch_axes: Sequence[str] | None = None,
         sequence_parallel: bool = False,
+        fsdp_axis: str | None = AUTO,
+        reshard_after_forward: bool = True,
     ):
         self._setup_mesh(mesh, axis_name, batch_axes)
         owner, n = type(self).__name__, self.model_size
@@ -121,7 +123,8 @@ class ParallelAttention(SequenceLayer):
             use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
             kernel_init=kernel_init, bias_init=bias_init, dot_general=dot_general,
             promote_dtype=promote_dtype, rngs=rngs, mesh=self.mesh, axis_name=axis_name,
-            batch_axes=self.batch_axes,
+            batch_axes=self.batch_axes, fsdp_axis=fsdp_axis,
+            reshard_after_forward=reshard_after_forward,
         )  # fmt: skip
         self.q_proj = ColumnParallelLinear(in_features, num_heads * head_dim, **common)
         self.k_proj = ColumnParallelLinear(in_features, num_kv_heads * head_dim, **common)
@@ -141,18 +144,15 @@ class ParallelAttention(SequenceLayer):
         self.promote_dtype = promote_dtype
         self.sequence_parallel = sequence_parallel
 
-    _ROW_BIAS = 7  # index of o_proj.bias in _params()
-
-    def _linears(self):
-        return (self.q_proj, self.k_proj, self.v_proj, self.o_proj)
-
-    def _params(self):
-        return (*(lin.kernel[...] for lin in self._linears()),
-                *(param_value(lin.bias) for lin in self._linears()))  # fmt: skip
-
-    def _param_specs(self):
-        return (*(lin.kernel_spec for lin in self._linears()),
-                *(lin.bias_spec for lin in self._linears()))  # fmt: skip
+    def _entries(self) -> list[tuple]:
+        """Parameters in `kernels.head_parallel_attention` order (see `SequenceLayer._entries`)."""
+        q, k, v, o = self.q_proj, self.k_proj, self.v_proj, self.o_proj
+        return [
+            (q, "kernel", 0, False, "input"), (k, "kernel", 0, False, "input"),
+            (v, "kernel", 0, False, "input"), (o, "kernel", 1, False, "always"),
+            (q, "bias", 0, False, "never"), (k, "bias", 0, False, "never"),
+            (v, "bias", 0, False, "never"), (o, "bias", 0, True, "never"),
+        ]  # fmt: skip
 
     def __call__(self, x: jax.Array) -> jax.Array:
         with jax.named_scope(type(self).__name__):
@@ -166,8 +166,9 @@ class ParallelAttention(SequenceLayer):
             x = self._place(x, spec)
 
             def body(x, *params):
-                params = self._cast_for_grad(params, self._ROW_BIAS)
-                x, *params = self.promote_dtype((x, *params), dtype=self.dtype)
+                params = self._use_entries(params)
+                dtype = self.q_proj._compute_dtype()
+                x, *params = self.promote_dtype((x, *params), dtype=dtype)
                 return kernels.head_parallel_attention(
                     x, *params, head_dim=self.head_dim, axis_name=self.axis_name,
                     sequence_parallel=self.sequence_parallel, causal=self.causal,
@@ -175,15 +176,17 @@ class ParallelAttention(SequenceLayer):
                     dot_general=self.dot_general,
                 )  # fmt: skip
 
-            return _run(body, self.mesh, (x, *self._params()), (spec, *self._param_specs()), spec)
+            values, specs = self._entry_values(), self._entry_specs()
+            return self._run(body, (x, *values), (spec, *specs), spec, self._owners())
 
     def declared_collectives(
         self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
         input_grad: bool = True,
     ) -> list[Declared]:  # fmt: skip
         """Collectives of one call on a global input `[B, S, in_features]`."""
-        dtype = dtype or self.dtype or self.param_dtype
-        return _block_collectives(
+        dtype = dtype or self.q_proj._compute_dtype() or self.param_dtype
+        out = _activation_collectives(
             self, input_shape, self.in_features, self.in_features, dtype, grad, input_grad,
-            list(self._params()), "attention", self._ROW_BIAS,
+            "attention",
         )  # fmt: skip
+        return out + self._declare_entries(grad, input_grad, "attention")

@@ -13,8 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.nn._sequence import SequenceLayer
-from shardlax.nn._sequence import run_shard_map as _run
+from shardlax.nn._sequence import SequenceLayer, run_shard_map
 
 
 class Dropout(SequenceLayer):
@@ -119,7 +118,7 @@ class Dropout(SequenceLayer):
                     broadcast_dims=self.broadcast_dims,
                 )  # fmt: skip
 
-            return _run(body, self.mesh, (inputs, key), (spec, P(None)), spec)
+            return run_shard_map(body, self.mesh, (inputs, key), (spec, P(None)), spec)
 
     def declared_collectives(self, *args, **kwargs) -> list:
         """None, forward or backward."""

@@ -17,9 +17,8 @@ from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
 from shardlax.mesh import check_divisible
-from shardlax.nn._base import sharded_param
+from shardlax.nn._base import AUTO, sharded_param
 from shardlax.nn._sequence import SequenceLayer, nbytes
-from shardlax.nn._sequence import run_shard_map as _run
 
 
 class ParallelEmbed(SequenceLayer):
@@ -46,7 +45,10 @@ class ParallelEmbed(SequenceLayer):
     Collectives (N = model axis size), forward / backward:
       `__call__`: 1 all-reduce `[B, S, D]` / none (SP: 1 reduce-scatter / 1 all-gather).
       `attend`:   none / 1 all-reduce of dx (SP: 1 all-gather / 1 reduce-scatter).
-      Table gradient: 1 all-reduce of `[V/N, D]` over the batch axes per use.
+      Table gradient: 1 all-reduce of `[V/N, D]` over the batch axes per use;
+      with FSDP (`fsdp_axis`, default on when the mesh has 'fsdp') the table is
+      also split over the features on the fsdp axis, all-gathered per use and
+      its gradient reduce-scattered.
 
     References:
       Shoeybi et al., "Megatron-LM", 2019 (arXiv:1909.08053).
@@ -66,12 +68,18 @@ class ParallelEmbed(SequenceLayer):
         axis_name: str = MODEL,
         batch_axes: Sequence[str] | None = None,
         sequence_parallel: bool = False,
+        fsdp_axis: str | None = AUTO,
+        reshard_after_forward: bool = True,
     ):
         self._setup_mesh(mesh, axis_name, batch_axes)
+        self._setup_fsdp(fsdp_axis, reshard_after_forward)
         check_divisible(
             type(self).__name__, "num_embeddings", num_embeddings, axis_name, self.model_size
         )
-        self.embedding_spec = P(axis_name, None)
+        # embedding [V, D]: P('model', 'fsdp') (the fsdp axis splits the features)
+        self.embedding_spec = self._fsdp_spec(
+            P(self._spec_axis(axis_name), None), (num_embeddings, features), 1, "features"
+        )
         self.embedding = sharded_param(
             embedding_init, rngs.params(), (num_embeddings, features), param_dtype,
             self.mesh, self.embedding_spec,
@@ -103,15 +111,15 @@ class ParallelEmbed(SequenceLayer):
             inputs = self._place(inputs, ids_spec)
 
             def body(ids, table):
-                (table,) = self._replicated_for_grad(table)
+                table = self._use_param(self, table, 1)
                 (table,) = self.promote_dtype((table,), dtype=self.dtype, inexact=False)
                 return kernels.vocab_parallel_embed(
                     ids, table, num_embeddings=self.num_embeddings, axis_name=self.axis_name,
                     sequence_parallel=self.sequence_parallel,
                 )  # fmt: skip
 
-            return _run(
-                body, self.mesh, (inputs, self.embedding[...]),
+            return self._run(
+                body, (inputs, self.embedding[...]),
                 (ids_spec, self.embedding_spec), self.hidden_spec(inputs.ndim + 1),
             )  # fmt: skip
 
@@ -123,14 +131,14 @@ class ParallelEmbed(SequenceLayer):
             query = self._place(query, q_spec)
 
             def body(x, table):
-                (table,) = self._replicated_for_grad(table)
+                table = self._use_param(self, table, 1)
                 x, table = self.promote_dtype((x, table), dtype=self.dtype)
                 return kernels.vocab_parallel_logits(
                     x, table, axis_name=self.axis_name, sequence_parallel=self.sequence_parallel
                 )
 
-            return _run(
-                body, self.mesh, (query, self.embedding[...]),
+            return self._run(
+                body, (query, self.embedding[...]),
                 (q_spec, self.embedding_spec), self.logits_spec(query.ndim),
             )  # fmt: skip
 
@@ -154,15 +162,15 @@ class ParallelEmbed(SequenceLayer):
             out += self._declare(
                 "all-gather", m, dtype, nbytes(full, dtype), "attend: gather sequence"
             )
-        table = nbytes((self.num_embeddings // self.model_size, self.features), self.param_dtype)
-        if grad:
-            if sp:
-                out += self._declare("all-gather", m, dtype, nbytes(full, dtype), "embed: dy")
-            out += self._declare("all-reduce", self.batch_axes, self.param_dtype, table,
-                                 "d table over the batch")  # fmt: skip
-            if attend:
+        table = (self.num_embeddings // self.model_size, self.features)
+        reshard = self.reshard_after_forward
+        out += self._declare_param(self, table, 1, grad=grad, regather=False, why="embedding")
+        if grad and sp:
+            out += self._declare("all-gather", m, dtype, nbytes(full, dtype), "embed: dy")
+        if attend:
+            out += self._declare_param(self, table, 1, grad=grad, regather=reshard and grad,
+                                       why="embedding (attend)")  # fmt: skip
+            if grad:
                 kind = "reduce-scatter" if sp else "all-reduce"
                 out += self._declare(kind, m, dtype, nbytes(full, dtype), "attend: dx")
-                out += self._declare("all-reduce", self.batch_axes, self.param_dtype, table,
-                                     "attend: d table over the batch")  # fmt: skip
         return out

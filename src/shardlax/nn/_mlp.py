@@ -17,10 +17,9 @@ from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
 from shardlax.kernels._mlp import ACTIVATIONS
-from shardlax.nn._base import param_value
+from shardlax.nn._base import AUTO
 from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
 from shardlax.nn._sequence import SequenceLayer, nbytes
-from shardlax.nn._sequence import run_shard_map as _run
 
 
 class ParallelMLP(SequenceLayer):
@@ -46,6 +45,8 @@ class ParallelMLP(SequenceLayer):
         dot_general, promote_dtype, rngs: as `nnx.Linear`.
       mesh, axis_name, batch_axes: as `ColumnParallelLinear`.
       sequence_parallel: activations split over the sequence (Megatron-SP).
+      fsdp_axis, reshard_after_forward: FSDP of the parameters, as
+        `ColumnParallelLinear` (default: on when the mesh has a 'fsdp' axis).
 
     References:
       Shoeybi et al., 2019 (arXiv:1909.08053); Korthikanti et al., 2022
@@ -72,6 +73,8 @@ class ParallelMLP(SequenceLayer):
         axis_name: str = MODEL,
         batch_axes: Sequence[str] | None = None,
         sequence_parallel: bool = False,
+        fsdp_axis: str | None = AUTO,
+        reshard_after_forward: bool = True,
     ):
         self._setup_mesh(mesh, axis_name, batch_axes)
         if activation not in ACTIVATIONS:
@@ -83,7 +86,8 @@ class ParallelMLP(SequenceLayer):
             use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, precision=precision,
             kernel_init=kernel_init, bias_init=bias_init, dot_general=dot_general,
             promote_dtype=promote_dtype, rngs=rngs, mesh=self.mesh, axis_name=axis_name,
-            batch_axes=self.batch_axes,
+            batch_axes=self.batch_axes, fsdp_axis=fsdp_axis,
+            reshard_after_forward=reshard_after_forward,
         )  # fmt: skip
         self.up = ColumnParallelLinear(in_features, hidden_features, **common)
         self.gate = (
@@ -104,20 +108,14 @@ class ParallelMLP(SequenceLayer):
         self.promote_dtype = promote_dtype
         self.sequence_parallel = sequence_parallel
 
-    _ROW_BIAS = 3  # index of down.bias in _params()
-
-    def _params(self):
-        gate = self.gate
-        return (
-            self.up.kernel[...], self.down.kernel[...], param_value(self.up.bias),
-            param_value(self.down.bias), None if gate is None else gate.kernel[...],
-            None if gate is None else param_value(gate.bias),
-        )  # fmt: skip
-
-    def _param_specs(self):
-        col, row = self.up, self.down
-        return (col.kernel_spec, row.kernel_spec, col.bias_spec, row.bias_spec,
-                col.kernel_spec, col.bias_spec)  # fmt: skip
+    def _entries(self) -> list[tuple]:
+        """Parameters in `kernels.parallel_mlp` order (see `SequenceLayer._entries`)."""
+        up, down, gate = self.up, self.down, self.gate
+        out = [(up, "kernel", 0, False, "input"), (down, "kernel", 1, False, "always"),
+               (up, "bias", 0, False, "never"), (down, "bias", 0, True, "never")]  # fmt: skip
+        if gate is not None:
+            out += [(gate, "kernel", 0, False, "input"), (gate, "bias", 0, False, "never")]
+        return out
 
     def __call__(self, x: jax.Array) -> jax.Array:
         with jax.named_scope(type(self).__name__):
@@ -126,33 +124,34 @@ class ParallelMLP(SequenceLayer):
             x = self._place(x, spec)
 
             def body(x, *params):
-                params = self._cast_for_grad(params, self._ROW_BIAS)
-                x, *params = self.promote_dtype((x, *params), dtype=self.dtype)
+                params = self._use_entries(params)
+                dtype = self.up._compute_dtype()
+                x, *params = self.promote_dtype((x, *params), dtype=dtype)
                 return kernels.parallel_mlp(
                     x, *params, activation=self.activation, axis_name=self.axis_name,
                     sequence_parallel=self.sequence_parallel, precision=self.precision,
                     dot_general=self.dot_general,
                 )  # fmt: skip
 
-            return _run(body, self.mesh, (x, *self._params()), (spec, *self._param_specs()), spec)
+            values, specs = self._entry_values(), self._entry_specs()
+            return self._run(body, (x, *values), (spec, *specs), spec, self._owners())
 
     def declared_collectives(
         self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
         input_grad: bool = True,
     ) -> list[Declared]:  # fmt: skip
         """Collectives of one call on a global input `[B, S, in_features]`."""
-        dtype = dtype or self.dtype or self.param_dtype
-        return _block_collectives(
-            self, input_shape, self.in_features, self.out_features, dtype, grad, input_grad,
-            list(self._params()), "mlp", self._ROW_BIAS,
-        )  # fmt: skip
+        dtype = dtype or self.up._compute_dtype() or self.param_dtype
+        out = _activation_collectives(
+            self, input_shape, self.in_features, self.out_features, dtype, grad, input_grad, "mlp"
+        )
+        return out + self._declare_entries(grad, input_grad, "mlp")
 
 
-def _block_collectives(
-    layer: SequenceLayer, input_shape, in_features, out_features, dtype, grad, input_grad,
-    params, name, row_bias=None,
-) -> list[Declared]:  # fmt: skip
-    """Entry/exit collectives of a column -> row block, and its parameter gradients."""
+def _activation_collectives(
+    layer: SequenceLayer, input_shape, in_features, out_features, dtype, grad, input_grad, name
+) -> list[Declared]:
+    """Entry/exit collectives of a column -> row block over the model axis."""
     local = layer._local_batch_shape(input_shape)
     full_in = (*local[:-1], in_features)
     full_out = (*local[:-1], out_features)
@@ -172,13 +171,4 @@ def _block_collectives(
                                       f"{name}: dx")  # fmt: skip
         elif input_grad:
             out += layer._declare("all-reduce", m, dtype, nbytes(full_in, dtype), f"{name}: dx")
-        for i, p in enumerate(params):
-            if p is None:
-                continue
-            local_shape = p.sharding.shard_shape(p.shape)
-            axes = layer.batch_axes
-            if layer.sequence_parallel and i == row_bias:
-                axes = (*axes, layer.axis_name)  # summed over the sequence shards too
-            out += layer._declare("all-reduce", axes, p.dtype, nbytes(local_shape, p.dtype),
-                                  f"{name}: d param over the tokens")  # fmt: skip
     return out

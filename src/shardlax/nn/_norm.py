@@ -15,10 +15,8 @@ from jax.sharding import PartitionSpec as P
 from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
-from shardlax.mesh import live_axes
-from shardlax.nn._base import param_value, sharded_param
-from shardlax.nn._sequence import SequenceLayer, nbytes
-from shardlax.nn._sequence import run_shard_map as _run
+from shardlax.nn._base import AUTO, param_value, sharded_param
+from shardlax.nn._sequence import SequenceLayer
 
 
 class RMSNorm(SequenceLayer):
@@ -36,7 +34,8 @@ class RMSNorm(SequenceLayer):
     `nnx.RMSNorm(num_features, epsilon=1e-6, ...)`.
 
     Args are those of `nnx.RMSNorm` (normalising the last dim), plus
-    `mesh`, `axis_name` (the model axis), `batch_axes`, `sequence_parallel`.
+    `mesh`, `axis_name` (the model axis), `batch_axes`, `sequence_parallel`,
+    `fsdp_axis` and `reshard_after_forward` (FSDP of the scale, as the linears).
     """
 
     def __init__(
@@ -54,9 +53,12 @@ class RMSNorm(SequenceLayer):
         axis_name: str = MODEL,
         batch_axes: Sequence[str] | None = None,
         sequence_parallel: bool = False,
+        fsdp_axis: str | None = AUTO,
+        reshard_after_forward: bool = True,
     ):
         self._setup_mesh(mesh, axis_name, batch_axes)
-        self.scale_spec = P(None)
+        self._setup_fsdp(fsdp_axis, reshard_after_forward)
+        self.scale_spec = self._fsdp_spec(P(None), (num_features,), 0, "num_features")
         self.scale: nnx.Param | None
         if use_scale:
             self.scale = sharded_param(
@@ -72,10 +74,6 @@ class RMSNorm(SequenceLayer):
         self.promote_dtype = promote_dtype
         self.sequence_parallel = sequence_parallel
 
-    def _token_axes(self) -> tuple[str, ...]:
-        axes = (*self.batch_axes, self.axis_name) if self.sequence_parallel else self.batch_axes
-        return live_axes(self.mesh, axes)
-
     def __call__(self, x: jax.Array) -> jax.Array:
         with jax.named_scope(type(self).__name__):
             self._check_hidden(x, self.num_features, "num_features")
@@ -83,21 +81,19 @@ class RMSNorm(SequenceLayer):
             x = self._place(x, spec)
 
             def body(x, scale):
-                if scale is not None:
-                    scale = kernels.ensure_varying(scale, self._token_axes())
+                scale = self._use_param(self, scale, 0, token_sum=True)
                 x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
                 return kernels.rms_norm(x, scale, epsilon=self.epsilon, dtype=self.dtype)
 
-            return _run(
-                body, self.mesh, (x, param_value(self.scale)), (spec, self.scale_spec), spec
-            )
+            return self._run(body, (x, param_value(self.scale)), (spec, self.scale_spec), spec)
 
     def declared_collectives(
         self, input_shape: Sequence[int], *, grad: bool = False
     ) -> list[Declared]:
         """Forward none; with `grad`, the scale gradient's all-reduce over the token axes."""
-        if not (grad and self.use_scale):
+        if not self.use_scale:
             return []
-        return self._declare("all-reduce", self._token_axes(), self.param_dtype,
-                             nbytes((self.num_features,), self.param_dtype),
-                             "d scale over the tokens")  # fmt: skip
+        return self._declare_param(
+            self, (self.num_features,), 0, grad=grad,
+            regather=self.reshard_after_forward and grad, why="scale", token_sum=True,
+        )  # fmt: skip

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 from shardlax import kernels
 from shardlax.mesh import live_axes
 from shardlax.nn._base import ShardedLayer
+from shardlax.nn._linear import ColumnParallelLinear
 
 
 def nbytes(shape: Sequence[int], dtype: Any) -> int:
@@ -67,19 +68,97 @@ class SequenceLayer(ShardedLayer):
                     f"sequence_parallel=False."
                 )
 
-    def _cast_for_grad(self, params: Sequence[jax.Array | None], row_bias: int) -> list:
-        """Cast parameters to varying over the axes their gradient is summed over.
+    def _use_param(
+        self, owner: ShardedLayer, value: jax.Array | None, dim: int, *, token_sum: bool = False
+    ) -> jax.Array | None:
+        """Inside the body: a parameter of `owner` ready for use, typed for its gradient.
 
-        Every parameter: the batch axes. The bias added after the row-parallel
-        exit under sequence parallelism: the batch axes *and* the model axis
-        (its tokens are split over both), cast in one go so the backward is
-        one all-reduce over both, not two.
+        FSDP (`owner`'s fsdp axis live): all-gathered over it (backward:
+        reduce-scatter). Otherwise cast to varying over the batch axes
+        (backward: all-reduce). `token_sum`: the parameter multiplies
+        activations that, under sequence parallelism, are split over the model
+        axis too (a norm scale, the bias after a row-parallel exit), so its
+        gradient is also summed over the model axis; without FSDP the casts
+        are merged, so the backward is one all-reduce over both.
         """
-        params = list(params)
-        if self.sequence_parallel and params[row_bias] is not None:
-            axes = live_axes(self.mesh, (*self.batch_axes, self.axis_name))
-            params[row_bias] = kernels.ensure_varying(params[row_bias], axes)
-        return self._replicated_for_grad(*params)
+        if value is None:
+            return None
+        model = live_axes(self.mesh, (self.axis_name,)) if self.sequence_parallel else ()
+        if token_sum and model:
+            if not owner._fsdp_live:
+                axes = live_axes(self.mesh, (*self.batch_axes, self.axis_name))
+                return kernels.ensure_varying(value, axes)
+            return kernels.ensure_varying(owner._gather(value, dim), model)
+        return owner._gather(value, dim)
+
+    def _declare_param(
+        self, owner: ShardedLayer, local_shape: Sequence[int], dim: int, *, grad: bool,
+        regather: bool, why: str, token_sum: bool = False,
+    ) -> list:  # fmt: skip
+        """The collectives of one parameter used via `_use_param` (model-local shape)."""
+        model = live_axes(self.mesh, (self.axis_name,)) if self.sequence_parallel else ()
+        if token_sum and model and grad:
+            dt = owner.param_dtype
+            if not owner._fsdp_live:
+                axes = (*self.batch_axes, self.axis_name)
+                return owner._declare("all-reduce", axes, dt, nbytes(local_shape, dt), f"d{why}")
+            out = owner._declare_fsdp(local_shape, dim, grad=grad, regather=regather, why=why)
+            return out + owner._declare("all-reduce", model, dt, nbytes(local_shape, dt),
+                                        f"d{why} over the sequence shards")  # fmt: skip
+        return owner._declare_fsdp(local_shape, dim, grad=grad, regather=regather, why=why)
+
+    # A fused block (attention, MLP) lists its parameters as entries
+    # (owner linear, attribute, fsdp dim, token_sum, when the backward needs the value:
+    # "always", "input" (only for the input gradient) or "never").
+    def _entries(self) -> list[tuple]:
+        raise NotImplementedError
+
+    def _entry_values(self) -> tuple:
+        return tuple(_value(getattr(o, a)) for o, a, *_ in self._entries())
+
+    def _entry_specs(self) -> tuple:
+        return tuple(getattr(o, f"{a}_spec") for o, a, *_ in self._entries())
+
+    def _use_entries(self, values: Sequence[jax.Array | None]) -> list:
+        return [
+            self._use_param(o, v, dim, token_sum=ts)
+            for (o, _, dim, ts, _), v in zip(self._entries(), values, strict=True)
+        ]
+
+    def _owners(self) -> list:
+        return [o for o, *_ in self._entries()]
+
+    def _declare_entries(self, grad: bool, input_grad: bool, why: str) -> list:
+        out = []
+        for o, a, dim, ts, needed in self._entries():
+            value = getattr(o, a)
+            if value is None:
+                continue
+            shape = list(value[...].shape)
+            col = isinstance(o, ColumnParallelLinear)
+            if a == "kernel":  # the model-local shape, which the fsdp gather rebuilds
+                shape[1 if col else 0] //= o.model_size
+            elif col:
+                shape[0] //= o.model_size
+            regather = (
+                o.reshard_after_forward
+                and grad
+                and (needed == "always" or (needed == "input" and input_grad))
+            )
+            out += self._declare_param(o, shape, dim, grad=grad, regather=regather,
+                                       why=f"{why}.{a}", token_sum=ts)  # fmt: skip
+        return out
+
+    def _run(self, body, args: tuple, in_specs: tuple, out_spec, owners=None):
+        """`shard_map(body)`; under `jax.checkpoint(reshard_policy)` if an owner reshards.
+
+        With FSDP and `reshard_after_forward`, gathered parameters are not kept
+        for the backward, which gathers them again (as the linears do).
+        """
+        owners = [self] if owners is None else owners
+        if any(o._fsdp_live and o.reshard_after_forward for o in owners):
+            body = jax.checkpoint(body, policy=kernels.reshard_policy)
+        return run_shard_map(body, self.mesh, args, in_specs, out_spec)
 
     def _local_hidden_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Per-device shape of a `[B, S, ...]` activation in `hidden_spec`."""
@@ -87,6 +166,10 @@ class SequenceLayer(ShardedLayer):
         if self.sequence_parallel:
             shape[1] //= self.model_size
         return tuple(shape)
+
+
+def _value(p):
+    return None if p is None else p[...]
 
 
 def run_shard_map(body, mesh, args: tuple, in_specs: tuple, out_spec):
