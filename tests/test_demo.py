@@ -8,7 +8,8 @@ from shardlax.__main__ import build_parser, main
 
 
 def test_mlp_demo_runs_and_agrees(capsys):
-    assert main(["demo", "--model", "mlp", "--d-model", "32", "--batch", "8"]) == 0
+    argv = ["demo", "--model", "mlp", "--mesh", "2,1,4", "--d-model", "32", "--batch", "8"]
+    assert main(argv) == 0
     out = capsys.readouterr().out
     assert "OK: sharded == single device, compiled == declared" in out
     assert "| all-reduce | model | f32 | 1 | 1 (1) |" in out

@@ -1,4 +1,10 @@
-"""Command line: `python -m shardlax demo [...]`."""
+"""Command line: `python -m shardlax demo [...]`.
+
+`demo` trains TinyLM (built only from shardlax layers) on a (data, fsdp, model)
+mesh of simulated CPU devices and on one device from the same initial
+parameters, and shows that the two agree, which collectives ran, and what
+each device holds. `demo --model mlp` runs the smaller column -> row MLP check.
+"""
 
 from __future__ import annotations
 
@@ -32,32 +38,90 @@ def _request_cpu_devices(n: int) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shardlax", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m shardlax",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser(
         "demo",
-        help="train and audit a model on simulated CPU devices",
-        description="Build a model from shardlax layers on a (data, fsdp, model) mesh, check it "
-        "against single-device math, and print its collectives, declared vs compiled.",
+        help="train TinyLM sharded and on one device, compare, audit",
+        description=__doc__,
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    demo.add_argument("--model", choices=["mlp"], default="mlp",
-                      help="which demo to run (default: %(default)s)")  # fmt: skip
-    demo.add_argument("--mesh", type=_mesh, default=(2, 1, 4),
-                      help="DATA,FSDP,MODEL mesh sizes (default: 2,1,4)")  # fmt: skip
-    demo.add_argument("--d-model", type=int, default=256, help="model width (default: %(default)s)")
-    demo.add_argument("--batch", type=int, default=16, help="global batch (default: %(default)s)")
+    demo.add_argument("--model", choices=["lm", "mlp"], default="lm",
+                      help="TinyLM training demo, or the column -> row MLP check")  # fmt: skip
+    demo.add_argument("--mesh", type=_mesh, default=(2, 2, 2),
+                      help="DATA,FSDP,MODEL mesh sizes; their product is the device count")  # fmt: skip
+    demo.add_argument("--steps", type=int, default=60, help="training steps")
+    demo.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
+    demo.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
+    demo.add_argument("--d-model", type=int, default=64, help="model width")
+    demo.add_argument("--layers", type=int, default=2, help="transformer blocks (scanned)")
+    demo.add_argument("--heads", type=int, default=4, help="attention heads")
+    demo.add_argument("--kv-heads", type=int, default=0, help="key/value heads (0: = heads)")
+    demo.add_argument("--vocab", type=int, default=64, help="vocabulary size")
+    demo.add_argument("--order", type=int, default=2, help="n of the synthetic n-gram language")
+    demo.add_argument("--branching", type=int, default=4,
+                      help="tokens that can follow each context in the language")  # fmt: skip
+    demo.add_argument("--sequence-parallel", action="store_true",
+                      help="shard activations over the sequence between blocks (Megatron-SP)")  # fmt: skip
+    demo.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    demo.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
+    demo.add_argument("--seed", type=int, default=0, help="parameter seed")
+    demo.add_argument("--rtol", type=float, default=1e-4,
+                      help="max relative loss difference, sharded vs 1 device, to call them equal")  # fmt: skip
+    demo.add_argument("--log-every", type=int, default=10, help="print every N steps")
+    demo.add_argument("--out", default="shardlax-demo", help="folder for loss.png and demo.json")
+    demo.add_argument("--processes", type=int, default=1,
+                      help="run as N local processes joined by jax.distributed on 127.0.0.1")  # fmt: skip
+    demo.add_argument("--timeout", type=float, default=600,
+                      help="with --processes: kill every process after this many seconds")  # fmt: skip
+    demo.add_argument("--d-ff", type=int, default=0, help=argparse.SUPPRESS)
+    demo.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "demo":
-        data, fsdp, model = args.mesh
-        _request_cpu_devices(data * fsdp * model)
+def _demo(args: argparse.Namespace, argv: list[str]) -> int:
+    data, fsdp, model = args.mesh
+    n = data * fsdp * model
+    if args.processes > 1 and args.worker is None:
+        if n % args.processes:
+            print(f"demo --processes {args.processes}: the mesh {args.mesh} has {n} devices, "
+                  f"which {args.processes} processes cannot share evenly. Choose a mesh whose "
+                  f"size is a multiple of {args.processes}.")  # fmt: skip
+            return 2
+        from shardlax import _launch
+
+        print(f"starting {args.processes} processes with {n // args.processes} CPU devices each, "
+              f"joined on 127.0.0.1 (process 0's output follows)", flush=True)  # fmt: skip
+        return _launch.spawn(argv, num_processes=args.processes,
+                             devices_per_process=n // args.processes, timeout=args.timeout)  # fmt: skip
+    if args.worker is not None:
+        from shardlax import _launch
+
+        pid, count, host, port, devices = args.worker.replace(":", ",").split(",")
+        _launch.initialize_worker(int(pid), int(count), f"{host}:{port}", int(devices),
+                                  timeout=int(args.timeout))  # fmt: skip
+    else:
+        _request_cpu_devices(n)
+    if args.model == "mlp":
         from shardlax import _demo_mlp
 
         result = _demo_mlp.run(args)
-        return 0 if result["ok"] else 1
+    else:
+        from shardlax import _demo_lm
+
+        result = _demo_lm.run(args)
+    return 0 if result["ok"] else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    if args.command == "demo":
+        return _demo(args, argv)
     return 2
 
 

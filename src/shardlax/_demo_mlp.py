@@ -17,8 +17,9 @@ def run(args: argparse.Namespace) -> dict:
     """Build the MLP on a (data, fsdp, model) mesh, check it, print its collectives."""
     data, fsdp, model = args.mesh
     mesh = shardlax.make_mesh(data=data, fsdp=fsdp, model=model)
-    d, f, batch = args.d_model, 4 * args.d_model, args.batch
-    print(f"mesh {dict(mesh.shape)} on {mesh.size} {jax.devices()[0].platform} devices")
+    d, f, batch = args.d_model, args.d_ff or 4 * args.d_model, args.batch
+    print(f"mesh {dict(mesh.shape)} on {mesh.size} {jax.devices()[0].platform} devices, "
+          f"{jax.process_count()} process(es)")  # fmt: skip
     print(f"MLP: ColumnParallelLinear({d}, {f}) -> gelu -> RowParallelLinear({f}, {d}), "
           f"batch {batch}")  # fmt: skip
     col = shardlax.nn.ColumnParallelLinear(d, f, mesh=mesh, rngs=nnx.Rngs(0))
@@ -37,9 +38,9 @@ def run(args: argparse.Namespace) -> dict:
     value, (g_col, g_row, g_x) = step(col, row, x)
 
     # single-device math on the full arrays, in numpy's float64
-    w1, b1 = np.asarray(col.kernel[...], np.float64), np.asarray(col.bias[...], np.float64)
-    w2, b2 = np.asarray(row.kernel[...], np.float64), np.asarray(row.bias[...], np.float64)
-    xs = np.asarray(x, np.float64)
+    w1, b1 = _np(col.kernel[...]), _np(col.bias[...])
+    w2, b2 = _np(row.kernel[...]), _np(row.bias[...])
+    xs = _np(x)
     ref_fn = jax.jit(
         lambda x, w1, b1, w2, b2: jnp.mean((jax.nn.gelu(x @ w1 + b1[None]) @ w2 + b2[None]) ** 2)
     )  # the same math written plainly, in float32 on one device
@@ -78,6 +79,15 @@ def run(args: argparse.Namespace) -> dict:
     return {"errors": errors, "ok": ok}
 
 
+def _np(x) -> np.ndarray:
+    """The global value of `x` as numpy, also when it spans several processes."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True), np.float64)
+    return np.asarray(x, np.float64)
+
+
 def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    a, b = _np(a), _np(b)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
