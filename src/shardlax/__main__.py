@@ -50,10 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__,
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    demo.add_argument("--model", choices=["lm", "mlp"], default="lm",
-                      help="TinyLM training demo, or the column -> row MLP check")  # fmt: skip
-    demo.add_argument("--mesh", type=_mesh, default=(2, 2, 2),
-                      help="DATA,FSDP,MODEL mesh sizes; their product is the device count")  # fmt: skip
+    demo.add_argument(
+        "--model",
+        choices=["lm", "mlp"],
+        default="lm",
+        help="TinyLM training demo, or the column -> row MLP check",
+    )
+    demo.add_argument(
+        "--mesh",
+        type=_mesh,
+        default=(2, 2, 2),
+        help="DATA,FSDP,MODEL mesh sizes; their product is the device count",
+    )
     demo.add_argument("--steps", type=int, default=60, help="training steps")
     demo.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     demo.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
@@ -63,21 +71,40 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--kv-heads", type=int, default=0, help="key/value heads (0: = heads)")
     demo.add_argument("--vocab", type=int, default=64, help="vocabulary size")
     demo.add_argument("--order", type=int, default=2, help="n of the synthetic n-gram language")
-    demo.add_argument("--branching", type=int, default=4,
-                      help="tokens that can follow each context in the language")  # fmt: skip
-    demo.add_argument("--sequence-parallel", action="store_true",
-                      help="shard activations over the sequence between blocks (Megatron-SP)")  # fmt: skip
+    demo.add_argument(
+        "--branching",
+        type=int,
+        default=4,
+        help="tokens that can follow each context in the language",
+    )
+    demo.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="shard activations over the sequence between blocks (Megatron-SP)",
+    )
     demo.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
     demo.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     demo.add_argument("--seed", type=int, default=0, help="parameter seed")
-    demo.add_argument("--rtol", type=float, default=1e-4,
-                      help="max relative loss difference, sharded vs 1 device, to call them equal")  # fmt: skip
+    demo.add_argument(
+        "--rtol",
+        type=float,
+        default=1e-4,
+        help="max relative loss difference, sharded vs 1 device, to call them equal",
+    )
     demo.add_argument("--log-every", type=int, default=10, help="print every N steps")
     demo.add_argument("--out", default="shardlax-demo", help="folder for loss.png and demo.json")
-    demo.add_argument("--processes", type=int, default=1,
-                      help="run as N local processes joined by jax.distributed on 127.0.0.1")  # fmt: skip
-    demo.add_argument("--timeout", type=float, default=600,
-                      help="with --processes: kill every process after this many seconds")  # fmt: skip
+    demo.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="run as N local processes joined by jax.distributed on 127.0.0.1",
+    )
+    demo.add_argument(
+        "--timeout",
+        type=float,
+        default=600,
+        help="with --processes: kill every process after this many seconds",
+    )
     demo.add_argument("--d-ff", type=int, default=0, help=argparse.SUPPRESS)
     demo.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     return parser
@@ -88,22 +115,32 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
     n = data * fsdp * model
     if args.processes > 1 and args.worker is None:
         if n % args.processes:
-            print(f"demo --processes {args.processes}: the mesh {args.mesh} has {n} devices, "
-                  f"which {args.processes} processes cannot share evenly. Choose a mesh whose "
-                  f"size is a multiple of {args.processes}.")  # fmt: skip
+            print(
+                f"demo --processes {args.processes}: the mesh {args.mesh} has {n} devices, "
+                f"which {args.processes} processes cannot share evenly. Choose a mesh whose "
+                f"size is a multiple of {args.processes}."
+            )
             return 2
         from shardlax import _launch
 
-        print(f"starting {args.processes} processes with {n // args.processes} CPU devices each, "
-              f"joined on 127.0.0.1 (process 0's output follows)", flush=True)  # fmt: skip
-        return _launch.spawn(argv, num_processes=args.processes,
-                             devices_per_process=n // args.processes, timeout=args.timeout)  # fmt: skip
+        print(
+            f"starting {args.processes} processes with {n // args.processes} CPU devices each, "
+            f"joined on 127.0.0.1 (process 0's output follows)",
+            flush=True,
+        )
+        return _launch.spawn(
+            argv,
+            num_processes=args.processes,
+            devices_per_process=n // args.processes,
+            timeout=args.timeout,
+        )
     if args.worker is not None:
         from shardlax import _launch
 
         pid, count, host, port, devices = args.worker.replace(":", ",").split(",")
-        _launch.initialize_worker(int(pid), int(count), f"{host}:{port}", int(devices),
-                                  timeout=int(args.timeout))  # fmt: skip
+        _launch.initialize_worker(
+            int(pid), int(count), f"{host}:{port}", int(devices), timeout=int(args.timeout)
+        )
     else:
         _request_cpu_devices(n)
     if args.model == "mlp":
