@@ -42,12 +42,14 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels, zero
-from shardlax._axes import DATA
+from shardlax._axes import DATA, FSDP, MODEL
 from shardlax.audit import Declared
 from shardlax.mesh import axes_size, check_axis, live_axes, place, resolve_mesh
 
 #: The strategies `Trainer` implements.
-STRATEGIES = ("dp", "zero1", "zero2")
+STRATEGIES = ("dp", "zero1", "zero2", "fsdp", "fsdp+tp")
+#: Strategies whose parameters are sharded by the model's layers (shardlax.nn).
+LAYER_SHARDED = ("fsdp", "fsdp+tp")
 
 _OWNER = "Trainer"
 
@@ -118,6 +120,8 @@ class Trainer:
         strategy: str = "zero2",
         accum_steps: int = 1,
         data_axis: str | Sequence[str] = DATA,
+        fsdp_axis: str = FSDP,
+        tp_axis: str = MODEL,
         bucket_bytes: int | None = zero.DEFAULT_BUCKET_BYTES,
         optax_norm_hook: bool = True,
         _cast_params: bool = True,
@@ -145,9 +149,17 @@ class Trainer:
         self.data_axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
         for a in self.data_axes:
             check_axis(self.mesh, a, _OWNER, "data_axis")
+        self.strategy = strategy
+        self.layer_sharded = strategy in LAYER_SHARDED
+        if self.layer_sharded:
+            # the batch is split over the data axes and the fsdp axis
+            check_axis(self.mesh, fsdp_axis, _OWNER, "fsdp_axis")
+            if strategy == "fsdp+tp":
+                check_axis(self.mesh, tp_axis, _OWNER, "tp_axis")
+            self.data_axes = (*self.data_axes, fsdp_axis)
+        self.fsdp_axis, self.tp_axis = fsdp_axis, tp_axis
         self.live = live_axes(self.mesh, self.data_axes)
         self.n = axes_size(self.mesh, self.data_axes)
-        self.strategy = strategy
         self.tx = tx
         self.loss_fn = loss_fn
         self.accum_steps = accum_steps
@@ -161,7 +173,47 @@ class Trainer:
         self._norm_reductions: list[tuple[tuple[str, ...], Any]] | None = None
         self._init_params = params
         self._init_rest = rest
+        self._param_specs = [P()] * len(leaves)
+        if self.layer_sharded:
+            self._param_specs = [self._spec_of(x) for x in leaves]
+            self._check_layer_sharding()
         self.step = jax.jit(self._step, donate_argnums=0)
+
+    def _spec_of(self, x: jax.Array) -> P:
+        """The PartitionSpec a parameter was built with (P() when it is not on the mesh)."""
+        sharding = getattr(x, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            if sharding.mesh.shape_tuple != self.mesh.shape_tuple:
+                raise ValueError(
+                    f"{_OWNER}(strategy={self.strategy!r}): a parameter lives on mesh "
+                    f"{dict(sharding.mesh.shape)}, not on the trainer's mesh "
+                    f"{dict(self.mesh.shape)}. Build the model and the Trainer on one mesh."
+                )
+            return sharding.spec
+        return P()
+
+    def _check_layer_sharding(self) -> None:
+        """fsdp / fsdp+tp train parameters the layers split: some must be split."""
+
+        def uses(spec: P, axis: str) -> bool:
+            for entry in spec:
+                if entry == axis or (isinstance(entry, tuple) and axis in entry):
+                    return True
+            return False
+
+        wanted = [(self.fsdp_axis, "fsdp_axis")]
+        if self.strategy == "fsdp+tp":
+            wanted.append((self.tp_axis, "tp_axis"))
+        for axis, argument in wanted:
+            size = self.mesh.shape[axis]
+            if size > 1 and not any(uses(s, axis) for s in self._param_specs):
+                raise ValueError(
+                    f"{_OWNER}(strategy={self.strategy!r}, {argument}={axis!r}): no parameter "
+                    f"of the model is split over mesh axis {axis!r} (size {size}), so "
+                    f"{self.strategy} would replicate them. Build the model from shardlax.nn "
+                    f"layers on this mesh (they split their parameters over {axis!r}), or use "
+                    f"strategy='zero2' for a model of replicated parameters."
+                )
 
     # ------------------------------------------------------------------ layout
     @property
@@ -176,6 +228,16 @@ class Trainer:
         return self.strategy in ("zero1", "zero2")
 
     def _opt_specs(self) -> Any:
+        if self.layer_sharded:
+            # optimizer state that follows a parameter is split like it
+            params = jax.tree.unflatten(self._treedef, self._shapes)
+            return optax.tree_utils.tree_map_params(
+                self.tx,
+                lambda _, spec: spec,
+                jax.eval_shape(self.tx.init, params),
+                jax.tree.unflatten(self._treedef, self._param_specs),
+                transform_non_params=lambda _: P(),
+            )
         if not self.sharded_state:
             params = jax.tree.unflatten(self._treedef, self._shapes)
             return jax.tree.map(lambda _: P(), jax.eval_shape(self.tx.init, params))
@@ -185,7 +247,7 @@ class Trainer:
     def state_specs(self) -> TrainState:
         """The PartitionSpec of every leaf of the `TrainState`."""
         return TrainState(
-            params=jax.tree.unflatten(self._treedef, [P()] * len(self._shapes)),
+            params=jax.tree.unflatten(self._treedef, self._param_specs),
             opt_state=self._opt_specs(),
             rest=jax.tree.map(lambda _: P(), self._rest_shapes),
             step=P(),
@@ -252,6 +314,8 @@ class Trainer:
 
     def _step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         self._check_batch(batch)
+        if self.layer_sharded:
+            return self._layer_sharded_step(state, batch)
         specs = self.state_specs()
         batch_specs = jax.tree.map(lambda x: P(self._split), batch)
         params = jax.tree.map(lambda x, s: place(x, self.mesh, s), state.params, specs.params)
@@ -265,6 +329,62 @@ class Trainer:
         new_params, opt_state, loss = body(params, state.opt_state, state.rest, batch)
         new_state = TrainState(new_params, opt_state, state.rest, state.step + 1)
         return new_state, {"loss": loss}
+
+    def _layer_sharded_step(self, state: TrainState, batch: Any):
+        """fsdp / fsdp+tp: the layers reduce the gradients; optax runs on their shards.
+
+        The loss and its gradient are taken on global arrays: each shardlax
+        layer's shard_map all-gathers its parameters and reduce-scatters their
+        gradients (over the fsdp axis) and all-reduces them over the data axes.
+        The update is one shard_map over the parameters' own specs, so optax
+        sees each device's shards and the global norm is reduced over the axes
+        each parameter is split over.
+        """
+        specs = self.state_specs()
+        split = self._split
+        batch = jax.tree.map(lambda x: place(x, self.mesh, P(split)), batch)
+        rest = state.rest
+
+        def loss_of(params, micro):
+            return self.loss_fn(nnx.merge(self.graphdef, params, rest), micro)
+
+        grad_fn = jax.value_and_grad(loss_of)
+        k = self.accum_steps
+        if k == 1:
+            loss, grads = grad_fn(state.params, batch)
+        else:
+            # micro-batch j = rows j, j + k, j + 2k, ...: each spans every device
+            def micro_of(x):
+                rows = jax.sharding.NamedSharding(self.mesh, P(split))
+                x = jnp.reshape(x, (x.shape[0] // k, k, *x.shape[1:]), out_sharding=rows)
+                return jnp.swapaxes(x, 0, 1)  # [k, B/k, ...]
+
+            micro = jax.tree.map(micro_of, batch)
+
+            def one(carry, mb):
+                loss, grads = grad_fn(state.params, mb)
+                return jax.tree.map(jnp.add, carry, (loss.astype(jnp.float32), grads)), None
+
+            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
+            (loss, grads), _ = jax.lax.scan(one, zeros, micro)
+            loss = loss / k
+            grads = jax.tree.map(lambda g: g / jnp.asarray(k, g.dtype), grads)
+        grads = jax.tree.map(lambda g, s: place(g, self.mesh, s), grads, specs.params)
+        update = jax.shard_map(
+            self._sharded_update,
+            mesh=self.mesh,
+            in_specs=(specs.params, specs.params, specs.opt_state),
+            out_specs=(specs.params, specs.opt_state),
+        )
+        new_params, opt_state = update(grads, state.params, state.opt_state)
+        new_state = TrainState(new_params, opt_state, rest, state.step + 1)
+        return new_state, {"loss": loss}
+
+    def _sharded_update(self, grads, params, opt_state):
+        new_leaves, opt_state = self._update(
+            jax.tree.leaves(grads), opt_state, jax.tree.leaves(params)
+        )
+        return jax.tree.unflatten(self._treedef, new_leaves), opt_state
 
     def _local_grads(self, leaves, rest, batch):
         """Sum over micro-batches of this device's loss and gradients (no collective)."""
