@@ -26,16 +26,20 @@ P = parameter bytes of the whole model, f32):
   tp_mlp      column -> row MLP, n-way tensor parallel, input not differentiated:
               forward 1 all-reduce of the activation [B, D] over 'model';
               backward none (dx of the column layer is not needed, dW is local).
-  fsdp_deep   L scanned layers [D, D], fully sharded over 'fsdp' with remat:
-              per layer 2 all-gathers of the parameters (forward, and again
-              in the rematerialised backward) + 1 reduce-scatter of their
-              gradients; plus 1 scalar all-reduce of the loss.
+  fsdp_deep   L scanned layers, fully sharded over 'fsdp', gathered on use and
+              freed after the forward: per layer and parameter 2 all-gathers
+              (forward, and again in the backward) + 1 reduce-scatter of its
+              gradient; plus 1 scalar all-reduce of the loss.
   zero2       data-parallel MLP with Adam, gradients and optimizer state
               sharded over 'data' (ZeRO-2): 1 reduce-scatter of the gradients
               (P bytes) + 1 all-gather of the updated parameters (P bytes).
-  fsdp_tp     column -> row MLP on a (fsdp, model) mesh: per weight the
-              fsdp all-gathers and reduce-scatter of FSDP on its 1/model
-              shard, plus the tensor-parallel all-reduce of the activation.
+  fsdp_tp     column -> row MLP on a (fsdp=f, model=m) mesh, parameters gathered
+              over 'fsdp' on use and freed after the forward: per parameter
+              1 all-gather of its 1/m model shard in the forward, 1 more in
+              the backward where the input gradient needs it (down.W only:
+              the first layer's input is data), 1 reduce-scatter of its
+              gradient; plus 1 all-reduce over 'model' of the activation
+              [B/f, D] (forward) and 1 scalar all-reduce of the loss.
   tinylm      TinyLM train step: per block the attention and MLP row layers'
               activation all-reduces (forward), the column layers' input
               gradient all-reduces (backward), and the gradient reduction
@@ -213,6 +217,26 @@ def plain_candidates(plain, batch, gspmd_mesh, param_spec, batch_spec, devices, 
     }
 
 
+def specs_of(model) -> Callable[[str], Any]:
+    """`spec_of(path)` giving, for a plain twin of `model`, the PartitionSpec of `model`'s
+    parameter at the same path; optimizer state leaves (`...mu['up']['kernel']...`) get the
+    spec of the parameter their path ends with. GSPMD then starts from exactly the layout
+    shardlax uses, and only the collectives are XLA's choice."""
+    _, state = nnx.split(model)
+    specs = {
+        jax.tree_util.keystr(path): v.sharding.spec
+        for path, v in jax.tree_util.tree_flatten_with_path(state)[0]
+    }
+
+    def spec_of(path: str):
+        for p, spec in specs.items():
+            if path.endswith(p):
+                return spec
+        return P()
+
+    return spec_of
+
+
 def module_candidate(model, batch, mesh) -> Candidate:
     """A shardlax model (its layers place themselves) trained with Adam on MSE."""
 
@@ -318,9 +342,53 @@ def row_zero2(cfg: dict, n: int, devices) -> Row:
     )
 
 
+def row_fsdp_tp(cfg: dict, n: int, devices) -> Row:
+    """Column -> row MLP on a (fsdp, model) mesh: FSDP over 'fsdp' composed with TP."""
+    b, d, f = cfg["batch"], cfg["d"], cfg["f"]
+    model_n = n // 2 if n >= 4 else 1
+    fsdp_n = n // model_n
+    mesh = shardlax.make_mesh(fsdp=fsdp_n, model=model_n, devices=devices)
+    auto = shardlax.make_mesh(fsdp=fsdp_n, model=model_n, devices=devices, axis_types="auto")
+    try:
+        sharded = ParallelMLP(d, f, nnx.Rngs(0), mesh, fsdp_axis="fsdp")
+    except TypeError as e:
+        raise Skip(f"the tensor-parallel layers take no fsdp_axis yet ({e})") from e
+    x_spec = sharded.up.input_spec(2)
+    x, y = regression_batch(b, d)
+    batch = (
+        jax.device_put(x, NamedSharding(mesh, x_spec)),
+        jax.device_put(y, NamedSharding(mesh, sharded.down.output_spec(2))),
+    )
+    cands = {"shardlax": module_candidate(sharded, batch, mesh)}
+    cands |= plain_candidates(
+        PlainMLP(d, f, nnx.Rngs(0)), (x, y), auto, specs_of(sharded), P("fsdp"), devices
+    )
+    m = model_n
+    fs = ["fsdp"]
+    return Row(
+        name="fsdp_tp",
+        strategy="FSDP (reshard after forward) x tensor parallel",
+        mesh=f"fsdp={fsdp_n},model={model_n}",
+        config=dict(cfg, n=n),
+        candidates=cands,
+        minimum=[
+            minimum("all-gather", fs, d * f // m * 4, fsdp_n, 1, "up.W, forward"),
+            minimum("all-gather", fs, f // m * 4, fsdp_n, 1, "up.b, forward"),
+            minimum("all-gather", fs, f // m * d * 4, fsdp_n, 2, "down.W, forward + backward (dh)"),
+            minimum("all-gather", fs, d * 4, fsdp_n, 1, "down.b, forward"),
+            minimum("reduce-scatter", fs, d * f // m * 4, fsdp_n, 2, "dW of up and down"),
+            minimum("reduce-scatter", fs, f // m * 4, fsdp_n, 1, "db of up"),
+            minimum("reduce-scatter", fs, d * 4, fsdp_n, 1, "db of down"),
+            minimum("all-reduce", ["model"], b // fsdp_n * d * 4, m, 1, "TP: partial products"),
+            minimum("all-reduce", fs, 4, fsdp_n, 1, "the mean loss"),
+        ],
+    )
+
+
 ROWS: dict[str, Callable[..., Row]] = {
     "tp_mlp": row_tp_mlp,
     "zero2": row_zero2,
+    "fsdp_tp": row_fsdp_tp,
 }
 
 
