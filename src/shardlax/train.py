@@ -468,7 +468,9 @@ class Trainer:
         return jax.tree.leaves(optax.apply_updates(p, updates)), opt_state
 
     # --------------------------------------------------------- declarations
-    def declared_collectives(self, batch: Any) -> list[Declared]:
+    def declared_collectives(
+        self, batch: Any, *, model_collectives: Sequence[Declared] = ()
+    ) -> list[Declared]:
         """The collectives one step compiles to, for a batch shaped like `batch`.
 
         Per step, N = size of the data axes, `P_b` = padded bytes of bucket b
@@ -477,17 +479,20 @@ class Trainer:
         - dp:    all-reduce `n_b` per bucket (the gradients, once).
         - zero1: all-reduce `P_b` per bucket, then all-gather `P_b` per bucket.
         - zero2: reduce-scatter `P_b` per bucket, then all-gather `P_b` per bucket.
-        - all:   1 scalar all-reduce of the loss, and 1 scalar all-reduce per
-          global norm of sharded values that `tx` computes (zero1/zero2 with
-          `clip_by_global_norm`: 1; dp: 0, its reduced gradients are replicated).
-          The norms are counted by tracing the step (`zero.record_norms`).
+        - fsdp, fsdp+tp: the model's own collectives, forward and backward, which
+          only the model knows: pass them as `model_collectives` (the sum of its
+          layers' `declared_collectives(..., grad=True)`).
+        - all:   1 scalar all-reduce of the loss over the batch axes, and 1 scalar
+          all-reduce per group of identically split leaves of every global norm
+          that `tx` computes (zero1/zero2 with `clip_by_global_norm`: 1; dp: 0,
+          its reduced gradients are replicated; fsdp+tp: one per distinct
+          parameter spec). The norms are counted by tracing the step
+          (`zero.record_norms`).
 
-        Nothing is declared when the data axes have size 1.
+        Collectives over axes of size 1 are not declared (they do not compile).
         """
         self._check_batch(batch)
         live = self.live
-        if not live:
-            return []
         if self._norm_reductions is None:
             abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
             jax.eval_shape(self._step, jax.eval_shape(self.init), abstract)
@@ -495,11 +500,15 @@ class Trainer:
         def dt(b):
             return _hlo_dtype(b.dtype)
 
-        out = [Declared("all-reduce", live, "f32", 1, 4, "loss: mean over the global batch")]
-        if self.strategy == "dp":
+        out = []
+        if live:
+            out.append(Declared("all-reduce", live, "f32", 1, 4, "loss: mean over the batch"))
+        if self.layer_sharded:
+            out += list(model_collectives)
+        elif live and self.strategy == "dp":
             out += [Declared("all-reduce", live, dt(b), 1, b.bytes, "gradient bucket")
                     for b in self.buckets]  # fmt: skip
-        else:
+        elif live:
             kind = "reduce-scatter" if self.strategy == "zero2" else "all-reduce"
             out += [Declared(kind, live, dt(b), 1, b.padded_bytes, "gradient bucket")
                     for b in self.buckets]  # fmt: skip
