@@ -27,6 +27,7 @@ from ._dropout import sharding_invariant_dropout as sharding_invariant_dropout
 from ._embed import vocab_parallel_embed as vocab_parallel_embed
 from ._embed import vocab_parallel_logits as vocab_parallel_logits
 from ._fsdp import MOVEMENT_PRIMITIVES as MOVEMENT_PRIMITIVES
+from ._fsdp import fsdp_call as fsdp_call
 from ._fsdp import fsdp_gather as fsdp_gather
 from ._fsdp import gather_bits as gather_bits
 from ._fsdp import reshard_policy as reshard_policy
@@ -67,6 +68,7 @@ __all__ = [
     "ensure_varying",
     "enter_tensor_parallel",
     "exit_tensor_parallel",
+    "fsdp_call",
     "fsdp_gather",
     "gather_bits",
     "gather_sequence",

@@ -33,7 +33,7 @@ References:
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -195,3 +195,111 @@ def fsdp_gather(
         shard = ensure_varying(shard, replicated)
         return all_gather(shard, axis_name, axis=dim, invariant=False)  # [..., K, ...]
     return _gather_cast(shard, axis_name, dim, replicated, gather_dtype, reduce_dtype)
+
+
+def _tie_to(shards: list, ct: Any, allowed: list) -> tuple[list, list]:
+    """`shard + 0 * (an element of ct)` per shard: same values, computed after `ct` exists.
+
+    XLA merges two identical all-gathers of the same shard (CSE), even across
+    `jax.checkpoint`'s optimization barriers (XLA:CPU removes them first), so a
+    re-gather in the backward would silently become the forward one and keep
+    the gathered parameter alive in between. Adding a zero computed from the
+    cotangent makes the backward gather's operand a value that only exists in
+    the backward. XLA does not fold `x * 0.0` for floats (NaN semantics); a NaN
+    cotangent makes the gradient NaN, as it would anyway.
+
+    The zero varies over the batch axes; a shard is first cast to varying over
+    the axes it lacks (`extras`, which the gather would cast it over anyway;
+    the caller sums its gradient over them). A shard whose gathered value does
+    not vary over all the zero's axes (`allowed`) is left untied: casting it
+    would change its gradient.
+    """
+    leaves = [c for c in jax.tree.leaves(ct) if jnp.issubdtype(c.dtype, jnp.floating)]
+    if not leaves:
+        return shards, [()] * len(shards)
+    c = leaves[0]
+    zero = c[(0,) * c.ndim].astype(jnp.float32) * 0.0  # zero: f32[]
+    zero_axes = varying_axes(zero)
+    tied, extras = [], []
+    for s, ok in zip(shards, allowed, strict=True):
+        if not zero_axes <= ok:
+            tied.append(s)
+            extras.append(())
+            continue
+        extra = tuple(sorted(zero_axes - varying_axes(s)))
+        tied.append(ensure_varying(s, extra) + zero.astype(s.dtype))
+        extras.append(extra)
+    return tied, extras
+
+
+def fsdp_call(
+    fn: Callable[[Any, Any], Any],
+    shards: Any,
+    args: Any,
+    *,
+    gather: Callable[[Any], Any],
+    reshard_after_forward: bool = True,
+) -> Any:
+    """`fn(gather(shards), args)`: one FSDP unit, optionally resharded after forward.
+
+    `gather` maps the pytree of parameter shards to the gathered parameters
+    (`fsdp_gather` per leaf); `fn` computes the unit from the gathered
+    parameters and `args`. Both run inside `shard_map`.
+
+    `reshard_after_forward=False`: plain autodiff; the gathered parameters are
+    residuals of `fn`'s backward, so they stay alive from the forward to the
+    backward. Per gathered parameter and step: 1 all-gather + 1 reduce-scatter.
+
+    `reshard_after_forward=True` (FSDP2's default): a `custom_vjp` whose
+    forward runs `jax.vjp(fn, gathered, args)` and keeps its residuals
+    *except* the gathered parameters themselves (matched by identity), plus the
+    shards; its backward gathers the shards again (tied to the cotangent, see
+    `_tie_to`, so XLA cannot merge it into the forward gather), puts them back
+    into the residuals and runs the saved backward. Nothing of `fn` is
+    recomputed. Per gathered parameter and step: 2 all-gathers (1 when the
+    backward does not use its value, e.g. a bias or the first layer's kernel
+    without an input gradient: XLA removes the dead gather) + 1 reduce-scatter.
+    Values derived from a gathered parameter inside `fn` (a dtype cast, a
+    transpose) are not matched and stay saved: cast before gathering
+    (`fsdp_gather(gather_dtype=...)`).
+
+    Collectives: those of `gather` (forward) and its transpose (backward), as
+    stated above; nothing else.
+    """
+    if not reshard_after_forward:
+        return fn(gather(shards), args)
+
+    layout: dict[str, Any] = {}
+
+    @jax.custom_vjp
+    def call(shards, args):
+        return fn(gather(shards), args)
+
+    def call_fwd(shards, args):
+        gathered = gather(shards)
+        out, vjp_fn = jax.vjp(fn, gathered, args)
+        leaves, treedef = jax.tree.flatten(vjp_fn)
+        params = jax.tree.leaves(gathered)
+        which = [next((i for i, p in enumerate(params) if leaf is p), -1) for leaf in leaves]
+        layout["treedef"], layout["which"] = treedef, which
+        layout["allowed"] = [varying_axes(p) for p in params]
+        saved = [leaf for leaf, w in zip(leaves, which, strict=True) if w < 0]
+        return out, (shards, saved)
+
+    def call_bwd(res, ct):
+        shards, saved = res
+        shard_leaves, shard_tree = jax.tree.flatten(shards)
+        tied, extras = _tie_to(shard_leaves, ct, layout["allowed"])
+        gather_flat = lambda leaves: gather(jax.tree.unflatten(shard_tree, leaves))
+        gathered, gather_vjp = jax.vjp(gather_flat, tied)  # the re-gather
+        params = jax.tree.leaves(gathered)
+        saved_it = iter(saved)
+        leaves = [next(saved_it) if w < 0 else params[w] for w in layout["which"]]
+        vjp_fn = jax.tree.unflatten(layout["treedef"], leaves)
+        d_gathered, d_args = vjp_fn(ct)
+        (d_tied,) = gather_vjp(d_gathered)
+        d_leaves = [all_reduce(d, e) for d, e in zip(d_tied, extras, strict=True)]
+        return jax.tree.unflatten(shard_tree, d_leaves), d_args
+
+    call.defvjp(call_fwd, call_bwd)
+    return call(shards, args)

@@ -1,4 +1,28 @@
-"""What every shardlax layer shares: mesh lookup, sharded parameters, input layout."""
+"""What every shardlax layer shares: mesh lookup, sharded parameters, input layout, FSDP.
+
+FSDP (ZeRO-3) in a layer: the `fsdp_axis` (default ``'fsdp'`` when the mesh
+has it and the batch is split over it) splits one more dim of each parameter,
+so each device stores 1/N of it; the layer all-gathers it inside its
+`shard_map` just before use and its gradient leaves reduce-scattered. How a
+new layer adopts it (ColumnParallelLinear is the worked example):
+  1. `__init__`: call `self._setup_mesh(...)` then `self._setup_fsdp(fsdp_axis,
+     reshard_after_forward, mixed_precision)`.
+  2. For each parameter, `spec = self._fsdp_spec(tp_spec, shape, dim, "arg")`
+     (picks the dim the fsdp axis splits; checks divisibility with a clear
+     error) and build it with `sharded_param(..., spec)`; remember `dim`.
+  3. In the shard_map body, write the math as `use(params, x)` on whole
+     parameters and return `self._fsdp_apply(use, (w_shard, b_shard), dims, x)`
+     (instead of `self._replicated_for_grad`); compute in
+     `self._compute_dtype()`. With `reshard_after_forward` the gathered
+     parameters are freed after the forward and re-gathered in the backward.
+  4. Run the body with `self._shard_map(body, args, in_specs, out_spec)`
+     (it drops `None` args such as a missing bias).
+  5. In `declared_collectives`, add `self._declare_fsdp(shape, dim, ...)` per
+     parameter (all-gather forward, reduce-scatter + data all-reduce backward).
+Biases and other 1-D parameters are split over the fsdp axis too (on their
+only dim, after any model-axis split), so every parameter's per-device bytes
+are total/N.
+"""
 
 from __future__ import annotations
 
@@ -12,9 +36,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
-from shardlax._axes import BATCH_AXES
+from shardlax._axes import BATCH_AXES, FSDP
 from shardlax.audit import Declared
 from shardlax.mesh import axes_size, check_axis, live_axes, place, present_axes, resolve_mesh
+from shardlax.precision import MixedPrecision
+
+#: `fsdp_axis` default: ``'fsdp'`` when the mesh has it and the batch is split
+#: over it, else no FSDP.
+AUTO = "auto"
 
 
 def sharded_param(
@@ -136,6 +165,205 @@ class ShardedLayer(nnx.Module):
             return []
         return [Declared(kind, live, _hlo_dtype(dtype), 1, int(nbytes), why)]
 
+    # ----------------------------------------------------------------- FSDP
+
+    def _setup_fsdp(
+        self,
+        fsdp_axis: str | None,
+        reshard_after_forward: bool = True,
+        mixed_precision: MixedPrecision | None = None,
+    ) -> None:
+        """Choose and validate the fsdp axis; call after `_setup_mesh`."""
+        owner = type(self).__name__
+        if fsdp_axis == AUTO:
+            fsdp_axis = FSDP if FSDP in self.batch_axes else None
+        if fsdp_axis is not None:
+            if not isinstance(fsdp_axis, str):
+                raise TypeError(
+                    f"{owner}(fsdp_axis={fsdp_axis!r}): expected a mesh axis name or None. "
+                    f"Pass fsdp_axis='fsdp', or None to keep the parameters whole."
+                )
+            check_axis(self.mesh, fsdp_axis, owner, "fsdp_axis")
+            if fsdp_axis == self.axis_name:
+                raise ValueError(
+                    f"{owner}(fsdp_axis={fsdp_axis!r}, axis_name={self.axis_name!r}): the "
+                    f"fsdp axis splits the batch and the tensor-parallel axis does not, so "
+                    f"they cannot be the same axis. Pass fsdp_axis='fsdp' on a mesh from "
+                    f"shardlax.make_mesh(fsdp=...)."
+                )
+            if fsdp_axis not in self.batch_axes:
+                raise ValueError(
+                    f"{owner}(fsdp_axis={fsdp_axis!r}, batch_axes={self.batch_axes}): the batch "
+                    f"must be split over the fsdp axis (mesh axis {fsdp_axis!r}, size "
+                    f"{self.mesh.shape[fsdp_axis]}), or every device of it would compute the "
+                    f"same gradient and the reduce-scatter would count it "
+                    f"{self.mesh.shape[fsdp_axis]} times. Add {fsdp_axis!r} to batch_axes, "
+                    f"or pass fsdp_axis=None."
+                )
+        if mixed_precision is not None and not isinstance(mixed_precision, MixedPrecision):
+            raise TypeError(
+                f"{owner}(mixed_precision={mixed_precision!r}): expected a "
+                f"shardlax.precision.MixedPrecision or None, got "
+                f"{type(mixed_precision).__name__}. Pass "
+                f"MixedPrecision(param_dtype=jnp.bfloat16, reduce_dtype=jnp.float32)."
+            )
+        self.fsdp_axis = fsdp_axis
+        self.fsdp_size = 1 if fsdp_axis is None else self.mesh.shape[fsdp_axis]
+        self.reshard_after_forward = bool(reshard_after_forward)
+        self.mixed_precision = mixed_precision
+
+    @property
+    def _fsdp_live(self) -> bool:
+        """Parameters are split over a fsdp axis of size > 1."""
+        return self.fsdp_axis is not None and self.fsdp_size > 1
+
+    def _fsdp_spec(self, spec: P, shape: Sequence[int], dim: int, argument: str) -> P:
+        """`spec` with the fsdp axis added on `dim` (after any axes already there).
+
+        `P(None, 'model')` on dim 0 gives `P('fsdp', 'model')`; `P('model')` on
+        dim 0 gives `P(('model', 'fsdp'))`, whose fsdp-gather is the model
+        shard. Raises if `shape[dim]` is not divisible by the product of sizes.
+        """
+        if not self._fsdp_live:
+            return spec
+        entries = list(spec) + [None] * (len(shape) - len(spec))
+        cur = entries[dim]
+        cur_axes = () if cur is None else ((cur,) if isinstance(cur, str) else tuple(cur))
+        axes = (*cur_axes, self.fsdp_axis)
+        size = axes_size(self.mesh, axes)
+        if shape[dim] % size:
+            owner = type(self).__name__
+            rest = shape[dim] // max(1, size // self.fsdp_size)
+            raise ValueError(
+                f"{owner}({argument}={shape[dim]}) cannot be sharded over mesh axes {axes} "
+                f"(size {size}) for FSDP: {size} does not divide {shape[dim]} (parameter "
+                f"shape {tuple(shape)}, dim {dim}). Choose {argument} divisible by {size}, "
+                f"or a mesh whose {self.fsdp_axis!r} axis divides {rest}, "
+                f"or pass fsdp_axis=None to keep this layer's parameters whole."
+            )
+        entries[dim] = axes if len(axes) > 1 else axes[0]
+        return P(*entries)
+
+    def _compute_dtype(self) -> Any:
+        """The dtype the layer computes in: its `dtype`, else the policy's `param_dtype`."""
+        dtype = getattr(self, "dtype", None)
+        if dtype is None and self.mixed_precision is not None:
+            return self.mixed_precision.param_dtype
+        return dtype
+
+    def _gather(self, shard: jax.Array | None, dim: int) -> jax.Array | None:
+        """Inside the shard_map body: the whole (over fsdp) parameter, ready for use.
+
+        FSDP: one tiled all-gather over the fsdp axis (its gradient is one
+        reduce-scatter, then an all-reduce of the shard over the other batch
+        axes), in the policy's `param_dtype` when a `mixed_precision` is set.
+        Without FSDP: the parameter cast to varying over the batch axes (its
+        gradient is all-reduced over them), as `_replicated_for_grad`.
+        """
+        if shard is None:
+            return None
+        live = live_axes(self.mesh, self.batch_axes)
+        policy = self.mixed_precision
+        if not self._fsdp_live:
+            shard = kernels.ensure_varying(shard, live)
+            return shard if policy is None else shard.astype(policy.gather_dtype(shard.dtype))
+        stored = shard.dtype
+        return kernels.fsdp_gather(
+            shard,
+            self.fsdp_axis,
+            dim=dim,
+            replicated_axes=tuple(a for a in live if a != self.fsdp_axis),
+            gather_dtype=None if policy is None else policy.gather_dtype(stored),
+            reduce_dtype=None if policy is None else policy.grad_reduce_dtype(stored),
+        )
+
+    def _fsdp_apply(
+        self, fn: Callable[[Any, Any], Any], shards: tuple, dims: tuple[int, ...], args: Any
+    ) -> Any:
+        """Inside the shard_map body: `fn(params, args)` with `params` gathered.
+
+        `shards` are the parameters as the body receives them (`None` for an
+        absent one), `dims` the dim each is split on over the fsdp axis. With
+        FSDP and `reshard_after_forward`, `kernels.fsdp_call` frees the
+        gathered parameters after the forward and re-gathers them in the
+        backward; otherwise plain autodiff keeps them.
+        """
+
+        def gather(ps):
+            return tuple(self._gather(p, d) for p, d in zip(ps, dims, strict=True))
+
+        return kernels.fsdp_call(
+            fn,
+            tuple(shards),
+            args,
+            gather=gather,
+            reshard_after_forward=self._fsdp_live and self.reshard_after_forward,
+        )
+
+    def _shard_map(self, body: Callable, args: tuple, in_specs: tuple, out_specs: Any) -> Any:
+        """`jax.shard_map(body)` over `args`, dropping `None` args (a missing bias)."""
+        present = [i for i, a in enumerate(args) if a is not None]
+
+        def wrapped(*xs):
+            full = [None] * len(args)
+            for i, x in zip(present, xs, strict=True):
+                full[i] = x
+            return body(*full)
+
+        return jax.shard_map(
+            wrapped,
+            mesh=self.mesh,
+            in_specs=tuple(in_specs[i] for i in present),
+            out_specs=out_specs,
+        )(*(args[i] for i in present))
+
+    def _declare_fsdp(
+        self, local_shape: Sequence[int], dim: int, *, grad: bool, regather: bool, why: str
+    ) -> list[Declared]:
+        """The FSDP collectives of one parameter whose model-local shape is `local_shape`.
+
+        Forward: 1 all-gather over the fsdp axis of the gathered bytes (in the
+        gather dtype). Backward (`grad`): 1 reduce-scatter over the fsdp axis
+        (reduce dtype) and 1 all-reduce of the shard over the other batch axes;
+        plus 1 all-gather when `regather` (reshard_after_forward and the
+        backward needs the parameter's value). Without FSDP: the all-reduce of
+        the whole local parameter over the batch axes.
+        """
+        stored = self.param_dtype
+        policy = self.mixed_precision
+        gdt = stored if policy is None else policy.gather_dtype(stored)
+        rdt = stored if policy is None else policy.grad_reduce_dtype(stored)
+        n = 1
+        for d in local_shape:
+            n *= int(d)
+        full = n * jnp.dtype(gdt).itemsize
+        if not self._fsdp_live:
+            if not grad:
+                return []
+            nbytes = n * jnp.dtype(stored).itemsize
+            return self._declare("all-reduce", self.batch_axes, stored, nbytes, f"d{why}")
+        gname = _gather_hlo_dtype(gdt)
+        out = self._declare_as("all-gather", (self.fsdp_axis,), gname, full, f"gather {why}")
+        if not grad:
+            return out
+        if regather:
+            out += self._declare_as("all-gather", (self.fsdp_axis,), gname, full,
+                                    f"re-gather {why} (reshard_after_forward)")  # fmt: skip
+        out += self._declare("reduce-scatter", (self.fsdp_axis,), rdt,
+                             n * jnp.dtype(rdt).itemsize, f"d{why} over fsdp")  # fmt: skip
+        others = tuple(a for a in self.batch_axes if a != self.fsdp_axis)
+        shard_bytes = n // self.fsdp_size * jnp.dtype(rdt).itemsize
+        out += self._declare("all-reduce", others, rdt, shard_bytes, f"d{why} shard")
+        return out
+
+    def _declare_as(
+        self, kind: str, axes: Sequence[str], hlo_dtype: str, nbytes: int, why: str
+    ) -> list[Declared]:
+        live = tuple(a for a in axes if self.mesh.shape[a] > 1)
+        if not live:
+            return []
+        return [Declared(kind, live, hlo_dtype, 1, int(nbytes), why)]
+
     def _replicated_for_grad(self, *params: jax.Array | None) -> list[jax.Array | None]:
         """Cast batch-replicated parameters to varying over the batch axes.
 
@@ -162,3 +390,11 @@ _HLO_NAMES = {
 def _hlo_dtype(dtype: Any) -> str:
     name = jnp.dtype(dtype).name
     return _HLO_NAMES.get(name, name)
+
+
+def _gather_hlo_dtype(dtype: Any) -> str:
+    """The HLO dtype of an FSDP all-gather: 16/8-bit floats travel as their bits."""
+    dtype = jnp.dtype(dtype)
+    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
+        return {2: "u16", 1: "u8"}[dtype.itemsize]
+    return _hlo_dtype(dtype)

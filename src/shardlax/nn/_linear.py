@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -19,7 +18,8 @@ from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
 from shardlax.mesh import check_divisible
-from shardlax.nn._base import ShardedLayer, param_value, sharded_param
+from shardlax.nn._base import AUTO, ShardedLayer, param_value, sharded_param
+from shardlax.precision import MixedPrecision
 
 
 def _local_bytes(shape: Sequence[int], dtype: Any) -> int:
@@ -29,7 +29,27 @@ def _local_bytes(shape: Sequence[int], dtype: Any) -> int:
     return n * jnp.dtype(dtype).itemsize
 
 
-class ColumnParallelLinear(ShardedLayer):
+class _LinearBase(ShardedLayer):
+    """What the two linears share: the declared collectives of their parameters."""
+
+    def _declare_params(
+        self, kernel_local: tuple[int, int], kernel_dim: int, grad: bool, input_grad: bool
+    ) -> list[Declared]:
+        """FSDP all-gathers / reduce-scatters (or batch all-reduces) of kernel and bias.
+
+        `kernel_local` is the kernel's shape on one model-axis shard, i.e. what
+        the fsdp all-gather rebuilds. The bias is never re-gathered: its value
+        is not needed by the backward.
+        """
+        regather = self.reshard_after_forward and grad and input_grad
+        out = self._declare_fsdp(kernel_local, kernel_dim, grad=grad, regather=regather, why="W")
+        if self.use_bias:
+            bias_local = (kernel_local[1],)
+            out += self._declare_fsdp(bias_local, 0, grad=grad, regather=False, why="b")
+        return out
+
+
+class ColumnParallelLinear(_LinearBase):
     """`nnx.Linear` with its output features split over the model axis.
 
     Megatron-LM's ColumnParallelLinear: `y = x @ W + b` with
@@ -77,12 +97,23 @@ class ColumnParallelLinear(ShardedLayer):
         axis_name: str = MODEL,
         batch_axes: Sequence[str] | None = None,
         gather_output: bool = False,
+        fsdp_axis: str | None = AUTO,
+        reshard_after_forward: bool = True,
+        mixed_precision: MixedPrecision | None = None,
     ):
         self._setup_mesh(mesh, axis_name, batch_axes)
+        self._setup_fsdp(fsdp_axis, reshard_after_forward, mixed_precision)
         owner = type(self).__name__
         check_divisible(owner, "out_features", out_features, axis_name, self.model_size)
-        self.kernel_spec = P(None, self._spec_axis(axis_name))
-        self.bias_spec = P(self._spec_axis(axis_name))
+        shape = (in_features, out_features)
+        # kernel [D, F]: P('fsdp', 'model'); bias [F]: P(('model', 'fsdp'))
+        self.kernel_spec = self._fsdp_spec(
+            P(None, self._spec_axis(axis_name)), shape, 0, "in_features"
+        )
+        self.bias_spec = self._fsdp_spec(
+            P(self._spec_axis(axis_name)), (out_features,), 0, "out_features"
+        )
+        self._param_dims = (0, 0)  # the dims of (kernel, bias) split over fsdp
         self.kernel = sharded_param(
             kernel_init, rngs.params(), (in_features, out_features), param_dtype,
             self.mesh, self.kernel_spec,
@@ -120,9 +151,10 @@ class ColumnParallelLinear(ShardedLayer):
             inputs = self._place(inputs, x_spec)
             kernel, bias = self.kernel[...], param_value(self.bias)
 
-            def body(x, kernel, bias):
-                kernel, bias = self._replicated_for_grad(kernel, bias)
-                x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+            def use(params, x):
+                kernel, bias = params
+                dtype = self._compute_dtype()
+                x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=dtype)
                 return kernels.column_parallel_matmul(
                     x,
                     kernel,
@@ -134,9 +166,11 @@ class ColumnParallelLinear(ShardedLayer):
                     preferred_element_type=self.preferred_element_type,
                 )
 
-            return _run(
+            def body(x, kernel, bias):
+                return self._fsdp_apply(use, (kernel, bias), self._param_dims, x)
+
+            return self._shard_map(
                 body,
-                self.mesh,
                 (inputs, kernel, bias),
                 (x_spec, self.kernel_spec, self.bias_spec),
                 self.output_spec(inputs.ndim),
@@ -153,9 +187,11 @@ class ColumnParallelLinear(ShardedLayer):
           dtype: the compute dtype (default: the layer's dtype or param dtype).
           grad: include the backward pass (gradients of the parameters).
           input_grad: with `grad`, the input gradient is needed too (it is when a
-            parameterised layer precedes this one).
+            parameterised layer precedes this one). With FSDP and
+            `reshard_after_forward`, it is what makes the backward re-gather the
+            kernel (dx needs W; dW and db do not).
         """
-        dtype = dtype or self.dtype or self.param_dtype
+        dtype = dtype or self._compute_dtype() or self.param_dtype
         local = self._local_batch_shape(input_shape)
         lead = local[:-1]
         out = []
@@ -170,18 +206,13 @@ class ColumnParallelLinear(ShardedLayer):
                 out += self._declare("reduce-scatter", (self.axis_name,), dtype,
                                      _local_bytes((*lead, self.out_features), dtype),
                                      "dy of the gathered output")  # fmt: skip
-            n = self.model_size
-            out += self._declare("all-reduce", self.batch_axes, self.param_dtype,
-                                 _local_bytes((self.in_features, self.out_features // n),
-                                              self.param_dtype), "dW over the batch")  # fmt: skip
-            if self.use_bias:
-                out += self._declare("all-reduce", self.batch_axes, self.param_dtype,
-                                     _local_bytes((self.out_features // n,), self.param_dtype),
-                                     "db over the batch")  # fmt: skip
+        out += self._declare_params(
+            (self.in_features, self.out_features // self.model_size), 0, grad, input_grad
+        )
         return out
 
 
-class RowParallelLinear(ShardedLayer):
+class RowParallelLinear(_LinearBase):
     """`nnx.Linear` with its input features split over the model axis.
 
     Megatron-LM's RowParallelLinear: `y = sum_i x_i @ W_i + b` with
@@ -224,12 +255,21 @@ class RowParallelLinear(ShardedLayer):
         axis_name: str = MODEL,
         batch_axes: Sequence[str] | None = None,
         input_is_parallel: bool = True,
+        fsdp_axis: str | None = AUTO,
+        reshard_after_forward: bool = True,
+        mixed_precision: MixedPrecision | None = None,
     ):
         self._setup_mesh(mesh, axis_name, batch_axes)
+        self._setup_fsdp(fsdp_axis, reshard_after_forward, mixed_precision)
         owner = type(self).__name__
         check_divisible(owner, "in_features", in_features, axis_name, self.model_size)
-        self.kernel_spec = P(self._spec_axis(axis_name), None)
-        self.bias_spec = P(None)
+        shape = (in_features, out_features)
+        # kernel [F, D]: P('model', 'fsdp'); bias [D]: P('fsdp')
+        self.kernel_spec = self._fsdp_spec(
+            P(self._spec_axis(axis_name), None), shape, 1, "out_features"
+        )
+        self.bias_spec = self._fsdp_spec(P(None), (out_features,), 0, "out_features")
+        self._param_dims = (1, 0)  # the dims of (kernel, bias) split over fsdp
         self.kernel = sharded_param(
             kernel_init, rngs.params(), (in_features, out_features), param_dtype,
             self.mesh, self.kernel_spec,
@@ -267,9 +307,10 @@ class RowParallelLinear(ShardedLayer):
             inputs = self._place(inputs, x_spec)
             kernel, bias = self.kernel[...], param_value(self.bias)
 
-            def body(x, kernel, bias):
-                kernel, bias = self._replicated_for_grad(kernel, bias)
-                x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self.dtype)
+            def use(params, x):
+                kernel, bias = params
+                dtype = self._compute_dtype()
+                x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=dtype)
                 return kernels.row_parallel_matmul(
                     x,
                     kernel,
@@ -281,9 +322,11 @@ class RowParallelLinear(ShardedLayer):
                     preferred_element_type=self.preferred_element_type,
                 )
 
-            return _run(
+            def body(x, kernel, bias):
+                return self._fsdp_apply(use, (kernel, bias), self._param_dims, x)
+
+            return self._shard_map(
                 body,
-                self.mesh,
                 (inputs, kernel, bias),
                 (x_spec, self.kernel_spec, self.bias_spec),
                 self.output_spec(inputs.ndim),
@@ -294,41 +337,16 @@ class RowParallelLinear(ShardedLayer):
         input_grad: bool = True,
     ) -> list[Declared]:  # fmt: skip
         """The collectives this layer compiles to (see ColumnParallelLinear's)."""
-        dtype = dtype or self.dtype or self.param_dtype
+        dtype = dtype or self._compute_dtype() or self.param_dtype
         local = self._local_batch_shape(input_shape)
         lead = local[:-1]
         out = self._declare("all-reduce", (self.axis_name,), dtype,
                             _local_bytes((*lead, self.out_features), dtype),
                             "sum of partial products")  # fmt: skip
-        if grad:
-            if input_grad and not self.input_is_parallel:
-                dx_bytes = _local_bytes(local, dtype)
-                out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, "dx")
-            n = self.model_size
-            out += self._declare("all-reduce", self.batch_axes, self.param_dtype,
-                                 _local_bytes((self.in_features // n, self.out_features),
-                                              self.param_dtype), "dW over the batch")  # fmt: skip
-            if self.use_bias:
-                out += self._declare("all-reduce", self.batch_axes, self.param_dtype,
-                                     _local_bytes((self.out_features,), self.param_dtype),
-                                     "db over the batch")  # fmt: skip
+        if grad and input_grad and not self.input_is_parallel:
+            dx_bytes = _local_bytes(local, dtype)
+            out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, "dx")
+        out += self._declare_params(
+            (self.in_features // self.model_size, self.out_features), 1, grad, input_grad
+        )
         return out
-
-
-def _run(body, mesh: Mesh, args: tuple, in_specs: tuple, out_spec: P) -> jax.Array:
-    """`jax.shard_map(body)` over `args`, dropping `None` arguments (a missing bias)."""
-    present = [i for i, a in enumerate(args) if a is not None]
-
-    @functools.wraps(body)
-    def wrapped(*xs):
-        full = [None] * len(args)
-        for i, x in zip(present, xs, strict=True):
-            full[i] = x
-        return body(*full)
-
-    return jax.shard_map(
-        wrapped,
-        mesh=mesh,
-        in_specs=tuple(in_specs[i] for i in present),
-        out_specs=out_spec,
-    )(*(args[i] for i in present))
