@@ -3,19 +3,30 @@
 A `Trainer` is built from an NNX model, any optax transformation, a loss
 function and a mesh, and a *strategy* that says what is split where:
 
-| strategy  | parameters        | gradients (per step)              | optimizer state |
-| --------- | ----------------- | --------------------------------- | --------------- |
-| ``dp``    | replicated        | all-reduced, full                 | replicated      |
-| ``zero1`` | replicated        | all-reduced, then sliced to 1/N   | 1/N per device  |
-| ``zero2`` | replicated        | reduce-scattered to 1/N           | 1/N per device  |
+| strategy    | parameters            | gradients (per step)            | optimizer state   |
+| ----------- | --------------------- | ------------------------------- | ----------------- |
+| ``dp``      | replicated            | all-reduced, full               | replicated        |
+| ``zero1``   | replicated            | all-reduced, then sliced to 1/N | 1/N per device    |
+| ``zero2``   | replicated            | reduce-scattered to 1/N         | 1/N per device    |
+| ``fsdp``    | 1/N (by the layers)   | reduce-scattered by the layers  | split like params |
+| ``fsdp+tp`` | 1/(N*M) (the layers)  | reduce-scattered by the layers  | split like params |
 
 It returns a functional `TrainState` and a jitted `step(state, batch) ->
-(state, metrics)` that donates the old state. The step is one `jax.shard_map`
-over the mesh: each device computes the gradient of its part of the batch
-(over `accum_steps` micro-batches, summed locally), the gradients are reduced
-once per step and per bucket, optax runs on the full gradients (dp) or on
-this device's flat shards (zero1/2), and the updated shards are all-gathered
-into the replicated parameters, one all-gather per bucket.
+(state, metrics)` that donates the old state.
+
+dp / zero1 / zero2: the step is one `jax.shard_map` over the mesh. Each
+device computes the gradient of its part of the batch (over `accum_steps`
+micro-batches, summed locally), the gradients are reduced once per step and
+per bucket, optax runs on the full gradients (dp) or on this device's flat
+shards (zero1/2), and the updated shards are all-gathered into the
+replicated parameters, one all-gather per bucket.
+
+fsdp / fsdp+tp: the model is made of `shardlax.nn` layers whose parameters
+are already split over the fsdp (and model) axes; their shard_maps gather
+the parameters on use and reduce-scatter the gradients. The step takes the
+gradient on global arrays and runs optax in a `shard_map` over the
+parameters' own specs, so the update is local and the global norm of
+`clip_by_global_norm` is reduced over the axes each parameter is split over.
 
 `loss_fn(model, batch) -> scalar` must return the *mean* over the batch it
 is given; the step's loss and gradients are those of the mean over the global
