@@ -23,7 +23,9 @@ from tests import utils
 pytestmark = pytest.mark.standard_dtype_promotion
 
 MESHES = [(1, 2, 2), (2, 2, 2), (1, 4, 1)]  # (data, fsdp, model)
-D, F, OUT, B = 8, 16, 4, 16
+#: 1, 2, 4 and 8 devices for the training equivalence
+EQUIVALENCE_MESHES = [(1, 1, 1), (1, 2, 1), *MESHES, (1, 8, 1)]
+D, F, OUT, B = 8, 16, 8, 16
 MAX_NORM = 0.1
 
 
@@ -83,7 +85,7 @@ def strategy_for(shape) -> str:
     return "fsdp+tp" if shape[2] > 1 else "fsdp"
 
 
-@pytest.mark.parametrize("shape", MESHES, ids=str)
+@pytest.mark.parametrize("shape", EQUIVALENCE_MESHES, ids=str)
 def test_fsdp_training_matches_single_device(shape):
     mesh = utils.mesh(*shape)
     ref, norms = reference_training(5, B)
