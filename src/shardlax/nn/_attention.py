@@ -181,12 +181,18 @@ class ParallelAttention(SequenceLayer):
 
     def declared_collectives(
         self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
-        input_grad: bool = True,
+        input_grad: bool = True, in_scan: bool = False,
     ) -> list[Declared]:  # fmt: skip
-        """Collectives of one call on a global input `[B, S, in_features]`."""
+        """Collectives of one call on a global input `[B, S, in_features]`.
+
+        `in_scan`: the layer runs inside a `lax.scan` (stacked layers); with
+        FSDP and `reshard_after_forward` the backward then re-gathers the
+        weights it needs (outside a loop XLA merges that with the forward
+        gather).
+        """
         dtype = dtype or self.q_proj._compute_dtype() or self.param_dtype
         out = _activation_collectives(
             self, input_shape, self.in_features, self.in_features, dtype, grad, input_grad,
-            "attention",
+            "attention", in_scan,
         )  # fmt: skip
-        return out + self._declare_entries(grad, input_grad, "attention")
+        return out + self._declare_entries(grad, input_grad, "attention", in_scan)

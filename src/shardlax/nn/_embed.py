@@ -163,13 +163,16 @@ class ParallelEmbed(SequenceLayer):
                 "all-gather", m, dtype, nbytes(full, dtype), "attend: gather sequence"
             )
         table = (self.num_embeddings // self.model_size, self.features)
-        reshard = self.reshard_after_forward
         out += self._declare_param(self, table, 1, grad=grad, regather=False, why="embedding")
         if grad and sp:
             out += self._declare("all-gather", m, dtype, nbytes(full, dtype), "embed: dy")
         if attend:
-            out += self._declare_param(self, table, 1, grad=grad, regather=reshard and grad,
-                                       why="embedding (attend)")  # fmt: skip
+            # the same table gathered again: XLA merges the identical all-gathers
+            # (and the backward's re-gather) into the lookup's; 1 more reduce-scatter.
+            decl = self._declare_param(
+                self, table, 1, grad=grad, regather=False, why="embedding (attend)"
+            )
+            out += [d for d in decl if d.kind != "all-gather"]
             if grad:
                 kind = "reduce-scatter" if sp else "all-reduce"
                 out += self._declare(kind, m, dtype, nbytes(full, dtype), "attend: dx")

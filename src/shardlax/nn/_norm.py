@@ -88,12 +88,12 @@ class RMSNorm(SequenceLayer):
             return self._run(body, (x, param_value(self.scale)), (spec, self.scale_spec), spec)
 
     def declared_collectives(
-        self, input_shape: Sequence[int], *, grad: bool = False
+        self, input_shape: Sequence[int], *, grad: bool = False, in_scan: bool = False
     ) -> list[Declared]:
         """Forward none; with `grad`, the scale gradient's all-reduce over the token axes."""
         if not self.use_scale:
             return []
         return self._declare_param(
             self, (self.num_features,), 0, grad=grad,
-            regather=self.reshard_after_forward and grad, why="scale", token_sum=True,
+            regather=in_scan and self.reshard_after_forward and grad, why="scale", token_sum=True,
         )  # fmt: skip

@@ -95,7 +95,14 @@ class SequenceLayer(ShardedLayer):
         self, owner: ShardedLayer, local_shape: Sequence[int], dim: int, *, grad: bool,
         regather: bool, why: str, token_sum: bool = False,
     ) -> list:  # fmt: skip
-        """The collectives of one parameter used via `_use_param` (model-local shape)."""
+        """The collectives of one parameter used via `_use_param` (model-local shape).
+
+        `regather`: the backward gathers the parameter again (FSDP with
+        `reshard_after_forward`). Measured on XLA:CPU: that happens only when
+        the layer runs inside a `lax.scan` (the backward is another loop);
+        in straight-line code XLA's CSE merges the backward's all-gather with
+        the identical forward one, so a layer called once declares none.
+        """
         model = live_axes(self.mesh, (self.axis_name,)) if self.sequence_parallel else ()
         if token_sum and model and grad:
             dt = owner.param_dtype
@@ -128,7 +135,7 @@ class SequenceLayer(ShardedLayer):
     def _owners(self) -> list:
         return [o for o, *_ in self._entries()]
 
-    def _declare_entries(self, grad: bool, input_grad: bool, why: str) -> list:
+    def _declare_entries(self, grad: bool, input_grad: bool, why: str, in_scan: bool) -> list:
         out = []
         for o, a, dim, ts, needed in self._entries():
             value = getattr(o, a)
@@ -141,7 +148,8 @@ class SequenceLayer(ShardedLayer):
             elif col:
                 shape[0] //= o.model_size
             regather = (
-                o.reshard_after_forward
+                in_scan
+                and o.reshard_after_forward
                 and grad
                 and (needed == "always" or (needed == "input" and input_grad))
             )
