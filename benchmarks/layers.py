@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 import statistics
 import time
@@ -67,6 +68,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding
@@ -86,7 +88,10 @@ SIZES = {  # default, --quick
     "fsdp_deep": (dict(batch=64, d=512, layers=8, remat=1), dict(batch=8, d=32, layers=2, remat=1)),
     "zero2": (dict(batch=256, d=512, f=2048), dict(batch=16, d=32, f=64)),
     "fsdp_tp": (dict(batch=128, d=512, f=2048), dict(batch=16, d=32, f=64)),
-    "tinylm": (dict(batch=8, seq=64), dict(batch=4, seq=8)),
+    "tinylm": (
+        dict(batch=8, seq=64, vocab=512, d=128, layers=4, heads=4, f=512),
+        dict(batch=4, seq=8, vocab=64, d=32, layers=2, heads=4, f=64),
+    ),
 }
 IMPLS = ("shardlax", "gspmd", "unsharded")
 # -----------------------------------------------------------------------------
@@ -468,11 +473,153 @@ def row_fsdp_tp(cfg: dict, n: int, devices) -> Row:
     )
 
 
+def plain_tinylm_loss(cfg, params: dict, tokens, targets):
+    """TinyLM's loss in plain jnp on its parameter dict, no shard_map, no collectives.
+
+    The math of `shardlax.models.TinyLM` (pre-norm blocks of RoPE attention and
+    an MLP in a `lax.scan`, tied embedding head, padded vocabulary masked out
+    of the softmax). It borrows only collective-free math from
+    `shardlax.kernels` (RMSNorm, RoPE, causal attention) so that the twins
+    compute the same function; sharding it is left to GSPMD.
+    """
+    from shardlax import kernels as K
+
+    def lin(x, layer):
+        y = x @ layer["kernel"]
+        return y + layer["bias"] if "bias" in layer else y
+
+    table = params["embed"]["embedding"]  # [V_pad, D]
+    x = jnp.take(table, tokens, axis=0)  # [B, S, D]
+    b, s, _ = x.shape
+    hd = cfg.d_model // cfg.n_heads
+
+    def block(x, p):
+        h = K.rms_norm(x, p["attn_norm"]["scale"])
+        a = p["attn"]
+        q = K.rotary_embedding(lin(h, a["q_proj"]).reshape(b, s, -1, hd), theta=cfg.rope_theta)
+        k = K.rotary_embedding(lin(h, a["k_proj"]).reshape(b, s, -1, hd), theta=cfg.rope_theta)
+        v = lin(h, a["v_proj"]).reshape(b, s, -1, hd)
+        o = K.dot_product_attention(q, k, v).reshape(b, s, -1)
+        x = x + lin(o, a["o_proj"])
+        h = K.rms_norm(x, p["mlp_norm"]["scale"])
+        m = p["mlp"]
+        if cfg.activation == "swiglu":
+            h = jax.nn.silu(lin(h, m["gate"])) * lin(h, m["up"])
+        else:
+            h = jax.nn.gelu(lin(h, m["up"]))
+        return x + lin(h, m["down"]), None
+
+    if cfg.remat:
+        block = jax.checkpoint(block)
+    x, _ = jax.lax.scan(block, x, params["blocks"])
+    x = K.rms_norm(x, params["final_norm"]["scale"])
+    head = table.T if cfg.tie_embeddings else params["head"]["kernel"]  # [D, V_pad]
+    logits = x @ head
+    logits = jnp.where(jnp.arange(logits.shape[-1]) < cfg.vocab, logits, -jnp.inf)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+
+
+def dict_step(loss_fn: Callable, tx, out_shardings=None) -> Callable:
+    """Jitted Adam step on a plain parameter dict: `((params, opt), batch) -> (state, loss)`."""
+
+    def step(state, batch):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, *batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss
+
+    if out_shardings is not None:
+        return jax.jit(step, donate_argnums=0, out_shardings=(out_shardings, None))
+    return jax.jit(step, donate_argnums=0)
+
+
+def row_tinylm(cfg: dict, n: int, devices) -> Row:
+    """TinyLM train step on a (fsdp, model) mesh: FSDP x tensor parallel transformer."""
+    try:
+        from shardlax.models import TinyLM, TinyLMConfig
+    except ImportError as e:
+        raise Skip(f"shardlax.models.TinyLM is not available ({e})") from e
+    model_n = n // 2 if n >= 4 else 1
+    fsdp_n = n // model_n
+    mesh = shardlax.make_mesh(fsdp=fsdp_n, model=model_n, devices=devices)
+    auto = shardlax.make_mesh(fsdp=fsdp_n, model=model_n, devices=devices, axis_types="auto")
+    b, seq = cfg["batch"], cfg["seq"]
+    lm_cfg = TinyLMConfig(
+        vocab=cfg["vocab"], d_model=cfg["d"], n_layers=cfg["layers"], n_heads=cfg["heads"],
+        d_ff=cfg["f"], seq_len=seq,
+    )  # fmt: skip
+    model = TinyLM(lm_cfg, mesh=mesh, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(2), (b, seq + 1), 0, lm_cfg.vocab)
+    tokens, targets = ids[:, :-1], ids[:, 1:]
+    batch_spec = P("fsdp")
+    batch = tuple(jax.device_put(v, NamedSharding(mesh, batch_spec)) for v in (tokens, targets))
+    graphdef, params = nnx.split(model, nnx.Param)
+    rest = nnx.state(model, nnx.Not(nnx.Param))
+    if jax.tree.leaves(rest):
+        raise Skip("TinyLM has non-parameter state; this row trains parameters only")
+
+    def lm_loss(model, batch):
+        return model.loss(*batch)
+
+    tx = adam()
+    cands = {
+        "shardlax": Candidate(
+            optax_step(graphdef, tx, lm_loss), (params, tx.init(params)), batch, mesh
+        )
+    }
+    pure = nnx.to_pure_dict(params)
+    spec_of = specs_of(model)
+
+    def loss_fn(p, tokens, targets):
+        return plain_tinylm_loss(lm_cfg, p, tokens, targets)
+
+    host = jax.tree.map(np.asarray, pure)
+    g_params = place(host, auto, lambda path: spec_of(path + ".value"))
+    g_opt = place(tx.init(host), auto, lambda path: spec_of(path + ".value"))
+    g_state = (g_params, g_opt)
+    shardings = jax.tree.map(lambda v: v.sharding, g_state)
+    g_batch = tuple(jax.device_put(v, NamedSharding(auto, batch_spec)) for v in (tokens, targets))
+    cands["gspmd"] = Candidate(dict_step(loss_fn, tx, shardings), g_state, g_batch, auto)
+    cands["unsharded"] = Candidate(
+        dict_step(loss_fn, tx),
+        on_device((host, tx.init(host)), devices[0]),
+        on_device((tokens, targets), devices[0]),
+    )
+    # Reference: the collectives TinyLM declares for one step, blocks counted per layer.
+    declared = model.declared_collectives((b, seq), grad=True)
+    bgraph, bstate = nnx.split(model.blocks)
+    with jax.set_mesh(mesh):
+        one = nnx.merge(bgraph, jax.tree.map(lambda a: a[0], bstate))
+    per_block = one.declared_collectives((b, seq, lm_cfg.d_model), grad=True)
+    mins = [
+        minimum(dc.kind, dc.axes, (dc.bytes or 0) // max(dc.count, 1),
+                math.prod(mesh.shape[a] for a in dc.axes), dc.count, dc.why)
+        for dc in declared
+    ]  # fmt: skip
+    for dc in per_block:  # listed once by TinyLM; they run once per layer
+        for m in mins:
+            if m["why"] == dc.why and m["kind"] == dc.kind and m["count"] == dc.count:
+                m["count"] *= lm_cfg.n_layers
+                m["why"] += f" (x{lm_cfg.n_layers} layers)"
+                break
+    return Row(
+        name="tinylm",
+        strategy="TinyLM: FSDP x tensor parallel transformer, scanned blocks",
+        mesh=f"fsdp={fsdp_n},model={model_n}",
+        config=dict(cfg, n=n),
+        candidates=cands,
+        minimum=mins,
+        loop_trips=lm_cfg.n_layers,
+    )
+
+
 ROWS: dict[str, Callable[..., Row]] = {
     "tp_mlp": row_tp_mlp,
     "fsdp_deep": row_fsdp_deep,
     "zero2": row_zero2,
     "fsdp_tp": row_fsdp_tp,
+    "tinylm": row_tinylm,
 }
 
 
