@@ -45,6 +45,7 @@ from ._sequence import sequence_parallel_row_matmul as sequence_parallel_row_mat
 from ._zero import all_gather_bucket as all_gather_bucket
 from ._zero import all_reduce_bucket as all_reduce_bucket
 from ._zero import all_reduce_then_shard_bucket as all_reduce_then_shard_bucket
+from ._zero import gather_bits_dtype as gather_bits_dtype
 from ._zero import local_shard as local_shard
 from ._zero import pack_bucket as pack_bucket
 from ._zero import reduce_scatter_bucket as reduce_scatter_bucket
@@ -71,6 +72,7 @@ __all__ = [
     "fsdp_call",
     "fsdp_gather",
     "gather_bits",
+    "gather_bits_dtype",
     "gather_sequence",
     "global_mean",
     "global_uniform_bits",

@@ -175,11 +175,29 @@ def all_gather_bucket(
 
     Collectives over `axes`: forward 1 all-gather of the `[1, S_b]` row into
     `[N, S_b]` (every parameter byte once, plus padding). Backward: 1 reduce-scatter.
+
+    16-bit (and 8-bit) floats travel as unsigned ints of the same width
+    (`bitcast_convert_type`, bit-identical): XLA:CPU widens a bf16 all-gather
+    to f32, which would double the bytes. Such a bucket is not differentiable.
     """
     n = axis_size(axes)
     row = jnp.concatenate(list(shards))[None]  # row: [1, S_b]
-    bucket = all_gather(row, axes, axis=0)  # bucket: [N, S_b]
+    bits = gather_bits_dtype(row.dtype)
+    if bits is None:
+        bucket = all_gather(row, axes, axis=0)  # bucket: [N, S_b]
+    else:
+        raw = all_gather(lax.bitcast_convert_type(row, bits), axes, axis=0)  # [N, S_b] bits
+        bucket = lax.bitcast_convert_type(raw, row.dtype)
     return unpack_bucket(bucket, shapes, n)
+
+
+def gather_bits_dtype(dtype) -> object | None:
+    """The dtype `all_gather_bucket` moves a `dtype` bucket as: a sub-32-bit float
+    travels as the unsigned int of its width; None when it travels as itself."""
+    dtype = jnp.dtype(dtype)
+    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize >= 4:
+        return None
+    return {1: jnp.uint8, 2: jnp.uint16}[dtype.itemsize]
 
 
 def _varying_groups(leaves: Sequence[jax.Array], axes: AxisNames | None):

@@ -56,6 +56,7 @@ from shardlax import kernels, zero
 from shardlax._axes import DATA, FSDP, MODEL
 from shardlax.audit import Declared
 from shardlax.mesh import axes_size, check_axis, live_axes, place, resolve_mesh
+from shardlax.precision import MixedPrecision
 
 #: The strategies `Trainer` implements.
 STRATEGIES = ("dp", "zero1", "zero2", "fsdp", "fsdp+tp")
@@ -78,12 +79,16 @@ class TrainState:
         `N * ceil(n_p / N)` elements and split `P(data)`: 1/N per device.
       rest: the model's other state (e.g. RNG counters), read-only in the step.
       step: the number of steps taken (int32 scalar).
+      master: with a `mixed_precision` policy (zero1/zero2), the f32 master
+        parameters, flat and zero-padded like the optimizer state and split
+        `P(data)`; `params` then holds their `param_dtype` copy. None otherwise.
     """
 
     params: Any
     opt_state: Any
     rest: Any
     step: jax.Array
+    master: Any = None
 
 
 class Trainer:
@@ -111,6 +116,12 @@ class Trainer:
         so `optax.clip_by_global_norm` uses the true global norm (default
         True). Set False only if `tx` uses `shardlax.zero.clip_by_global_norm`
         or no norm at all.
+      mixed_precision: zero1/zero2 only, a `shardlax.precision.MixedPrecision`:
+        the replicated parameters are kept, computed with and all-gathered in
+        `param_dtype` (a bf16 gather moves half the bytes), gradients are
+        reduced in `reduce_dtype`, and the optimizer updates f32 *master*
+        shards (`TrainState.master`), as ZeRO with fp16/bf16 training does.
+        (For fsdp, give the policy to the `shardlax.nn` layers instead.)
 
     Example:
       >>> mesh = shardlax.make_mesh(data=8)  # doctest: +SKIP
@@ -135,6 +146,7 @@ class Trainer:
         tp_axis: str = MODEL,
         bucket_bytes: int | None = zero.DEFAULT_BUCKET_BYTES,
         optax_norm_hook: bool = True,
+        mixed_precision: MixedPrecision | None = None,
         _cast_params: bool = True,
     ):
         if strategy not in STRATEGIES:
@@ -175,6 +187,22 @@ class Trainer:
         self.loss_fn = loss_fn
         self.accum_steps = accum_steps
         self.optax_norm_hook = optax_norm_hook
+        if mixed_precision is not None:
+            if not isinstance(mixed_precision, MixedPrecision):
+                raise TypeError(
+                    f"{_OWNER}(mixed_precision={mixed_precision!r}): expected a "
+                    f"shardlax.precision.MixedPrecision or None, got "
+                    f"{type(mixed_precision).__name__}. Pass MixedPrecision("
+                    f"param_dtype=jnp.bfloat16, reduce_dtype=jnp.float32)."
+                )
+            if strategy not in ("zero1", "zero2"):
+                raise ValueError(
+                    f"{_OWNER}(strategy={strategy!r}, mixed_precision=...): the Trainer keeps "
+                    f"f32 master shards only under zero1/zero2. Use strategy='zero2' (same "
+                    f"gradient bytes as dp, 1/N of the state), or for fsdp give "
+                    f"mixed_precision= to the shardlax.nn layers."
+                )
+        self.mixed_precision = mixed_precision
         self._cast_params = _cast_params
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
         leaves, self._treedef = jax.tree.flatten(params)
@@ -257,12 +285,26 @@ class Trainer:
 
     def state_specs(self) -> TrainState:
         """The PartitionSpec of every leaf of the `TrainState`."""
+        master = None
+        if self.mixed_precision is not None:
+            master = jax.tree.unflatten(self._treedef, [P(self._split)] * len(self._shapes))
         return TrainState(
             params=jax.tree.unflatten(self._treedef, self._param_specs),
             opt_state=self._opt_specs(),
             rest=jax.tree.map(lambda _: P(), self._rest_shapes),
             step=P(),
+            master=master,
         )
+
+    def _gather_dtype(self, stored: Any) -> Any:
+        """The dtype the replicated parameters are kept, computed with and gathered in."""
+        policy = self.mixed_precision
+        return jnp.dtype(stored) if policy is None else policy.gather_dtype(stored)
+
+    def _reduce_dtype(self, stored: Any) -> Any:
+        """The dtype the gradients are reduced (and the optimizer runs) in."""
+        policy = self.mixed_precision
+        return jnp.dtype(stored) if policy is None else policy.grad_reduce_dtype(stored)
 
     def init(self) -> TrainState:
         """The first `TrainState`: the model's parameters, placed, and `tx.init` of them.
@@ -274,14 +316,19 @@ class Trainer:
         n = self.n
 
         def make(params, rest):
+            master = None
             if self.sharded_state:
                 leaves = jax.tree.leaves(params)
                 flat = [jnp.pad(jnp.ravel(x), (0, s.shape[0] - x.size)) for x, s in
                         zip(leaves, zero.flat_shard_shapes(leaves, n), strict=True)]  # fmt: skip
-                opt = self.tx.init(jax.tree.unflatten(self._treedef, flat))
+                flat = jax.tree.unflatten(self._treedef, flat)
+                opt = self.tx.init(flat)
+                if self.mixed_precision is not None:
+                    master = flat
+                    params = jax.tree.map(lambda x: x.astype(self._gather_dtype(x.dtype)), params)
             else:
                 opt = self.tx.init(params)
-            return TrainState(params, opt, rest, jnp.zeros((), jnp.int32))
+            return TrainState(params, opt, rest, jnp.zeros((), jnp.int32), master)
 
         shardings = jax.tree.map(
             lambda s: jax.sharding.NamedSharding(self.mesh, s),
@@ -291,8 +338,24 @@ class Trainer:
         return jax.jit(make, out_shardings=shardings)(self._init_params, self._init_rest)
 
     def model(self, state: TrainState) -> nnx.Module:
-        """The NNX model holding the parameters of `state`."""
-        return nnx.merge(self.graphdef, state.params, state.rest)
+        """The NNX model holding the parameters of `state` (the master copy, if any)."""
+        return nnx.merge(self.graphdef, self.full_params(state), state.rest)
+
+    def full_params(self, state: TrainState) -> Any:
+        """The parameters in their stored dtype and shape: `state.params`, or the
+        f32 master shards of a mixed-precision step unflattened (padding cut off)."""
+        if state.master is None:
+            return state.params
+
+        def unflatten(master):
+            return jax.tree.unflatten(
+                self._treedef,
+                [jnp.reshape(place(m, self.mesh, P())[: math.prod(s.shape)], s.shape)
+                 for m, s in zip(jax.tree.leaves(master), self._shapes, strict=True)],
+            )  # fmt: skip
+
+        replicated = jax.sharding.NamedSharding(self.mesh, P())
+        return jax.jit(unflatten, out_shardings=replicated)(state.master)
 
     # -------------------------------------------------------------- the step
     def _check_batch(self, batch: Any) -> int:
@@ -334,11 +397,13 @@ class Trainer:
         body = jax.shard_map(
             self._body,
             mesh=self.mesh,
-            in_specs=(specs.params, specs.opt_state, specs.rest, batch_specs),
-            out_specs=(specs.params, specs.opt_state, P()),
+            in_specs=(specs.params, specs.master, specs.opt_state, specs.rest, batch_specs),
+            out_specs=(specs.params, specs.master, specs.opt_state, P()),
         )
-        new_params, opt_state, loss = body(params, state.opt_state, state.rest, batch)
-        new_state = TrainState(new_params, opt_state, state.rest, state.step + 1)
+        new_params, master, opt_state, loss = body(
+            params, state.master, state.opt_state, state.rest, batch
+        )
+        new_state = TrainState(new_params, opt_state, state.rest, state.step + 1, master)
         return new_state, {"loss": loss}
 
     def _layer_sharded_step(self, state: TrainState, batch: Any):
@@ -415,10 +480,13 @@ class Trainer:
             loss, grads = grad_fn(leaves, mb)
             return (
                 loss_sum + loss.astype(jnp.float32),
-                [a + g for a, g in zip(grad_sum, grads, strict=True)],
+                [a + g.astype(a.dtype) for a, g in zip(grad_sum, grads, strict=True)],
             ), None
 
-        zeros = [kernels.ensure_varying(jnp.zeros_like(x), self._vary(x)) for x in leaves]
+        # accumulate in the reduce dtype (f32 under a bf16 mixed-precision policy)
+        acc = [self._reduce_dtype(s.dtype) for s in self._shapes]
+        zeros = [kernels.ensure_varying(jnp.zeros(x.shape, d), self._vary(x))
+                 for x, d in zip(leaves, acc, strict=True)]  # fmt: skip
         loss0 = kernels.ensure_varying(jnp.zeros((), jnp.float32), self.live)  # batch varies
         (loss, grads), _ = jax.lax.scan(one, (loss0, zeros), micro)
         return loss, grads
@@ -426,7 +494,7 @@ class Trainer:
     def _vary(self, x) -> tuple[str, ...]:
         return tuple(kernels.varying_axes(x))
 
-    def _body(self, params, opt_state, rest, batch):
+    def _body(self, params, master, opt_state, rest, batch):
         leaves = jax.tree.leaves(params)
         live, n, k = self.live, self.n, self.accum_steps
         if self._cast_params:
@@ -445,7 +513,7 @@ class Trainer:
                 for i, g in zip(b.leaves, reduced, strict=True):
                     full[i] = g * jnp.asarray(scale, g.dtype)
             new_leaves, opt_state = self._update(full, opt_state, params_leaves)
-            return jax.tree.unflatten(self._treedef, new_leaves), opt_state, loss
+            return jax.tree.unflatten(self._treedef, new_leaves), None, opt_state, loss
         reduce = (
             kernels.reduce_scatter_bucket
             if self.strategy == "zero2"
@@ -453,17 +521,24 @@ class Trainer:
         )
         grad_shards = [None] * len(leaves)
         for b in self.buckets:
-            shards = reduce([grads[i] for i in b.leaves], live)  # [S_p] each
+            rdt = self._reduce_dtype(b.dtype)
+            shards = reduce([grads[i].astype(rdt) for i in b.leaves], live)  # [S_p] each
             for i, g in zip(b.leaves, shards, strict=True):
                 grad_shards[i] = g * jnp.asarray(scale, g.dtype)
-        param_shards = [kernels.local_shard(x, live) for x in params_leaves]  # [S_p] each
+        if master is None:
+            param_shards = [kernels.local_shard(x, live) for x in params_leaves]  # [S_p] each
+        else:
+            param_shards = jax.tree.leaves(master)  # [S_p] each, f32
         new_shards, opt_state = self._update(grad_shards, opt_state, param_shards)
         new_leaves = [None] * len(leaves)
         for b in self.buckets:
-            full = kernels.all_gather_bucket([new_shards[i] for i in b.leaves], b.shapes, live)
-            for i, x in zip(b.leaves, full, strict=True):
+            gdt = self._gather_dtype(b.dtype)
+            row = [new_shards[i].astype(gdt) for i in b.leaves]
+            for i, x in zip(b.leaves, kernels.all_gather_bucket(row, b.shapes, live), strict=True):
                 new_leaves[i] = x
-        return jax.tree.unflatten(self._treedef, new_leaves), opt_state, loss
+        if master is not None:
+            master = jax.tree.unflatten(self._treedef, new_shards)
+        return jax.tree.unflatten(self._treedef, new_leaves), master, opt_state, loss
 
     def _update(self, grads, opt_state, params):
         """`tx.update` + `optax.apply_updates` on leaves (full or shards)."""
@@ -521,10 +596,13 @@ class Trainer:
                     for b in self.buckets]  # fmt: skip
         elif live:
             kind = "reduce-scatter" if self.strategy == "zero2" else "all-reduce"
-            out += [Declared(kind, live, dt(b), 1, b.padded_bytes, "gradient bucket")
-                    for b in self.buckets]  # fmt: skip
-            out += [Declared("all-gather", live, dt(b), 1, b.padded_bytes, "parameter bucket")
-                    for b in self.buckets]  # fmt: skip
+            for b in self.buckets:
+                rdt, gdt = self._reduce_dtype(b.dtype), self._gather_dtype(b.dtype)
+                rbytes = b.n * b.row * rdt.itemsize
+                out.append(Declared(kind, live, _hlo_dtype(rdt), 1, rbytes, "gradient bucket"))
+                gname = _hlo_dtype(kernels.gather_bits_dtype(gdt) or gdt)
+                gbytes = b.n * b.row * gdt.itemsize
+                out.append(Declared("all-gather", live, gname, 1, gbytes, "parameter bucket"))
         for axes, dtype in self._norm_reductions or ():
             item = jnp.dtype(dtype).itemsize
             out.append(Declared("all-reduce", axes, _hlo_dtype(dtype), 1, item, "global norm"))
@@ -546,10 +624,13 @@ class Trainer:
                 )
             )
 
-        return {
+        out = {
             "params": total(state.params, specs.params),
             "opt_state": total(state.opt_state, specs.opt_state),
         }
+        if state.master is not None:
+            out["master"] = total(state.master, specs.master)
+        return out
 
 
 def make_train_step(
@@ -572,7 +653,10 @@ def make_train_step(
 
 @functools.cache
 def _hlo_names() -> dict[str, str]:
-    return {"float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64"}
+    return {
+        "float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64",
+        "uint16": "u16", "uint8": "u8",
+    }  # fmt: skip
 
 
 def _hlo_dtype(dtype: Any) -> str:
