@@ -1,0 +1,221 @@
+"""`shardlax.fsdp.fully_shard` on arbitrary NNX modules equals the unwrapped module.
+
+The reference is the same flax module, unwrapped, on the full arrays on one
+device; it never calls shardlax.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import shardlax
+from shardlax import audit
+from shardlax.fsdp import fully_shard
+from shardlax.precision import MixedPrecision
+from tests import utils
+
+D = 16
+
+
+class Block(nnx.Module):
+    """A pre-norm residual MLP block: LayerNorm -> Linear -> gelu -> Linear, + x."""
+
+    def __init__(self, d: int, rngs: nnx.Rngs):
+        self.norm = nnx.LayerNorm(d, rngs=rngs)
+        self.up = nnx.Linear(d, 2 * d, rngs=rngs)
+        self.down = nnx.Linear(2 * d, d, rngs=rngs)
+
+    def __call__(self, x):
+        return x + self.down(jax.nn.gelu(self.up(self.norm(x))))
+
+
+MODULES = {
+    "Linear": (lambda: nnx.Linear(D, 8, rngs=nnx.Rngs(0)), "float"),
+    "Embed": (lambda: nnx.Embed(24, D, rngs=nnx.Rngs(0)), "ids"),
+    "LayerNorm": (lambda: nnx.LayerNorm(D, rngs=nnx.Rngs(0)), "float"),
+    "RMSNorm": (lambda: nnx.RMSNorm(D, rngs=nnx.Rngs(0)), "float"),
+    "Block": (lambda: Block(D, nnx.Rngs(0)), "float"),
+}
+
+
+def _randomize(module, seed):
+    """Non-trivial values for every parameter (norm scales 1 and biases 0 hide bugs)."""
+    params = nnx.state(module, nnx.Param)
+    leaves, tree = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    new = [jax.random.normal(k, x.shape, x.dtype) * 0.5 for k, x in zip(keys, leaves, strict=True)]
+    nnx.update(module, jax.tree.unflatten(tree, new))
+
+
+def _make(name):
+    make, kind = MODULES[name]
+    ref, sharded = make(), make()
+    _randomize(ref, 1)
+    _randomize(sharded, 1)
+    if kind == "ids":
+        x = jax.random.randint(jax.random.key(2), (8, 3), 0, 24)
+    else:
+        x = jax.random.normal(jax.random.key(2), (8, 3, D))
+    return ref, sharded, x
+
+
+def _loss(m, x):
+    return jnp.sum(jnp.sin(m(x).astype(jnp.float32)))
+
+
+def _check(ref, wrapped, x, dtype=jnp.float32):
+    y = nnx.jit(lambda m, x: m(x))(wrapped, x)
+    y_ref = ref(np.asarray(x) if dtype == jnp.float32 else jnp.asarray(x).astype(dtype))
+    utils.assert_close(y, y_ref, dtype, "forward")
+    grads = nnx.jit(nnx.grad(_loss))(wrapped, x)
+    ref_grads = nnx.grad(_loss)(ref, np.asarray(x) if dtype == jnp.float32 else x.astype(dtype))
+    got = jax.tree_util.tree_flatten_with_path(nnx.state(grads, nnx.Param))[0]
+    want = jax.tree.leaves(nnx.state(ref_grads, nnx.Param))
+    assert len(got) == len(want)
+    for (path, g), r in zip(got, want, strict=True):
+        utils.assert_close(g, r, dtype, jax.tree_util.keystr(path))
+    return grads
+
+
+@pytest.mark.parametrize("mesh_shape", [(2, 1, 1), (1, 2, 2), (2, 4, 1), (1, 8, 1)], ids=str)
+def test_fully_shard_block_matches_unwrapped(mesh_shape):
+    """fsdp = 1, 2, 4, 8 (with data and model axes around it)."""
+    mesh = utils.mesh(*mesh_shape)
+    ref, module, x = _make("Block")
+    wrapped = fully_shard(module, mesh=mesh)
+    grads = _check(ref, wrapped, x)
+    n = mesh.shape["fsdp"]
+    for p, g in zip(
+        jax.tree.leaves(nnx.state(wrapped, nnx.Param)),
+        jax.tree.leaves(nnx.state(grads, nnx.Param)),
+        strict=True,
+    ):
+        total = p.size * p.dtype.itemsize
+        assert {s.data.nbytes for s in p.addressable_shards} == {total // n}
+        assert g.sharding.is_equivalent_to(p.sharding, p.ndim)  # grads leave reduce-scattered
+
+
+@pytest.mark.parametrize("name", ["Linear", "Embed", "LayerNorm", "RMSNorm"])
+@pytest.mark.parametrize("reshard", [True, False], ids=["reshard", "keep"])
+def test_fully_shard_any_module(name, reshard):
+    mesh = utils.mesh(2, 4, 1)
+    ref, module, x = _make(name)
+    _check(ref, fully_shard(module, mesh=mesh, reshard_after_forward=reshard), x)
+
+
+def test_fully_shard_dims_and_specs():
+    mesh = utils.mesh(1, 8, 1)
+    emb = fully_shard(nnx.Embed(12, 16, rngs=nnx.Rngs(0)), mesh=mesh)  # 8 does not divide 12
+    assert emb.dims == (1,)
+    assert emb.module.embedding[...].sharding.spec == P(None, "fsdp")
+    lin = fully_shard(nnx.Linear(16, 24, rngs=nnx.Rngs(0)), mesh=mesh)
+    assert lin.param_paths() == ("bias", "kernel")
+    assert lin.dims == (0, 0)
+    # the same values as before wrapping
+    np.testing.assert_array_equal(
+        np.asarray(lin.module.kernel[...]),
+        np.asarray(nnx.Linear(16, 24, rngs=nnx.Rngs(0)).kernel[...]),
+    )
+
+
+@pytest.mark.parametrize(("reshard", "gathers"), [(True, 8), (False, 6)], ids=["reshard", "keep"])
+def test_fully_shard_block_collectives(reshard, gathers):
+    """Per step on (2, 2, 1): each of 6 params gathered once, plus the two kernels again
+    when resharding (their values feed the input gradients of the backward); 6
+    reduce-scatters; 6 shard all-reduces over data; + the scalar loss."""
+    mesh = utils.mesh(2, 2, 1)
+    _, module, x = _make("Block")
+    wrapped = fully_shard(module, mesh=mesh, reshard_after_forward=reshard)
+    fn = nnx.jit(nnx.value_and_grad(_loss))
+    report = audit.collectives(fn, wrapped, x, mesh=mesh)
+    declared = wrapped.declared_collectives(regathered=("down.kernel", "up.kernel"))
+    declared.append(audit.Declared("all-reduce", ("data", "fsdp"), "f32", 1, 4, "loss"))
+    comparison = audit.compare(declared, report)
+    assert comparison.ok, comparison.table()
+    assert report.counts()[("all-gather", ("fsdp",), "f32")] == gathers
+    assert report.counts()[("reduce-scatter", ("fsdp",), "f32")] == 6
+
+
+@pytest.mark.standard_dtype_promotion  # flax's LayerNorm mixes f32 statistics with bf16 x
+def test_fully_shard_mixed_precision():
+    """bf16 gathers (u16 bits) and compute, f32 reduce-scatters, f32 gradients."""
+    mesh = utils.mesh(1, 4, 1)
+    ref, module, x = _make("Block")
+    policy = MixedPrecision(param_dtype=jnp.bfloat16, reduce_dtype=jnp.float32)
+    wrapped = fully_shard(module, mesh=mesh, policy=policy)
+    # reference: the unwrapped block with its parameters rounded to bf16
+    params = nnx.state(ref, nnx.Param)
+    nnx.update(ref, jax.tree.map(lambda p: p.astype(jnp.bfloat16), params))
+    grads = _check(ref, wrapped, x, jnp.bfloat16)
+    assert {g.dtype for g in jax.tree.leaves(nnx.state(grads, nnx.Param))} == {jnp.dtype("float32")}
+    report = audit.collectives(nnx.jit(nnx.value_and_grad(_loss)), wrapped, x, mesh=mesh)
+    declared = wrapped.declared_collectives(regathered=("down.kernel", "up.kernel"))
+    declared.append(audit.Declared("all-reduce", ("fsdp",), "f32", 1, 4, "loss"))
+    comparison = audit.compare(declared, report)
+    assert comparison.ok, comparison.table()
+    assert {c.dtype for c in report.where("all-gather")} == {"u16"}
+    assert {c.dtype for c in report.where("reduce-scatter")} == {"f32"}
+
+
+def test_error_fully_shard_axis_missing():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    with pytest.raises(
+        ValueError,
+        match=r"fully_shard\(Linear\)\(axis='fsdp'\): mesh axis 'fsdp' is not in the mesh, whose "
+        r"axes are \('data',\) with sizes \(2,\)\. Pass axis= one of \('data',\)",
+    ):
+        fully_shard(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), mesh=mesh)
+
+
+def test_error_fully_shard_indivisible_parameter():
+    mesh = utils.mesh(1, 4, 1)
+    with pytest.raises(
+        ValueError,
+        match=r"fully_shard\(Linear\): parameter 'bias' of shape \(10,\) cannot be sharded over "
+        r"mesh axis 'fsdp' \(size 4\): 4 divides none of its dims, and fully_shard does not "
+        r"pad\. Choose sizes divisible by 4",
+    ):
+        fully_shard(nnx.Linear(6, 10, rngs=nnx.Rngs(0)), mesh=mesh)
+
+
+def test_error_fully_shard_batch_not_dividing():
+    mesh = utils.mesh(1, 4, 1)
+    wrapped = fully_shard(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), mesh=mesh)
+    with pytest.raises(
+        ValueError,
+        match=r"FSDPModule\(Linear\): input 0 has shape \(6, 4\); its leading dim \(the batch\) "
+        r"cannot be sharded over mesh axes \('data', 'fsdp'\) \(size 4\): 4 does not divide 6",
+    ):
+        wrapped(jnp.ones((6, 4)))
+
+
+def test_error_fully_shard_bad_policy_and_module():
+    mesh = utils.mesh(1, 2, 1)
+    with pytest.raises(TypeError, match=r"fully_shard\(Linear\)\(policy='bf16'\): expected a"):
+        fully_shard(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), mesh=mesh, policy="bf16")
+    with pytest.raises(TypeError, match=r"fully_shard\(module=function\): expected a flax"):
+        fully_shard(lambda x: x, mesh=mesh)
+    with pytest.raises(ValueError, match=r"the batch must be split over the fsdp axis"):
+        fully_shard(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), mesh=mesh, batch_axes=("data",))
+
+
+def test_fully_shard_in_a_model_with_shardlax_layers():
+    """An FSDP unit composes with other code under one nnx.jit (layout matches at the boundary)."""
+    mesh = utils.mesh(1, 4, 1)
+    ref, module, x = _make("Block")
+    wrapped = fully_shard(module, mesh=mesh)
+    ref2 = nnx.Linear(D, 4, rngs=nnx.Rngs(5))
+    head = shardlax.nn.RowParallelLinear(D, 4, mesh=mesh, rngs=nnx.Rngs(5), input_is_parallel=False)
+
+    def loss(b, h, x):
+        return jnp.sum(jnp.sin(h(b(x))))
+
+    g_b, g_h = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(wrapped, head, x)
+    r_b, r_h = nnx.grad(loss, argnums=(0, 1))(ref, ref2, np.asarray(x))
+    utils.assert_close(g_h["kernel"][...], r_h["kernel"][...])
+    utils.assert_close(g_b["module"]["up"]["kernel"][...], r_b["up"]["kernel"][...])
