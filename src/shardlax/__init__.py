@@ -6,14 +6,18 @@ tested against single-device math.
 """
 
 from shardlax import audit as audit
+from shardlax import fsdp as fsdp
 from shardlax import kernels as kernels
 from shardlax import nn as nn
+from shardlax import precision as precision
 from shardlax._axes import AXES as AXES
 from shardlax._axes import BATCH_AXES as BATCH_AXES
 from shardlax._axes import DATA as DATA
 from shardlax._axes import FSDP as FSDP
 from shardlax._axes import MODEL as MODEL
+from shardlax.fsdp import fully_shard as fully_shard
 from shardlax.mesh import make_mesh as make_mesh
+from shardlax.precision import MixedPrecision as MixedPrecision
 
 __version__ = "0.1.0"
 
@@ -23,8 +27,12 @@ __all__ = [
     "DATA",
     "FSDP",
     "MODEL",
+    "MixedPrecision",
     "audit",
+    "fsdp",
+    "fully_shard",
     "kernels",
     "make_mesh",
     "nn",
+    "precision",
 ]
