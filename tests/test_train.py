@@ -368,3 +368,50 @@ def test_scanned_model_zero2():
     report = audit.collectives(trainer.step, state, batches[0])
     assert audit.compare(trainer.declared_collectives(batches[0]), report).ok
     assert not [c for c in report if c.in_loop], report.table()  # no collective per layer
+
+
+@pytest.mark.parametrize(
+    ("mesh_kwargs", "trainer_kwargs"),
+    [
+        (dict(data=2, fsdp=2), dict(data_axis=("data", "fsdp"))),  # ZeRO over two axes
+        (dict(data=4, axis_types="auto"), {}),  # an Auto (GSPMD) mesh
+    ],
+    ids=["two-data-axes", "auto-mesh"],
+)
+def test_zero2_other_meshes(mesh_kwargs, trainer_kwargs):
+    mesh = utils.mesh(**mesh_kwargs)
+    ref_params, _, _ = reference_training(5, 16)
+    trainer = train.Trainer(MLP(nnx.Rngs(0)), adamw_clipped(), loss_fn, mesh=mesh,
+                            strategy="zero2", **trainer_kwargs)  # fmt: skip
+    state = trainer.init()
+    for seed in range(5):
+        state, _ = trainer.step(state, make_batch(16, seed))
+    assert_params_close(state.params, ref_params, str(mesh_kwargs))
+    moments = [x for x in jax.tree.leaves(state.opt_state) if x.ndim]
+    assert {s.data.size for s in moments[0].addressable_shards} == {moments[0].size // 4}
+
+
+class WithBatchStats(nnx.Module):
+    """Non-parameter state (BatchNorm statistics) rides along, read-only and donated."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.mlp = MLP(rngs)
+        self.norm = nnx.BatchNorm(3, use_running_average=True, rngs=rngs)
+
+    def __call__(self, x):
+        return self.norm(self.mlp(x))
+
+
+def test_non_parameter_state_is_passed_through():
+    mesh = utils.mesh(data=4)
+    model = WithBatchStats(nnx.Rngs(0))
+    model.norm.mean[...] = jnp.full((3,), 0.5)
+    trainer = train.Trainer(model, optax.sgd(1.0), loss_fn, mesh=mesh, strategy="zero2")
+    batch = make_batch(16)
+    state, _ = trainer.step(trainer.init(), batch)
+    graphdef, params, rest = nnx.split(WithBatchStats(nnx.Rngs(0)), nnx.Param, ...)
+    rest["norm"]["mean"][...] = jnp.full((3,), 0.5)
+    grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p, rest), batch))(params)
+    expected = jax.tree.map(lambda p, g: p - g, params, grads)
+    assert_params_close(state.params, expected, "with batch stats")
+    np.testing.assert_array_equal(np.asarray(state.rest["norm"]["mean"][...]), np.full(3, 0.5))
