@@ -26,10 +26,13 @@ P = parameter bytes of the whole model, f32):
   tp_mlp      column -> row MLP, n-way tensor parallel, input not differentiated:
               forward 1 all-reduce of the activation [B, D] over 'model';
               backward none (dx of the column layer is not needed, dW is local).
-  fsdp_deep   L scanned layers, fully sharded over 'fsdp', gathered on use and
-              freed after the forward: per layer and parameter 2 all-gathers
-              (forward, and again in the backward) + 1 reduce-scatter of its
-              gradient; plus 1 scalar all-reduce of the loss.
+  fsdp_deep   L scanned residual layers [D, D], fully sharded over 'fsdp',
+              gathered on use and freed after the forward: per layer 2
+              all-gathers of W (forward, and again in the backward for dx),
+              1 of b, 1 reduce-scatter of each gradient; plus 1 scalar
+              all-reduce of the loss. `fsdp_deep_remat` is the same model
+              with each layer under `jax.checkpoint` (same minimum: the
+              recomputed forward could reuse the backward's gather).
   zero2       data-parallel MLP with Adam, gradients and optimizer state
               sharded over 'data' (ZeRO-2): 1 reduce-scatter of the gradients
               (P bytes) + 1 all-gather of the updated parameters (P bytes).
@@ -62,6 +65,7 @@ import math
 import re
 import statistics
 import time
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,13 +83,17 @@ import shardlax
 from shardlax import audit
 
 # ----------------------------------------------------------------------------- config
-DEVICES = (4,)
-REPEATS = 15
+DEVICES = (2, 4, 8)
+REPEATS = 30
 WARMUP = 2
 LR = 1e-2
 SIZES = {  # default, --quick
     "tp_mlp": (dict(batch=256, d=512, f=2048), dict(batch=16, d=32, f=64)),
-    "fsdp_deep": (dict(batch=64, d=512, layers=8, remat=1), dict(batch=8, d=32, layers=2, remat=1)),
+    "fsdp_deep": (dict(batch=64, d=512, layers=8, remat=0), dict(batch=8, d=32, layers=2, remat=0)),
+    "fsdp_deep_remat": (
+        dict(batch=64, d=512, layers=8, remat=1),
+        dict(batch=8, d=32, layers=2, remat=1),
+    ),
     "zero2": (dict(batch=256, d=512, f=2048), dict(batch=16, d=32, f=64)),
     "fsdp_tp": (dict(batch=128, d=512, f=2048), dict(batch=16, d=32, f=64)),
     "tinylm": (
@@ -124,6 +132,8 @@ class Row:
     candidates: dict[str, Candidate]
     minimum: list[dict]  # {kind, axes, bytes, count, why}, bytes per instance per device
     loop_trips: int = 1
+    #: "minimum" (the least the strategy needs) or "declared" (what the model declares)
+    reference: str = "minimum"
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -414,8 +424,9 @@ def row_fsdp_deep(cfg: dict, n: int, devices) -> Row:
     cands |= plain_candidates(plain, (x, y), auto, specs_of(sharded), spec, devices)
     fs = ["fsdp"]
     return Row(
-        name="fsdp_deep",
-        strategy=f"FSDP / ZeRO-3, {layers} layers in lax.scan with remat",
+        name="fsdp_deep_remat" if cfg["remat"] else "fsdp_deep",
+        strategy=f"FSDP / ZeRO-3, {layers} layers in lax.scan"
+        + (", each under jax.checkpoint" if cfg["remat"] else ""),
         mesh=f"fsdp={n}",
         config=dict(cfg, n=n),
         candidates=cands,
@@ -611,12 +622,14 @@ def row_tinylm(cfg: dict, n: int, devices) -> Row:
         candidates=cands,
         minimum=mins,
         loop_trips=lm_cfg.n_layers,
+        reference="declared",
     )
 
 
 ROWS: dict[str, Callable[..., Row]] = {
     "tp_mlp": row_tp_mlp,
     "fsdp_deep": row_fsdp_deep,
+    "fsdp_deep_remat": row_fsdp_deep,
     "zero2": row_zero2,
     "fsdp_tp": row_fsdp_tp,
     "tinylm": row_tinylm,
@@ -720,6 +733,7 @@ def measure(row: Row, args) -> list[dict]:
             **meta[impl],
             "minimum": mins,
             "minimum_tensors": sum(m["count"] for m in mins),
+            "reference": row.reference,
             "minimum_bytes": min_bytes,
             "minimum_wire_bytes": min_wire,
             "loop_trips": row.loop_trips,
@@ -730,7 +744,10 @@ def measure(row: Row, args) -> list[dict]:
         for other in ("gspmd", "unsharded"):
             if impl == "shardlax" and other in times:
                 per_round = [a / b for a, b in zip(times["shardlax"], times[other], strict=True)]
-                r[f"ratio_vs_{other}"] = st["median_s"] / statistics.median(times[other])
+                # The median of per-round ratios: each round times the candidates back
+                # to back, so slow drift of the machine cancels within a round.
+                r[f"ratio_vs_{other}"] = statistics.median(per_round)
+                r[f"ratio_of_medians_vs_{other}"] = st["median_s"] / statistics.median(times[other])
                 r[f"ratio_vs_{other}_p10"] = C.percentile(per_round, 10)
                 r[f"ratio_vs_{other}_p90"] = C.percentile(per_round, 90)
                 c_self = meta["shardlax"]["lower_s"] + meta["shardlax"]["compile_s"]
@@ -787,7 +804,8 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
         "",
         "Each row is one Adam train step (loss, gradients, update; state donated and carried). "
         "Times are medians of interleaved runs (shardlax, gspmd, unsharded, shardlax, ...); "
-        "the range after a ratio is the p10-p90 of the per-round ratios. Compile = trace + "
+        "a step-time ratio is the median of the per-round ratios (each round runs the three "
+        "back to back), with their p10-p90 after it. Compile = trace + "
         "lower + compile. Collectives are read from the compiled HLO: tensors moved per step "
         "(AR all-reduce, AG all-gather, RS reduce-scatter, A2A all-to-all), S = bytes per "
         "device (nccl-tests size), wire = bytes each device sends with ring algorithms "
@@ -801,7 +819,11 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
         "",
     ]
     by = {(r["row"], r["devices"], r["impl"]): r for r in rows}
-    keys = list(dict.fromkeys((r["row"], r["devices"]) for r in rows))
+    order = list(dict.fromkeys(r["row"] for r in rows))
+    keys = sorted(
+        dict.fromkeys((r["row"], r["devices"]) for r in rows),
+        key=lambda k: (order.index(k[0]), k[1]),
+    )
     ratio_rows = []
     for name, n in keys:
         s, g, u = (by.get((name, n, i)) for i in IMPLS)
@@ -845,7 +867,7 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
         if s:
             mins = s["minimum"]
             full.append([
-                name, "*minimum*", "", "", "", "",
+                name, f"*{s['reference']}*", "", "", "", "",
                 f"{s['minimum_tensors']} ({_kinds(_min_kinds(mins))})",
                 C.fmt_bytes(s["minimum_bytes"]), C.fmt_bytes(s["minimum_wire_bytes"]),
                 "", "", "",
@@ -856,7 +878,14 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
         full,
         align="lllrrrrrrrrr",
     ))  # fmt: skip
-    out += ["", "## Theoretical minimum per row", ""]
+    out += [
+        "",
+        "## Theoretical minimum per row",
+        "",
+        "(tinylm: the collectives `TinyLM.declared_collectives` lists for one step, blocks "
+        "counted once per layer: the design's own count, which GSPMD may undercut.)",
+        "",
+    ]
     for name, n in keys:
         r = by.get((name, n, "shardlax"))
         if r:
@@ -872,20 +901,30 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _bars(ax, labels, series, title, ylabel, errors=None):
-    """Grouped bars: `series` is [(legend, [value per label])]; a line at 1."""
-    width = 0.8 / len(series)
-    for i, (legend, ys) in enumerate(series):
+def _bars(ax, labels, series, title, ylabel, log=False):
+    """Grouped bars, one group per label: `series` is [(legend, values, errors, style)]."""
+    width = 0.84 / len(series)
+    for i, (legend, ys, err, style) in enumerate(series):
         xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(labels))]
-        err = errors[i] if errors else None
-        bars = ax.bar(xs, ys, width, label=legend, yerr=err, capsize=3 if err else 0)
-        ax.bar_label(bars, fmt="%.2f", fontsize=7, label_type="center", color="white")
+        bars = ax.bar(xs, ys, width, label=legend, yerr=err, capsize=2 if err else 0,
+                      error_kw={"lw": 0.8}, **style)  # fmt: skip
+        if len(series) <= 3:
+            ax.bar_label(bars, fmt="%.2f", fontsize=7, padding=1)
     ax.axhline(1.0, color="black", lw=1)
+    if log:
+        ax.set_yscale("log", base=2)
+        ax.yaxis.set_major_formatter(matplotlib_ticker().FormatStrFormatter("%g"))
     ax.set_xticks(range(len(labels)), labels, fontsize=8)
     ax.set_title(title, fontsize=9)
     ax.set_ylabel(ylabel, fontsize=8)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, ncol=2)
     ax.grid(True, axis="y", alpha=0.3)
+
+
+def matplotlib_ticker():
+    import matplotlib.ticker
+
+    return matplotlib.ticker
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -894,72 +933,88 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by = {((r["row"], r["devices"]), r["impl"]): r for r in rows}
-    keys = dict.fromkeys((r["row"], r["devices"]) for r in rows)
-    names = [k for k in keys if all((k, i) in by for i in IMPLS)]
-    if not names:
+    by = {(r["row"], r["devices"], r["impl"]): r for r in rows}
+    devices = sorted({r["devices"] for r in rows})
+    order = [
+        name for name in dict.fromkeys(r["row"] for r in rows)
+        if any(all((name, n, i) in by for i in IMPLS) for n in devices)
+    ]  # fmt: skip
+    if not order:
         return
-    shard = [by[n, "shardlax"] for n in names]
-    labels = [f"{n[0]}\n({by[n, 'shardlax']['mesh']})" for n in names]
-    fig, axes = plt.subplots(1, 3, figsize=(max(12, 4.2 * len(names) + 3), 4.2))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    labels = [name.replace("_", "\n", 1) for name in order]
+    nan = float("nan")
 
-    def ratio(key):
-        ys = [r[key] for r in shard]
-        err = [
-            [max(0.0, y - r[key + "_p10"]) for y, r in zip(ys, shard, strict=True)],
-            [max(0.0, r[key + "_p90"] - y) for y, r in zip(ys, shard, strict=True)],
-        ]
-        return ys, err
+    def get(name, n, impl, fn):
+        r = by.get((name, n, impl))
+        return fn(r) if r is not None and (name, n, "shardlax") in by else nan
 
-    g, eg = ratio("ratio_vs_gspmd")
-    u, eu = ratio("ratio_vs_unsharded")
-    c = [r["compile_ratio_vs_gspmd"] for r in shard]
+    def ratio_series(key):
+        out = []
+        for j, n in enumerate(devices):
+            ys = [get(name, n, "shardlax", lambda r: r[key]) for name in order]
+            lo = [get(name, n, "shardlax", lambda r: r[key] - r[key + "_p10"]) for name in order]
+            hi = [get(name, n, "shardlax", lambda r: r[key + "_p90"] - r[key]) for name in order]
+            err = [[max(0.0, v) for v in lo], [max(0.0, v) for v in hi]]
+            out.append((f"{n} devices", ys, err, {"color": colors[j]}))
+        return out
+
+    def per_impl(fn):
+        out = []
+        for j, n in enumerate(devices):
+            for impl, hatch in (("shardlax", None), ("gspmd", "//")):
+                ys = [
+                    get(name, n, impl, lambda r, name=name, n=n: fn(r, name, n)) for name in order
+                ]
+                style = {
+                    "color": colors[j],
+                    "hatch": hatch,
+                    "edgecolor": "white" if hatch else None,
+                }
+                out.append((f"{n} dev {'GSPMD' if hatch else 'shardlax'}", ys, None, style))
+        return out
+
+    def wire(r, name, n):
+        return (
+            r["collectives"]["executed_wire_bytes"] / by[name, n, "shardlax"]["minimum_wire_bytes"]
+        )
+
+    def mem(r, name, n):
+        u = by[name, n, "unsharded"]["memory"]
+        return (r["memory"]["arguments"] + r["memory"]["temp"]) / (u["arguments"] + u["temp"])
+
+    fig, axes = plt.subplots(2, 2, figsize=(max(12, 2.2 * len(order) + 2), 8))
+    _bars(axes[0, 0], labels, ratio_series("ratio_vs_gspmd"),
+          "step time shardlax / GSPMD (median of per-round ratios, p10-p90)",
+          "ratio (< 1: shardlax faster)", log=True)  # fmt: skip
+    _bars(axes[0, 1], labels, ratio_series("ratio_vs_unsharded"),
+          "step time shardlax / one device (simulated devices share 2 cores)",
+          "ratio (< 1: shardlax faster)", log=True)  # fmt: skip
+    _bars(axes[1, 0], labels, per_impl(wire),
+          "collective bytes sent per device / theoretical minimum (hatched: GSPMD)",
+          "ratio (1 = minimum)")  # fmt: skip
     _bars(
-        axes[0], labels,
-        [("step: shardlax / GSPMD", g), ("step: shardlax / unsharded", u),
-         ("compile: shardlax / GSPMD", c)],
-        "time ratios (medians; bars: p10-p90 of per-round ratios)", "ratio (< 1: shardlax faster)",
-        errors=[eg, eu, None],
-    )  # fmt: skip
-
-    def wire(impl):
-        return [
-            by[n, impl]["collectives"]["executed_wire_bytes"]
-            / by[n, "shardlax"]["minimum_wire_bytes"]
-            for n in names
-        ]
-
-    _bars(
-        axes[1], labels, [("shardlax", wire("shardlax")), ("GSPMD", wire("gspmd"))],
-        "collective bytes sent per device / theoretical minimum", "ratio (1 = minimum)",
-    )  # fmt: skip
-
-    def mem(impl):
-        def total(r):
-            return r["memory"]["arguments"] + r["memory"]["temp"]
-
-        return [total(by[n, impl]) / total(by[n, "unsharded"]) for n in names]
-
-    _bars(
-        axes[2], labels,
-        [("shardlax", mem("shardlax")), ("GSPMD", mem("gspmd")), ("unsharded", mem("unsharded"))],
-        "per-device memory (arguments + temp) / unsharded", "ratio",
-    )  # fmt: skip
-    info = shard[0]["machine"]
+        axes[1, 1],
+        labels,
+        per_impl(mem),
+        "memory per device (arguments + temp) / one device (hatched: GSPMD)",
+        "ratio",
+    )
+    info = rows[0]["machine"]
     fig.suptitle(
-        f"Train steps: shardlax vs GSPMD vs one device -- {info['device_count']} simulated CPU "
-        f"devices on {info['cpu_count']} cores, jax {info['jax']} (times: ratios only)",
+        f"Train steps: shardlax vs GSPMD vs one device -- simulated CPU devices on "
+        f"{info['cpu_count']} cores, jax {info['jax']}",
         fontsize=10,
     )
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--rows", nargs="+", default=list(SIZES), choices=list(SIZES))
-    p.add_argument("--devices", type=int, nargs="+", default=list(DEVICES),
+    p.add_argument("--devices", type=int, nargs="+", default=None,
                    help="device counts; each row runs on a mesh of each")  # fmt: skip
     p.add_argument("--repeats", type=int, default=REPEATS)
     p.add_argument("--warmup", type=int, default=WARMUP)
@@ -968,9 +1023,12 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, default=C.DEFAULT_OUT, help="output directory")
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 repeats")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--strict", action="store_true", help="stop at the first failing row")
     args = p.parse_args(argv)
     if args.quick:
         args.repeats, args.warmup = 2, 1
+    if args.devices is None:
+        args.devices = [4] if args.quick else list(DEVICES)
     sizes = {k: dict(v[1] if args.quick else v[0]) for k, v in SIZES.items()}
     for item in args.set:
         key, _, value = item.partition("=")
@@ -989,11 +1047,16 @@ def main(argv=None) -> None:
                 continue
             try:
                 row = builder(sizes[name], n, jax.devices()[:n])
+                rows += measure(row, args)
             except Skip as e:
                 skipped[name] = str(e)
                 print(f"{name:10s} skipped: {e}")
-                continue
-            rows += measure(row, args)
+            except Exception as e:  # a row that breaks must not cost the others
+                if args.strict:
+                    raise
+                skipped[f"{name} (n={n})"] = f"failed: {type(e).__name__}: {e}"
+                traceback.print_exc()
+                print(f"{name:10s} n={n} FAILED: {type(e).__name__}: {e}")
     args.out.mkdir(parents=True, exist_ok=True)
     C.write_jsonl(args.out / "layers.jsonl", rows)
     (args.out / "layers.md").write_text(markdown(rows, skipped))
