@@ -10,6 +10,8 @@ from shardlax import fsdp as fsdp
 from shardlax import kernels as kernels
 from shardlax import nn as nn
 from shardlax import precision as precision
+from shardlax import train as train
+from shardlax import zero as zero
 from shardlax._axes import AXES as AXES
 from shardlax._axes import BATCH_AXES as BATCH_AXES
 from shardlax._axes import DATA as DATA
@@ -18,6 +20,9 @@ from shardlax._axes import MODEL as MODEL
 from shardlax.fsdp import fully_shard as fully_shard
 from shardlax.mesh import make_mesh as make_mesh
 from shardlax.precision import MixedPrecision as MixedPrecision
+from shardlax.train import Trainer as Trainer
+from shardlax.train import TrainState as TrainState
+from shardlax.train import make_train_step as make_train_step
 
 __version__ = "0.1.0"
 
@@ -28,11 +33,16 @@ __all__ = [
     "FSDP",
     "MODEL",
     "MixedPrecision",
+    "TrainState",
+    "Trainer",
     "audit",
     "fsdp",
     "fully_shard",
     "kernels",
     "make_mesh",
+    "make_train_step",
     "nn",
     "precision",
+    "train",
+    "zero",
 ]
