@@ -41,7 +41,7 @@ from shardlax.audit import Declared
 from shardlax.mesh import live_axes, resolve_mesh
 from shardlax.nn import ColumnParallelLinear, ParallelAttention, ParallelEmbed, ParallelMLP, RMSNorm
 from shardlax.nn._dropout import Dropout
-from shardlax.nn._sequence import nbytes
+from shardlax.nn._sequence import nbytes, run_shard_map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,10 +122,10 @@ class Block(nnx.Module):
 
     def declared_collectives(self, shape: Sequence[int], *, grad: bool) -> list[Declared]:
         return [
-            *self.attn_norm.declared_collectives(shape, grad=grad, in_scan=True),
-            *self.attn.declared_collectives(shape, grad=grad, in_scan=True),
-            *self.mlp_norm.declared_collectives(shape, grad=grad, in_scan=True),
-            *self.mlp.declared_collectives(shape, grad=grad, in_scan=True),
+            *self.attn_norm.declared_collectives(shape, grad=grad),
+            *self.attn.declared_collectives(shape, grad=grad),
+            *self.mlp_norm.declared_collectives(shape, grad=grad),
+            *self.mlp.declared_collectives(shape, grad=grad),
         ]
 
 
@@ -256,25 +256,33 @@ class TinyLM(nnx.Module):
         targets = embed._place(targets, y_spec)
         batch = live_axes(self.mesh, embed.batch_axes)
         axis = embed.axis_name
-        if cfg.tie_embeddings:
-            owner, weight, w_spec, dim = embed, embed.embedding[...], embed.embedding_spec, 1
-        else:
-            owner, weight, w_spec, dim = self.head, self.head.kernel[...], self.head.kernel_spec, 0
+        entries = self._head_entries()
+        owner, attr = entries[0][:2]
+        weight, w_spec = getattr(owner, attr)[...], getattr(owner, f"{attr}_spec")
+
+        def head(params, x):
+            if cfg.tie_embeddings:
+                return kernels.vocab_parallel_logits(
+                    x, params[0], axis_name=axis, sequence_parallel=sp
+                )
+            x = kernels.enter_tensor_parallel(x, axis, sequence_parallel=sp)
+            return kernels.matmul_last(x, params[0])
 
         def body(x, w, y):
-            w = embed._use_param(owner, w, dim)
-            if cfg.tie_embeddings:
-                logits = kernels.vocab_parallel_logits(x, w, axis_name=axis, sequence_parallel=sp)
-            else:
-                x = kernels.enter_tensor_parallel(x, axis, sequence_parallel=sp)
-                logits = kernels.matmul_last(x, w)
             # logits: f32[B/batch, S, V/model], never gathered
+            logits = embed._apply(head, entries, (w,), x)
             loss = kernels.vocab_parallel_cross_entropy(
                 logits, y, vocab_size=cfg.vocab, axis_name=axis
             )  # loss: f32[B/batch, S]
             return kernels.global_mean(loss, batch)
 
-        return embed._run(body, (x, weight, targets), (x_spec, w_spec, y_spec), P(), [owner])
+        return run_shard_map(body, self.mesh, (x, weight, targets), (x_spec, w_spec, y_spec), P())
+
+    def _head_entries(self) -> list[tuple]:
+        """The head's weight as a `SequenceLayer` entry (its backward reads it for dx)."""
+        if self.config.tie_embeddings:
+            return [(self.embed, "embedding", 1, False, "input")]
+        return [(self.head, "kernel", 0, False, "input")]
 
     # -------------------------------------------------------------- collectives
 
@@ -299,18 +307,12 @@ class TinyLM(nnx.Module):
         m, sp = (embed.axis_name,), cfg.sequence_parallel
         local = embed._local_batch_shape(hidden)
         f32 = jnp.float32
+        head = embed._declare_entries(grad, True, "head", self._head_entries())
         if cfg.tie_embeddings:
-            table = (cfg.padded_vocab // embed.model_size, cfg.d_model)
-            # FSDP: the head's gather of the table (and its re-gather) is the lookup's:
-            # XLA merges identical all-gathers outside the scan. 1 more reduce-scatter.
-            decl = embed._declare_param(
-                embed, table, 1, grad=grad, regather=False, why="embedding (head)"
-            )
-            out += [d for d in decl if d.kind != "all-gather"]
-        else:
-            head = self.head
-            shape = (cfg.d_model, cfg.padded_vocab // head.model_size)
-            out += head._declare_fsdp(shape, 0, grad=grad, regather=False, why="head.W")
+            # FSDP: the head's forward gather of the table is the lookup's (the same
+            # all-gather of the same shard; XLA merges them); its re-gather is not.
+            head = [d for d in head if not d.why.startswith("gather ")]
+        out += head
         if sp:
             out += embed._declare("all-gather", m, f32, nbytes(local, f32), "head: gather sequence")
         if grad:

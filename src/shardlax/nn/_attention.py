@@ -19,7 +19,7 @@ from shardlax.audit import Declared
 from shardlax.nn._base import AUTO
 from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
 from shardlax.nn._mlp import _activation_collectives
-from shardlax.nn._sequence import SequenceLayer
+from shardlax.nn._sequence import SequenceLayer, run_shard_map
 
 
 class ParallelAttention(SequenceLayer):
@@ -166,33 +166,30 @@ class ParallelAttention(SequenceLayer):
             x = self._place(x, spec)
 
             def body(x, *params):
-                params = self._use_entries(params)
                 dtype = self.q_proj._compute_dtype()
-                x, *params = self.promote_dtype((x, *params), dtype=dtype)
-                return kernels.head_parallel_attention(
-                    x, *params, head_dim=self.head_dim, axis_name=self.axis_name,
-                    sequence_parallel=self.sequence_parallel, causal=self.causal,
-                    rope_theta=self.rope_theta, precision=self.precision,
-                    dot_general=self.dot_general,
-                )  # fmt: skip
+
+                def fn(params, x):
+                    x, *params = self.promote_dtype((x, *params), dtype=dtype)
+                    return kernels.head_parallel_attention(
+                        x, *params, head_dim=self.head_dim, axis_name=self.axis_name,
+                        sequence_parallel=self.sequence_parallel, causal=self.causal,
+                        rope_theta=self.rope_theta, precision=self.precision,
+                        dot_general=self.dot_general,
+                    )  # fmt: skip
+
+                return self._apply(fn, self._entries(), params, x)
 
             values, specs = self._entry_values(), self._entry_specs()
-            return self._run(body, (x, *values), (spec, *specs), spec, self._owners())
+            return run_shard_map(body, self.mesh, (x, *values), (spec, *specs), spec)
 
     def declared_collectives(
         self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
-        input_grad: bool = True, in_scan: bool = False,
+        input_grad: bool = True,
     ) -> list[Declared]:  # fmt: skip
-        """Collectives of one call on a global input `[B, S, in_features]`.
-
-        `in_scan`: the layer runs inside a `lax.scan` (stacked layers); with
-        FSDP and `reshard_after_forward` the backward then re-gathers the
-        weights it needs (outside a loop XLA merges that with the forward
-        gather).
-        """
+        """Collectives of one call on a global input `[B, S, in_features]`."""
         dtype = dtype or self.q_proj._compute_dtype() or self.param_dtype
         out = _activation_collectives(
             self, input_shape, self.in_features, self.in_features, dtype, grad, input_grad,
-            "attention", in_scan,
+            "attention",
         )  # fmt: skip
-        return out + self._declare_entries(grad, input_grad, "attention", in_scan)
+        return out + self._declare_entries(grad, input_grad, "attention")

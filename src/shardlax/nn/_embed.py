@@ -18,7 +18,7 @@ from shardlax._axes import MODEL
 from shardlax.audit import Declared
 from shardlax.mesh import check_divisible
 from shardlax.nn._base import AUTO, sharded_param
-from shardlax.nn._sequence import SequenceLayer, nbytes
+from shardlax.nn._sequence import SequenceLayer, nbytes, run_shard_map
 
 
 class ParallelEmbed(SequenceLayer):
@@ -91,6 +91,10 @@ class ParallelEmbed(SequenceLayer):
         self.promote_dtype = promote_dtype
         self.sequence_parallel = sequence_parallel
 
+    def _entries(self, attend: bool) -> list[tuple]:
+        # the lookup's backward never reads the table; attend's dx does
+        return [(self, "embedding", 1, False, "input" if attend else "never")]
+
     def ids_spec(self, ndim: int = 2) -> P:
         return self._activation_spec(ndim, None) if ndim > 1 else P(None)
 
@@ -111,15 +115,17 @@ class ParallelEmbed(SequenceLayer):
             inputs = self._place(inputs, ids_spec)
 
             def body(ids, table):
-                table = self._use_param(self, table, 1)
-                (table,) = self.promote_dtype((table,), dtype=self.dtype, inexact=False)
-                return kernels.vocab_parallel_embed(
-                    ids, table, num_embeddings=self.num_embeddings, axis_name=self.axis_name,
-                    sequence_parallel=self.sequence_parallel,
-                )  # fmt: skip
+                def fn(params, ids):
+                    (table,) = self.promote_dtype(params, dtype=self.dtype, inexact=False)
+                    return kernels.vocab_parallel_embed(
+                        ids, table, num_embeddings=self.num_embeddings, axis_name=self.axis_name,
+                        sequence_parallel=self.sequence_parallel,
+                    )  # fmt: skip
 
-            return self._run(
-                body, (inputs, self.embedding[...]),
+                return self._apply(fn, self._entries(False), (table,), ids)
+
+            return run_shard_map(
+                body, self.mesh, (inputs, self.embedding[...]),
                 (ids_spec, self.embedding_spec), self.hidden_spec(inputs.ndim + 1),
             )  # fmt: skip
 
@@ -131,14 +137,17 @@ class ParallelEmbed(SequenceLayer):
             query = self._place(query, q_spec)
 
             def body(x, table):
-                table = self._use_param(self, table, 1)
-                x, table = self.promote_dtype((x, table), dtype=self.dtype)
-                return kernels.vocab_parallel_logits(
-                    x, table, axis_name=self.axis_name, sequence_parallel=self.sequence_parallel
-                )
+                def fn(params, x):
+                    x, table = self.promote_dtype((x, params[0]), dtype=self.dtype)
+                    return kernels.vocab_parallel_logits(
+                        x, table, axis_name=self.axis_name,
+                        sequence_parallel=self.sequence_parallel,
+                    )  # fmt: skip
 
-            return self._run(
-                body, (query, self.embedding[...]),
+                return self._apply(fn, self._entries(True), (table,), x)
+
+            return run_shard_map(
+                body, self.mesh, (query, self.embedding[...]),
                 (q_spec, self.embedding_spec), self.logits_spec(query.ndim),
             )  # fmt: skip
 
@@ -162,17 +171,14 @@ class ParallelEmbed(SequenceLayer):
             out += self._declare(
                 "all-gather", m, dtype, nbytes(full, dtype), "attend: gather sequence"
             )
-        table = (self.num_embeddings // self.model_size, self.features)
-        out += self._declare_param(self, table, 1, grad=grad, regather=False, why="embedding")
+        out += self._declare_entries(grad, True, "embed", self._entries(False))
         if grad and sp:
             out += self._declare("all-gather", m, dtype, nbytes(full, dtype), "embed: dy")
         if attend:
-            # the same table gathered again: XLA merges the identical all-gathers
-            # (and the backward's re-gather) into the lookup's; 1 more reduce-scatter.
-            decl = self._declare_param(
-                self, table, 1, grad=grad, regather=False, why="embedding (attend)"
-            )
-            out += [d for d in decl if d.kind != "all-gather"]
+            # FSDP: attend's forward gather of the table is the lookup's (the same
+            # all-gather of the same shard; XLA merges them); its re-gather is not.
+            decl = self._declare_entries(grad, True, "attend", self._entries(True))
+            out += [d for d in decl if not d.why.startswith("gather ")]
             if grad:
                 kind = "reduce-scatter" if sp else "all-reduce"
                 out += self._declare(kind, m, dtype, nbytes(full, dtype), "attend: dx")

@@ -19,7 +19,7 @@ from shardlax.audit import Declared
 from shardlax.kernels._mlp import ACTIVATIONS
 from shardlax.nn._base import AUTO
 from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
-from shardlax.nn._sequence import SequenceLayer, nbytes
+from shardlax.nn._sequence import SequenceLayer, nbytes, run_shard_map
 
 
 class ParallelMLP(SequenceLayer):
@@ -124,49 +124,37 @@ class ParallelMLP(SequenceLayer):
             x = self._place(x, spec)
 
             def body(x, *params):
-                params = self._use_entries(params)
                 dtype = self.up._compute_dtype()
-                x, *params = self.promote_dtype((x, *params), dtype=dtype)
-                return kernels.parallel_mlp(
-                    x, *params, activation=self.activation, axis_name=self.axis_name,
-                    sequence_parallel=self.sequence_parallel, precision=self.precision,
-                    dot_general=self.dot_general,
-                )  # fmt: skip
+
+                def fn(params, x):
+                    x, *params = self.promote_dtype((x, *params), dtype=dtype)
+                    return kernels.parallel_mlp(
+                        x, *params, activation=self.activation, axis_name=self.axis_name,
+                        sequence_parallel=self.sequence_parallel, precision=self.precision,
+                        dot_general=self.dot_general,
+                    )  # fmt: skip
+
+                return self._apply(fn, self._entries(), params, x)
 
             values, specs = self._entry_values(), self._entry_specs()
-            return self._run(body, (x, *values), (spec, *specs), spec, self._owners())
+            return run_shard_map(body, self.mesh, (x, *values), (spec, *specs), spec)
 
     def declared_collectives(
         self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
-        input_grad: bool = True, in_scan: bool = False,
+        input_grad: bool = True,
     ) -> list[Declared]:  # fmt: skip
-        """Collectives of one call on a global input `[B, S, in_features]`.
-
-        `in_scan`: the layer runs inside a `lax.scan` (stacked layers); with
-        FSDP and `reshard_after_forward` the backward then re-gathers the
-        weights it needs (outside a loop XLA merges that with the forward
-        gather).
-        """
+        """Collectives of one call on a global input `[B, S, in_features]`."""
         dtype = dtype or self.up._compute_dtype() or self.param_dtype
         out = _activation_collectives(
-            self, input_shape, self.in_features, self.out_features, dtype, grad, input_grad, "mlp",
-            in_scan,
-        )  # fmt: skip
-        return out + self._declare_entries(grad, input_grad, "mlp", in_scan)
+            self, input_shape, self.in_features, self.out_features, dtype, grad, input_grad, "mlp"
+        )
+        return out + self._declare_entries(grad, input_grad, "mlp")
 
 
 def _activation_collectives(
-    layer: SequenceLayer, input_shape, in_features, out_features, dtype, grad, input_grad, name,
-    in_scan=False,
-) -> list[Declared]:  # fmt: skip
-    """Entry/exit collectives of a column -> row block over the model axis.
-
-    Under SP with FSDP's `reshard_after_forward` inside a scan, the body runs
-    under `jax.checkpoint(reshard_policy)`, which does not keep all-gather
-    outputs: the backward gathers the sequence of x again to form the weight
-    gradients, as Megatron-SP does by design (it stores only the local 1/N
-    of the input).
-    """
+    layer: SequenceLayer, input_shape, in_features, out_features, dtype, grad, input_grad, name
+) -> list[Declared]:
+    """Entry/exit collectives of a column -> row block over the model axis."""
     local = layer._local_batch_shape(input_shape)
     full_in = (*local[:-1], in_features)
     full_out = (*local[:-1], out_features)
@@ -181,9 +169,6 @@ def _activation_collectives(
     if grad:
         if layer.sequence_parallel:
             out += layer._declare("all-gather", m, dtype, nbytes(full_out, dtype), f"{name}: dy")
-            if in_scan and any(o._fsdp_live and o.reshard_after_forward for o in layer._owners()):
-                out += layer._declare("all-gather", m, dtype, nbytes(full_in, dtype),
-                                      f"{name}: x re-gathered for dW")  # fmt: skip
             if input_grad:
                 out += layer._declare("reduce-scatter", m, dtype, nbytes(full_in, dtype),
                                       f"{name}: dx")  # fmt: skip

@@ -16,7 +16,7 @@ from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
 from shardlax.nn._base import AUTO, param_value, sharded_param
-from shardlax.nn._sequence import SequenceLayer
+from shardlax.nn._sequence import SequenceLayer, run_shard_map
 
 
 class RMSNorm(SequenceLayer):
@@ -81,19 +81,25 @@ class RMSNorm(SequenceLayer):
             x = self._place(x, spec)
 
             def body(x, scale):
-                scale = self._use_param(self, scale, 0, token_sum=True)
-                x, scale = self.promote_dtype((x, scale), dtype=self.dtype)
-                return kernels.rms_norm(x, scale, epsilon=self.epsilon, dtype=self.dtype)
+                def fn(params, x):
+                    x, scale = self.promote_dtype((x, params[0]), dtype=self.dtype)
+                    return kernels.rms_norm(x, scale, epsilon=self.epsilon, dtype=self.dtype)
 
-            return self._run(body, (x, param_value(self.scale)), (spec, self.scale_spec), spec)
+                return self._apply(fn, self._entries(), (scale,), x)
+
+            values = (x, param_value(self.scale))
+            return run_shard_map(body, self.mesh, values, (spec, self.scale_spec), spec)
+
+    def _entries(self) -> list[tuple]:
+        # the scale's gradient is summed over every token axis. The backward reads
+        # `rsqrt(var + eps) * scale`, saved from the forward, never the scale itself
+        # (so FSDP does not re-gather it).
+        return [(self, "scale", 0, True, "never")]
 
     def declared_collectives(
-        self, input_shape: Sequence[int], *, grad: bool = False, in_scan: bool = False
+        self, input_shape: Sequence[int], *, grad: bool = False, input_grad: bool = True
     ) -> list[Declared]:
         """Forward none; with `grad`, the scale gradient's all-reduce over the token axes."""
         if not self.use_scale:
             return []
-        return self._declare_param(
-            self, (self.num_features,), 0, grad=grad,
-            regather=in_scan and self.reshard_after_forward and grad, why="scale", token_sum=True,
-        )  # fmt: skip
+        return self._declare_entries(grad, input_grad, "norm")

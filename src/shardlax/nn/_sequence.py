@@ -88,7 +88,17 @@ class SequenceLayer(ShardedLayer):
             if not owner._fsdp_live:
                 axes = live_axes(self.mesh, (*self.batch_axes, self.axis_name))
                 return kernels.ensure_varying(value, axes)
-            return kernels.ensure_varying(owner._gather(value, dim), model)
+            # FSDP: reduce-scatter over fsdp first, then one all-reduce of the 1/N shard
+            # over the other batch axes and the model axis together.
+            policy, stored = owner.mixed_precision, value.dtype
+            others = tuple(
+                a for a in live_axes(self.mesh, owner.batch_axes) if a != owner.fsdp_axis
+            )
+            return kernels.fsdp_gather(
+                value, owner.fsdp_axis, dim=dim, replicated_axes=(*others, *model),
+                gather_dtype=None if policy is None else policy.gather_dtype(stored),
+                reduce_dtype=None if policy is None else policy.grad_reduce_dtype(stored),
+            )  # fmt: skip
         return owner._gather(value, dim)
 
     def _declare_param(
@@ -98,10 +108,7 @@ class SequenceLayer(ShardedLayer):
         """The collectives of one parameter used via `_use_param` (model-local shape).
 
         `regather`: the backward gathers the parameter again (FSDP with
-        `reshard_after_forward`). Measured on XLA:CPU: that happens only when
-        the layer runs inside a `lax.scan` (the backward is another loop);
-        in straight-line code XLA's CSE merges the backward's all-gather with
-        the identical forward one, so a layer called once declares none.
+        `reshard_after_forward`, when the backward uses its value).
         """
         model = live_axes(self.mesh, (self.axis_name,)) if self.sequence_parallel else ()
         if token_sum and model and grad:
@@ -110,8 +117,13 @@ class SequenceLayer(ShardedLayer):
                 axes = (*self.batch_axes, self.axis_name)
                 return owner._declare("all-reduce", axes, dt, nbytes(local_shape, dt), f"d{why}")
             out = owner._declare_fsdp(local_shape, dim, grad=grad, regather=regather, why=why)
-            return out + owner._declare("all-reduce", model, dt, nbytes(local_shape, dt),
-                                        f"d{why} over the sequence shards")  # fmt: skip
+            out = [d for d in out if d.kind != "all-reduce"]
+            policy = owner.mixed_precision
+            rdt = dt if policy is None else policy.grad_reduce_dtype(dt)
+            others = tuple(a for a in owner.batch_axes if a != owner.fsdp_axis)
+            shard = nbytes(local_shape, rdt) // owner.fsdp_size
+            return out + owner._declare("all-reduce", (*others, *model), rdt, shard,
+                                        f"d{why} shard over the other tokens")  # fmt: skip
         return owner._declare_fsdp(local_shape, dim, grad=grad, regather=regather, why=why)
 
     # A fused block (attention, MLP) lists its parameters as entries
@@ -126,47 +138,61 @@ class SequenceLayer(ShardedLayer):
     def _entry_specs(self) -> tuple:
         return tuple(getattr(o, f"{a}_spec") for o, a, *_ in self._entries())
 
-    def _use_entries(self, values: Sequence[jax.Array | None]) -> list:
-        return [
-            self._use_param(o, v, dim, token_sum=ts)
-            for (o, _, dim, ts, _), v in zip(self._entries(), values, strict=True)
-        ]
+    def _apply(self, fn, entries: Sequence[tuple], values: Sequence, args):
+        """Inside the body: `fn(params, args)` with each parameter gathered / cast by `_use_param`.
+
+        With FSDP and `reshard_after_forward` (any owner), `kernels.fsdp_call`
+        frees the gathered parameters after the forward and re-gathers them in
+        the backward, as the linears do; otherwise plain autodiff.
+        """
+
+        def gather(ps):
+            return tuple(
+                self._use_param(o, p, dim, token_sum=ts)
+                for (o, _, dim, ts, _), p in zip(entries, ps, strict=True)
+            )
+
+        reshard = any(o._fsdp_live and o.reshard_after_forward for o, *_ in entries)
+        return kernels.fsdp_call(
+            fn, tuple(values), args, gather=gather, reshard_after_forward=reshard
+        )
 
     def _owners(self) -> list:
         return [o for o, *_ in self._entries()]
 
-    def _declare_entries(self, grad: bool, input_grad: bool, why: str, in_scan: bool) -> list:
+    def _declare_entries(
+        self, grad: bool, input_grad: bool, why: str, entries: Sequence[tuple] | None = None
+    ) -> list:
+        """The parameter collectives of `entries` (default `self._entries()`).
+
+        FSDP with `reshard_after_forward` re-gathers in the backward exactly the
+        parameters whose value the backward uses: "always" (a row kernel, needed
+        for the hidden gradient), "input" (a column kernel or norm scale, needed
+        only for the input gradient), never a bias or a lookup table.
+        """
         out = []
-        for o, a, dim, ts, needed in self._entries():
+        for o, a, dim, ts, needed in self._entries() if entries is None else entries:
             value = getattr(o, a)
             if value is None:
                 continue
             shape = list(value[...].shape)
             col = isinstance(o, ColumnParallelLinear)
-            if a == "kernel":  # the model-local shape, which the fsdp gather rebuilds
+            if a == "embedding":
+                shape[0] //= o.model_size
+            elif a == "scale":
+                pass
+            elif a == "kernel":  # the model-local shape, which the fsdp gather rebuilds
                 shape[1 if col else 0] //= o.model_size
             elif col:
                 shape[0] //= o.model_size
             regather = (
-                in_scan
-                and o.reshard_after_forward
+                o.reshard_after_forward
                 and grad
                 and (needed == "always" or (needed == "input" and input_grad))
             )
             out += self._declare_param(o, shape, dim, grad=grad, regather=regather,
                                        why=f"{why}.{a}", token_sum=ts)  # fmt: skip
         return out
-
-    def _run(self, body, args: tuple, in_specs: tuple, out_spec, owners=None):
-        """`shard_map(body)`; under `jax.checkpoint(reshard_policy)` if an owner reshards.
-
-        With FSDP and `reshard_after_forward`, gathered parameters are not kept
-        for the backward, which gathers them again (as the linears do).
-        """
-        owners = [self] if owners is None else owners
-        if any(o._fsdp_live and o.reshard_after_forward for o in owners):
-            body = jax.checkpoint(body, policy=kernels.reshard_policy)
-        return run_shard_map(body, self.mesh, args, in_specs, out_spec)
 
     def _local_hidden_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
         """Per-device shape of a `[B, S, ...]` activation in `hidden_spec`."""
