@@ -32,7 +32,9 @@ P = parameter bytes of the whole model, f32):
               1 of b, 1 reduce-scatter of each gradient; plus 1 scalar
               all-reduce of the loss. `fsdp_deep_remat` is the same model
               with each layer under `jax.checkpoint` (same minimum: the
-              recomputed forward could reuse the backward's gather).
+              recomputed forward could reuse the backward's gather);
+              `fully_shard_deep` makes each `nnx.Linear` an FSDP unit with
+              `shardlax.fully_shard` instead of the layers' `fsdp_axis`.
   zero2       data-parallel MLP with Adam, gradients and optimizer state
               sharded over 'data' (ZeRO-2): 1 reduce-scatter of the gradients
               (P bytes) + 1 all-gather of the updated parameters (P bytes).
@@ -93,6 +95,10 @@ SIZES = {  # default, --quick
     "fsdp_deep_remat": (
         dict(batch=64, d=512, layers=8, remat=1),
         dict(batch=8, d=32, layers=2, remat=1),
+    ),
+    "fully_shard_deep": (
+        dict(batch=64, d=512, layers=8, remat=0, fully_shard=1),
+        dict(batch=8, d=32, layers=2, remat=0, fully_shard=1),
     ),
     "zero2": (dict(batch=256, d=512, f=2048), dict(batch=16, d=32, f=64)),
     "fsdp_tp": (dict(batch=128, d=512, f=2048), dict(batch=16, d=32, f=64)),
@@ -240,7 +246,8 @@ def specs_of(model) -> Callable[[str], Any]:
     shardlax uses, and only the collectives are XLA's choice."""
     _, state = nnx.split(model)
     specs = {
-        jax.tree_util.keystr(path): v.sharding.spec
+        # `shardlax.fully_shard` keeps the wrapped module under `.module`.
+        jax.tree_util.keystr(path).replace("['module']", ""): v.sharding.spec
         for path, v in jax.tree_util.tree_flatten_with_path(state)[0]
     }
 
@@ -407,10 +414,15 @@ def row_fsdp_deep(cfg: dict, n: int, devices) -> Row:
             d, d, kernel_init=init, rngs=rngs, mesh=mesh, fsdp_axis="fsdp"
         )
 
+    def fully_sharded_linear(rngs):
+        # Any NNX module made an FSDP unit by shardlax.fully_shard (FSDP2's API).
+        return shardlax.fully_shard(nnx.Linear(d, d, kernel_init=init, rngs=rngs), mesh=mesh)
+
+    unit = fully_sharded_linear if cfg.get("fully_shard") else fsdp_linear
     try:
-        sharded = Scanned(fsdp_linear, layers, nnx.Rngs(0), remat=bool(cfg["remat"]))
-    except TypeError as e:
-        raise Skip(f"the shardlax linears take no fsdp_axis yet ({e})") from e
+        sharded = Scanned(unit, layers, nnx.Rngs(0), remat=bool(cfg["remat"]))
+    except (TypeError, AttributeError) as e:
+        raise Skip(f"shardlax has no FSDP linear of this kind yet ({e})") from e
     plain = Scanned(
         lambda rngs: nnx.Linear(d, d, kernel_init=init, rngs=rngs),
         layers,
@@ -424,8 +436,10 @@ def row_fsdp_deep(cfg: dict, n: int, devices) -> Row:
     cands |= plain_candidates(plain, (x, y), auto, specs_of(sharded), spec, devices)
     fs = ["fsdp"]
     return Row(
-        name="fsdp_deep_remat" if cfg["remat"] else "fsdp_deep",
+        name=("fully_shard_deep" if cfg.get("fully_shard") else "fsdp_deep")
+        + ("_remat" if cfg["remat"] else ""),
         strategy=f"FSDP / ZeRO-3, {layers} layers in lax.scan"
+        + (" (shardlax.fully_shard(nnx.Linear))" if cfg.get("fully_shard") else "")
         + (", each under jax.checkpoint" if cfg["remat"] else ""),
         mesh=f"fsdp={n}",
         config=dict(cfg, n=n),
@@ -630,6 +644,7 @@ ROWS: dict[str, Callable[..., Row]] = {
     "tp_mlp": row_tp_mlp,
     "fsdp_deep": row_fsdp_deep,
     "fsdp_deep_remat": row_fsdp_deep,
+    "fully_shard_deep": row_fsdp_deep,
     "zero2": row_zero2,
     "fsdp_tp": row_fsdp_tp,
     "tinylm": row_tinylm,
