@@ -23,7 +23,7 @@ HloModule m
   ROOT %add = f32[] add(%x, %y)
 }
 
-%body.3 (p: (s32[], f32[4,8])) -> (s32[], f32[4,8]) {
+%body.3 (p: (s32[], f32[4,8], /*index=2*/f32[1])) -> (s32[], f32[4,8]) {
   %p = (s32[], f32[4,8]) parameter(0)
   %w = f32[4,8]{1,0} get-tuple-element(%p), index=1
   %ag = f32[8,8]{1,0} all-gather(%w), channel_id=3, replica_groups=[4,2]<=[2,4]T(1,0), dimensions={0}, use_global_device_ids=true

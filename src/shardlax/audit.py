@@ -50,6 +50,7 @@ _COMP = re.compile(r"^\s*(?:ENTRY\s+)?%?([\w.\-]+)\s*(?:\(.*\))?\s*->.*\{\s*$")
 _CALLED = re.compile(
     r"(?:body|condition|calls|to_apply|true_computation|false_computation)=%?([\w.\-]+)"
 )
+_COMMENT = re.compile(r"/\*.*?\*/")
 _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
 
 
@@ -247,6 +248,7 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
     found = []
     computation = ""
     for line in hlo_text.splitlines():
+        line = _COMMENT.sub("", line)  # /*index=5*/ in long tuple types
         mc = _COMP.match(line)
         if mc and "=" not in line.split("->")[0]:
             computation = mc.group(1)
