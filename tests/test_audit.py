@@ -38,7 +38,7 @@ ENTRY %main.5 (a: f32[4,8], b: bf16[16]) -> f32[4,8] {
   %cp = f32[4,8]{1,0} collective-permute(%a), channel_id=4, source_target_pairs={{0,4},{4,0},{1,5},{5,1}}
   %everyone = f32[4,8]{1,0} all-reduce(%a), channel_id=5, replica_groups={}, to_apply=%region_0.2
   %meshform = f32[4,8]{1,0} all-reduce(%a), channel_id=6, replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, use_global_device_ids=true, to_apply=%region_0.2
-  %w = (s32[], f32[4,8]) while(%init), condition=%cond.4, body=%body.3
+  %w = (s32[], f32[4,8]) while(%init), condition=%cond.4, body=%body.3, backend_config={"known_trip_count":{"n":"6"}}
   ROOT %r = f32[4,8]{1,0} add(%a, %a)
 }
 """
@@ -65,7 +65,8 @@ def test_parse_hlo_kinds_axes_dtypes_bytes():
     assert (by_name["meshform"].axes, by_name["meshform"].group_size) == (("data",), 2)
     ag = by_name["ag"]  # [4,2]<=[2,4]T(1,0): groups {0,4},{1,5},... -> 'data', inside a loop
     assert (ag.kind, ag.axes, ag.in_loop, ag.bytes) == ("all-gather", ("data",), True, 256)
-    assert not ar.in_loop
+    assert ag.trips == 6 and ar.trips == 1 and not ar.in_loop
+    assert report.executed_bytes() == report.total_bytes() + 5 * 256
     assert report.counts()[("all-reduce", ("model",), "f32")] == 2
 
 

@@ -18,7 +18,9 @@ buffers (the "size" of nccl-tests) and n the group size:
 | collective-permute | S                                      |
 
 A collective inside a loop body (`lax.scan`, `fori_loop`) appears once in
-the HLO; `in_loop` marks it, since it runs once per iteration.
+the HLO; `in_loop` marks it, and `trips` says how many times it runs per call
+(the product of the enclosing loops' known trip counts; 1 outside loops), so
+`Report.executed_bytes()` is what one call really moves.
 """
 
 from __future__ import annotations
@@ -69,6 +71,7 @@ class Collective:
     computation: str = ""
     in_loop: bool = False
     op_name: str = ""
+    trips: int = 1
 
     @property
     def bytes(self) -> int:
@@ -131,7 +134,12 @@ class Report(list):
         return collections.Counter(c.kind for c in self)
 
     def total_bytes(self) -> int:
+        """Bytes of the collectives as they stand in the HLO (a loop body's counted once)."""
         return sum(c.bytes for c in self)
+
+    def executed_bytes(self) -> int:
+        """Bytes moved by one call: each collective times its loop trip count."""
+        return sum(c.bytes * c.trips for c in self)
 
     def table(self) -> str:
         """A markdown table, one row per collective."""
@@ -228,6 +236,20 @@ def _axes_of(groups: list[list[int]] | None, mesh: Mesh | None) -> tuple[tuple[s
     return tuple(sorted(varying)), len(groups[0])
 
 
+def _trip_counts(edges: dict[str, list[tuple[str, int]]], entry: str) -> dict[str, int]:
+    """How many times each computation runs per call of `entry` (max over call paths)."""
+    trips = {entry: 1}
+    todo = [entry]
+    while todo:
+        c = todo.pop()
+        for callee, mult in edges.get(c, ()):
+            n = trips[c] * mult
+            if trips.get(callee, 0) < n:
+                trips[callee] = n
+                todo.append(callee)
+    return trips
+
+
 def _loop_computations(calls: dict[str, set[str]], bodies: set[str]) -> set[str]:
     seen: set[str] = set()
     todo = list(bodies)
@@ -245,6 +267,8 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
     types: dict[str, str] = {}
     calls: dict[str, set[str]] = collections.defaultdict(set)
     bodies: set[str] = set()
+    edges: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    entry = ""
     found = []
     computation = ""
     for line in hlo_text.splitlines():
@@ -252,6 +276,8 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
         mc = _COMP.match(line)
         if mc and "=" not in line.split("->")[0]:
             computation = mc.group(1)
+            if line.lstrip().startswith("ENTRY"):
+                entry = computation
             continue
         mi = _INSTR.match(line)
         if not mi:
@@ -263,14 +289,21 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
         for b in _BRANCHES.findall(rest):
             callees.update(x.strip().lstrip("%") for x in b.split(","))
         calls[computation].update(callees)
+        loop_body: set[str] = set()
         if re.match(r"while\(", rest):
+            loop_body = set(re.findall(r"(?:body|condition)=%?([\w.\-]+)", rest))
             bodies.update(re.findall(r"body=%?([\w.\-]+)", rest))
+        known = re.search(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(\d+)', rest)
+        trip = int(known.group(1)) if known else 1
+        for callee in callees:
+            edges[computation].append((callee, trip if callee in loop_body else 1))
         op = rest.split("(", 1)[0]
         base = op.removesuffix("-start")
         if base not in KINDS or op.endswith("-done"):
             continue
         found.append((name, type_str, op, rest, computation))
     in_loop = _loop_computations(calls, bodies)
+    trips = _trip_counts(edges, entry) if entry else {}
     report = Report()
     for name, type_str, op, rest, computation in found:
         kind = op.removesuffix("-start")
@@ -301,6 +334,7 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
                 name=name,
                 computation=computation,
                 in_loop=computation in in_loop,
+                trips=trips.get(computation, 1),
                 op_name=meta.group(1) if meta else "",
             )
         )
