@@ -83,6 +83,14 @@ def parse_size(s: str) -> int:
     return int(s)
 
 
+def short_size(n: int) -> str:
+    """64K, 1M, 16M: tick labels."""
+    for unit, scale in (("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if n >= scale:
+            return f"{n / scale:g}{unit}"
+    return str(n)
+
+
 def sizes_between(lo: int, hi: int, factor: int) -> list[int]:
     out, s = [], lo
     while s <= hi:
@@ -385,8 +393,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("message size per device (bytes)")
         ax.set_ylabel("aggregate bus bandwidth (GB/s)")
         ax.grid(True, which="both", alpha=0.3)
-        ticks = sorted({r["size_bytes"] for r in rows})[:: max(1, len(sizes) // 5)]
-        ax.set_xticks(ticks, [C.fmt_bytes(t).replace(".0", "") for t in ticks])
+        ticks = sizes[:: -(-len(sizes) // 5)]
+        ax.set_xticks(ticks, [short_size(t) for t in ticks])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
     for ax in list(axes.flat)[len(names) :]:
         ax.axis("off")
