@@ -200,3 +200,13 @@ def test_fsdp_axis_missing_from_the_mesh():
     plain = nnx.Linear(D, OUT, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match=r"fsdp_axis='fsdp'.*not in the mesh.*\('data',\)"):
         train.Trainer(plain, optax.sgd(0.1), loss_fn, mesh=mesh, strategy="fsdp")
+
+
+def test_shardlax_layers_need_a_layer_sharded_strategy():
+    mesh = utils.mesh(2, 1, 1)
+    with pytest.raises(
+        ValueError,
+        match=r"strategy='zero2'.*shardlax.nn.ColumnParallelLinear at 'l1'.*Use strategy='fsdp'",
+    ):
+        train.Trainer(TPMLP(mesh, nnx.Rngs(0)), optax.sgd(0.1), loss_fn, mesh=mesh,
+                      strategy="zero2")  # fmt: skip

@@ -56,6 +56,7 @@ from shardlax import kernels, zero
 from shardlax._axes import DATA, FSDP, MODEL
 from shardlax.audit import Declared
 from shardlax.mesh import axes_size, check_axis, live_axes, place, resolve_mesh
+from shardlax.nn._base import ShardedLayer
 from shardlax.precision import MixedPrecision
 
 #: The strategies `Trainer` implements.
@@ -216,6 +217,8 @@ class Trainer:
         if self.layer_sharded:
             self._param_specs = [self._spec_of(x) for x in leaves]
             self._check_layer_sharding()
+        else:
+            _check_no_sharded_layers(model, strategy)
         self.step = jax.jit(self._step, donate_argnums=0)
 
     def _spec_of(self, x: jax.Array) -> P:
@@ -631,6 +634,20 @@ class Trainer:
         if state.master is not None:
             out["master"] = total(state.master, specs.master)
         return out
+
+
+def _check_no_sharded_layers(model: nnx.Module, strategy: str) -> None:
+    """dp/zero1/zero2 run the model inside their own shard_map: no shardlax.nn layer fits."""
+    for path, module in nnx.iter_modules(model):
+        if isinstance(module, ShardedLayer):
+            where = ".".join(map(str, path)) or "the model itself"
+            raise ValueError(
+                f"{_OWNER}(strategy={strategy!r}): the model contains "
+                f"shardlax.nn.{type(module).__name__} at {where!r}, whose own shard_map cannot "
+                f"run inside the {strategy} step's shard_map. Use strategy='fsdp' (or "
+                f"'fsdp+tp') for models of shardlax.nn layers: on a mesh with fsdp=1 and "
+                f"model=1 that is plain data parallelism. Use flax.nnx layers for {strategy}."
+            )
 
 
 def make_train_step(
