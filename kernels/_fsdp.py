@@ -218,7 +218,7 @@ def _tie_to(shards: list, ct: Any, allowed: list) -> tuple[list, list]:
     if not leaves:
         return shards, [()] * len(shards)
     c = leaves[0]
-    zero = c[(0,) * c.ndim].astype(jnp.float32) * 0.0  # zero: f32[]
+    zero = lax.stop_gradient(c[(0,) * c.ndim]).astype(jnp.float32) * 0.0  # zero: f32[]
     zero_axes = varying_axes(zero)
     tied, extras = [], []
     for s, ok in zip(shards, allowed, strict=True):
@@ -266,8 +266,20 @@ def fsdp_call(
     Collectives: those of `gather` (forward) and its transpose (backward), as
     stated above; nothing else.
     """
+    shard_leaves, shard_tree = jax.tree.flatten(shards)
+    allowed = [
+        frozenset(o.manual_axis_type.varying)
+        for o in jax.tree.leaves(jax.eval_shape(gather, shards))
+    ]
+
+    def gather_tied(leaves, anchor):
+        """`gather` of the shards tied to `anchor` (see `_tie_to`), and the extra axes."""
+        tied, extras = _tie_to(leaves, anchor, allowed)
+        return gather(jax.tree.unflatten(shard_tree, tied)), extras
+
     if not reshard_after_forward:
-        return fn(gather(shards), args)
+        gathered, _ = gather_tied(shard_leaves, args)  # autodiff sums over the extras
+        return fn(gathered, args)
 
     layout: dict[str, Any] = {}
 
@@ -276,20 +288,18 @@ def fsdp_call(
         return fn(gather(shards), args)
 
     def call_fwd(shards, args):
-        gathered = gather(shards)
+        gathered, _ = gather_tied(jax.tree.leaves(shards), args)
         out, vjp_fn = jax.vjp(fn, gathered, args)
         leaves, treedef = jax.tree.flatten(vjp_fn)
         params = jax.tree.leaves(gathered)
         which = [next((i for i, p in enumerate(params) if leaf is p), -1) for leaf in leaves]
         layout["treedef"], layout["which"] = treedef, which
-        layout["allowed"] = [varying_axes(p) for p in params]
         saved = [leaf for leaf, w in zip(leaves, which, strict=True) if w < 0]
         return out, (shards, saved)
 
     def call_bwd(res, ct):
         shards, saved = res
-        shard_leaves, shard_tree = jax.tree.flatten(shards)
-        tied, extras = _tie_to(shard_leaves, ct, layout["allowed"])
+        tied, extras = _tie_to(jax.tree.leaves(shards), ct, allowed)
         gather_flat = lambda leaves: gather(jax.tree.unflatten(shard_tree, leaves))
         gathered, gather_vjp = jax.vjp(gather_flat, tied)  # the re-gather
         params = jax.tree.leaves(gathered)

@@ -37,7 +37,7 @@ References:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -91,6 +91,8 @@ class FSDPModule(nnx.Module):
         reshard_after_forward: bool = True,
         policy: MixedPrecision | None = None,
         batch_axes: Sequence[str] | None = None,
+        scan: bool = False,
+        remat: bool = False,
     ):
         owner = f"fully_shard({type(module).__name__})"
         if not isinstance(module, nnx.Module):
@@ -123,11 +125,19 @@ class FSDPModule(nnx.Module):
         self.batch_axes = batch_axes
         self.reshard_after_forward = bool(reshard_after_forward)
         self.policy = policy
+        self.scan = bool(scan)
+        self.remat = bool(remat)
 
         params = nnx.state(module, nnx.Param)
         dims, specs = [], []
+        lead = 1 if self.scan else 0  # a stacked layer dim is never split
         for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
-            d = shard_dim(x.shape, n) if n > 1 else None
+            if self.scan and x.ndim == 0:
+                raise ValueError(
+                    f"{owner}(scan=True): parameter {_path_str(path)!r} is a scalar, so it has "
+                    f"no leading layer dim. Build the stack with nnx.vmap (see fully_shard_scan)."
+                )
+            d = shard_dim(x.shape[lead:], n) if n > 1 else None
             if n > 1 and d is None:
                 raise ValueError(
                     f"{owner}: parameter {_path_str(path)!r} of shape {tuple(x.shape)} cannot be "
@@ -136,10 +146,10 @@ class FSDPModule(nnx.Module):
                     f"{axis!r} size divides one of {tuple(x.shape)}, or fully_shard the "
                     f"submodules that can be sharded and leave this one out."
                 )
-            dims.append(d)
+            dims.append(d)  # the dim of one layer's parameter
             spec = [None] * x.ndim
             if d is not None:
-                spec[d] = axis
+                spec[lead + d] = axis
             specs.append(P(*spec))
         self.dims = tuple(dims)
         self.param_specs = tuple(specs)
@@ -188,28 +198,9 @@ class FSDPModule(nnx.Module):
             ]
             policy = self.policy
             live = live_axes(self.mesh, self.batch_axes)
-            replicated = tuple(a for a in live if a != self.axis)
 
             def gather(shards):
-                out = []
-                for s, d in zip(shards, self.dims, strict=True):
-                    if d is None:  # fsdp axis of size 1: nothing to gather
-                        s = kernels.ensure_varying(s, live)
-                        out.append(s if policy is None else s.astype(policy.gather_dtype(s.dtype)))
-                        continue
-                    out.append(
-                        kernels.fsdp_gather(
-                            s,
-                            self.axis,
-                            dim=d,
-                            replicated_axes=replicated,
-                            gather_dtype=None if policy is None else policy.gather_dtype(s.dtype),
-                            reduce_dtype=None
-                            if policy is None
-                            else policy.grad_reduce_dtype(s.dtype),
-                        )
-                    )
-                return tuple(out)
+                return _gather_all(shards, self.dims, axis=self.axis, live=live, policy=policy)
 
             def fn(p_full, inputs):
                 r_vals, a_vals = inputs
@@ -228,13 +219,19 @@ class FSDPModule(nnx.Module):
                     out = _cast_floats(out, policy.output_dtype)
                 return out
 
+            reshard = self.reshard_after_forward and self.axis_size > 1
+
             def body(p_shards, r_vals, a_vals):
-                return kernels.fsdp_call(
-                    fn,
-                    tuple(p_shards),
-                    (tuple(r_vals), tuple(a_vals)),
-                    gather=gather,
-                    reshard_after_forward=self.reshard_after_forward and self.axis_size > 1,
+                if not self.scan:
+                    return kernels.fsdp_call(
+                        fn,
+                        tuple(p_shards),
+                        (tuple(r_vals), tuple(a_vals)),
+                        gather=gather,
+                        reshard_after_forward=reshard,
+                    )
+                return _scan_layers(
+                    fn, gather, p_shards, r_vals, a_vals, remat=self.remat, reshard=reshard
                 )
 
             return jax.shard_map(
@@ -266,7 +263,8 @@ class FSDPModule(nnx.Module):
         Each gathered parameter: 1 all-gather over the fsdp axis (forward),
         1 reduce-scatter (backward), 1 all-reduce of its shard over the other
         live batch axes (backward). The loss and anything outside the unit are
-        not included.
+        not included. With `scan`, the collectives are those of one layer,
+        inside the scan loops (the HLO holds each once; it runs once per layer).
         """
         if self.axis_size == 1:
             return []
@@ -285,11 +283,12 @@ class FSDPModule(nnx.Module):
             gdt = stored if self.policy is None else self.policy.gather_dtype(stored)
             rdt = stored if self.policy is None else self.policy.grad_reduce_dtype(stored)
             gname = _gather_hlo_dtype(gdt)
-            full = x.size * jnp.dtype(gdt).itemsize
+            size = x.size // x.shape[0] if self.scan else x.size  # one layer's, in a scan
+            full = size * jnp.dtype(gdt).itemsize
             gathers = 1 + (grad and self.reshard_after_forward and path in regathered)
             out.append(Declared("all-gather", (self.axis,), gname, gathers, gathers * full, path))
             if grad:
-                rbytes, rname = x.size * jnp.dtype(rdt).itemsize, _hlo_dtype(rdt)
+                rbytes, rname = size * jnp.dtype(rdt).itemsize, _hlo_dtype(rdt)
                 out.append(Declared("reduce-scatter", (self.axis,), rname, 1, rbytes, path))
                 if others:
                     shard = rbytes // self.axis_size
@@ -297,9 +296,123 @@ class FSDPModule(nnx.Module):
         return out
 
 
+def _scan_layers(fn, gather, p_shards, r_vals, a_vals, *, remat: bool, reshard: bool):
+    """`lax.scan` over the stacked layers: carry = the (single) input, one FSDP unit per step.
+
+    With `remat`, each step runs under `jax.checkpoint` (nothing saved but the
+    carry): the backward loop recomputes the step, all-gather included, so a
+    step's gathered parameters live only while it runs, in the forward loop
+    and again in the backward loop (2 all-gathers per layer). Without
+    `remat`, `reshard` chooses between `fsdp_call`'s re-gather (activations
+    saved, 2 all-gathers) and keeping every layer's gathered parameters as
+    scan residuals (1 all-gather, the whole model in memory).
+    """
+    if len(a_vals) != 1:
+        raise TypeError(
+            f"fully_shard(scan=True): the stacked layers are called with one array (the "
+            f"carry), got {len(a_vals)} inputs. Pass the activation only."
+        )
+
+    def step(h, xs):
+        p_layer, r_layer = xs
+        if remat:
+            out = fn(gather(p_layer), (r_layer, (h,)))
+        else:
+            out = kernels.fsdp_call(
+                fn, tuple(p_layer), (r_layer, (h,)), gather=gather, reshard_after_forward=reshard
+            )
+        return out, None
+
+    if remat:
+        step = jax.checkpoint(step)
+    h, _ = jax.lax.scan(step, a_vals[0], (tuple(p_shards), tuple(r_vals)))
+    return h
+
+
+def _gather_all(
+    shards: Sequence[jax.Array],
+    dims: Sequence[int | None],
+    *,
+    axis: str,
+    live: Sequence[str],
+    policy: MixedPrecision | None,
+) -> tuple[jax.Array, ...]:
+    """Inside shard_map: every shard gathered over `axis` on its dim (`None`: not split)."""
+    replicated = tuple(a for a in live if a != axis)
+    out = []
+    for s, d in zip(shards, dims, strict=True):
+        gdt = None if policy is None else policy.gather_dtype(s.dtype)
+        if d is None:  # the fsdp axis has size 1: nothing to gather
+            s = kernels.ensure_varying(s, live)
+            out.append(s if gdt is None else s.astype(gdt))
+            continue
+        rdt = None if policy is None else policy.grad_reduce_dtype(s.dtype)
+        out.append(
+            kernels.fsdp_gather(
+                s, axis, dim=d, replicated_axes=replicated, gather_dtype=gdt, reduce_dtype=rdt
+            )
+        )
+    return tuple(out)
+
+
 def _cast_floats(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
+    )
+
+
+def fully_shard_scan(
+    make_layer: Callable[[nnx.Rngs], nnx.Module],
+    num_layers: int,
+    *,
+    rngs: nnx.Rngs,
+    mesh: Mesh | None = None,
+    axis: str = FSDP,
+    remat: bool = True,
+    reshard_after_forward: bool = True,
+    policy: MixedPrecision | None = None,
+    batch_axes: Sequence[str] | None = None,
+) -> FSDPModule:
+    """`num_layers` copies of `make_layer(rngs)`, stacked and scanned, each layer an FSDP unit.
+
+    The layers are built with `nnx.split_rngs` + `nnx.vmap` (the flax
+    scan-over-layers pattern), so every parameter gets a leading layer dim of
+    size `num_layers`, which is never split; one other dim is split over
+    `axis`. The call runs `lax.scan` over the layers inside one `shard_map`:
+    step l all-gathers layer l's parameters, applies the layer to the carry,
+    and frees them. Per step of training, per layer: 2 all-gathers (forward
+    loop, backward loop) and 1 reduce-scatter; with `remat=False,
+    reshard_after_forward=False`, 1 all-gather and every layer's gathered
+    parameters kept for the backward.
+
+    Args:
+      make_layer: builds one layer from `rngs`; the layer maps an array to an
+        array of the same shape and dtype (the scan carry).
+      num_layers: the number of layers.
+      rngs: the rngs, split `num_layers` ways.
+      mesh, axis, reshard_after_forward, policy, batch_axes: as `fully_shard`.
+      remat: run each layer under `jax.checkpoint` (save only the carry per
+        layer; the backward recomputes the layer and re-gathers its
+        parameters). Memory: params/N + about one layer's gathered parameters
+        + one activation per layer.
+    """
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"fully_shard_scan(num_layers={num_layers!r}): expected a positive int.")
+
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+        return make_layer(rngs)
+
+    return FSDPModule(
+        create(rngs),
+        mesh=mesh,
+        axis=axis,
+        reshard_after_forward=reshard_after_forward,
+        policy=policy,
+        batch_axes=batch_axes,
+        scan=True,
+        remat=remat,
     )
 
 
