@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=(2, 2, 2),
         help="DATA,FSDP,MODEL mesh sizes; their product is the device count",
     )
-    demo.add_argument("--steps", type=int, default=60, help="training steps")
+    demo.add_argument("--steps", type=int, default=200, help="training steps")
     demo.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     demo.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     demo.add_argument("--d-model", type=int, default=64, help="model width")
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="shard activations over the sequence between blocks (Megatron-SP)",
     )
-    demo.add_argument("--lr", type=float, default=3e-3, help="AdamW learning rate")
+    demo.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate")
     demo.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay")
     demo.add_argument("--seed", type=int, default=0, help="parameter seed")
     demo.add_argument(
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1e-4,
         help="max relative loss difference, sharded vs 1 device, to call them equal",
     )
-    demo.add_argument("--log-every", type=int, default=10, help="print every N steps")
+    demo.add_argument("--log-every", type=int, default=20, help="print every N steps")
     demo.add_argument("--out", default="shardlax-demo", help="folder for loss.png and demo.json")
     demo.add_argument(
         "--processes",

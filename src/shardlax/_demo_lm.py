@@ -140,10 +140,17 @@ def run(args: argparse.Namespace) -> dict:
         _say(f"\nloss after {args.steps} steps: sharded {losses_s[-1]:.5f}, one device "
              f"{losses_1[-1]:.5f} (max relative difference over all steps {rel:.1e}: "
              f"{'equal' if equal else 'NOT equal'} within {args.rtol:g})")  # fmt: skip
-        _say(f"entropy floor {floor:.5f} nats/token; start {losses_1[0]:.3f}; gap to floor "
-             f"now {losses_1[-1] - floor:.3f}")  # fmt: skip
+        tail = max(1, len(losses_1) // 10)
+        recent = float(np.mean(losses_1[-tail:]))
+        _say(f"entropy floor {floor:.5f} nats/token (uniform guess {lang.uniform_loss:.3f}); "
+             f"start {losses_1[0]:.3f}, mean of the last {tail} steps {recent:.3f}: "
+             f"{recent - floor:.3f} above the floor")  # fmt: skip
         _say("\ncollectives of one train step (forward + backward + AdamW), declared vs compiled:")
         _say(comparison.table())
+        loops = sorted({c.trips for c in report if c.in_loop})
+        _say(f"(the blocks run in a lax.scan: their collectives stand once in the program and run "
+             f"{', '.join(map(str, loops)) or 'no'} times per step; bytes moved per step per "
+             f"device: {report.executed_bytes():,})")  # fmt: skip
         _say("\nper-device memory of the train step (bytes, from the compiled program):")
         _say("| | arguments (params + optimizer + batch) | temp | total |")
         _say("|---|---:|---:|---:|")
@@ -152,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
         _say(f"per-device parameters: {_bytes(nnx.state(sharded, nnx.Param)):,} bytes sharded vs "
              f"{_bytes(nnx.state(single, nnx.Param)):,} on one device")  # fmt: skip
         os.makedirs(args.out, exist_ok=True)
-        plot = _plot(losses_s, losses_1, floor, lang.uniform_loss, dict(mesh.shape), args.out)
+        plot = _plot(losses_s, losses_1, floor, lang.uniform_loss, dict(mesh.shape), args)
         summary = {
             "mesh": dict(mesh.shape),
             "processes": jax.process_count(),
@@ -176,7 +183,7 @@ def run(args: argparse.Namespace) -> dict:
     return result
 
 
-def _plot(losses_s, losses_1, floor, uniform, mesh_shape, out) -> str | None:
+def _plot(losses_s, losses_1, floor, uniform, mesh_shape, args) -> str | None:
     try:
         import matplotlib
 
@@ -185,20 +192,30 @@ def _plot(losses_s, losses_1, floor, uniform, mesh_shape, out) -> str | None:
     except ImportError:
         _say("(matplotlib not installed: no plot; pip install -e '.[plot]')")
         return None
-    fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
+    fig, (ax, ax_diff) = plt.subplots(
+        2, 1, figsize=(7, 5.6), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
+    )
     steps = np.arange(len(losses_1))
     ax.plot(steps, losses_1, lw=3, alpha=0.5, label="1 device")
     ax.plot(steps, losses_s, lw=1.2, ls="--", color="k",
             label=f"sharded, mesh {tuple(mesh_shape.values())} (data, fsdp, model)")  # fmt: skip
     ax.axhline(floor, color="tab:red", lw=1, label=f"entropy floor {floor:.3f}")
     ax.axhline(uniform, color="gray", lw=1, ls=":", label=f"uniform guess {uniform:.3f}")
-    ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy (nats / token)")
     ax.set_title("TinyLM: sharded training equals single-device training")
     ax.legend()
     ax.grid(alpha=0.3)
+    rel = np.abs(np.array(losses_s) - np.array(losses_1)) / np.abs(np.array(losses_1))
+    ax_diff.semilogy(steps, np.maximum(rel, 1e-9), ".", ms=3, color="k")
+    ax_diff.axhline(args.rtol, color="tab:red", lw=1, label=f"tolerance {args.rtol:g}")
+    ax_diff.axhline(np.finfo(np.float32).eps, color="gray", lw=1, ls=":", label="f32 epsilon")
+    ax_diff.set_ylim(1e-9, 1e-2)
+    ax_diff.set_ylabel("|rel. diff|")
+    ax_diff.set_xlabel("step")
+    ax_diff.legend(loc="upper left", fontsize=8)
+    ax_diff.grid(alpha=0.3)
     fig.tight_layout()
-    path = os.path.join(out, "loss.png")
+    path = os.path.join(args.out, "loss.png")
     fig.savefig(path)
     plt.close(fig)
     return path
