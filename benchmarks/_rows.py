@@ -22,6 +22,8 @@ from _steps import (
     Candidate,
     ParallelMLP,
     PlainMLP,
+    PlainStack,
+    ResidualLinear,
     Row,
     Scanned,
     Skip,
@@ -48,8 +50,8 @@ SIZES = {  # default, --quick
         dict(batch=8, d=32, layers=2, remat=1),
     ),
     "fully_shard_deep": (
-        dict(batch=64, d=512, layers=8, remat=0, fully_shard=1),
-        dict(batch=8, d=32, layers=2, remat=0, fully_shard=1),
+        dict(batch=64, d=512, layers=8, remat=1, fully_shard=1),
+        dict(batch=8, d=32, layers=2, remat=1, fully_shard=1),
     ),
     "zero2": (dict(batch=256, d=512, f=2048), dict(batch=16, d=32, f=64)),
     "fsdp_tp": (dict(batch=128, d=512, f=2048), dict(batch=16, d=32, f=64)),
@@ -136,21 +138,28 @@ def row_fsdp_deep(cfg: dict, n: int, devices) -> Row:
             d, d, kernel_init=init, rngs=rngs, mesh=mesh, fsdp_axis="fsdp"
         )
 
-    def fully_sharded_linear(rngs):
-        # Any NNX module made an FSDP unit by shardlax.fully_shard (FSDP2's API).
-        return shardlax.fully_shard(nnx.Linear(d, d, kernel_init=init, rngs=rngs), mesh=mesh)
+    remat = bool(cfg["remat"])
+    if cfg.get("fully_shard"):
+        # shardlax.fsdp.fully_shard_scan: the flax scan-over-layers pattern, each
+        # layer an FSDP unit; its plain twin is built by the same pattern (same values).
+        fully_shard_scan = getattr(shardlax.fsdp, "fully_shard_scan", None)
+        if fully_shard_scan is None:
+            raise Skip("shardlax.fsdp.fully_shard_scan is not available")
 
-    unit = fully_sharded_linear if cfg.get("fully_shard") else fsdp_linear
-    try:
-        sharded = Scanned(unit, layers, nnx.Rngs(0), remat=bool(cfg["remat"]))
-    except (TypeError, AttributeError) as e:
-        raise Skip(f"shardlax has no FSDP linear of this kind yet ({e})") from e
-    plain = Scanned(
-        lambda rngs: nnx.Linear(d, d, kernel_init=init, rngs=rngs),
-        layers,
-        nnx.Rngs(0),
-        remat=bool(cfg["remat"]),
-    )
+        def block(rngs):
+            return ResidualLinear(d, init, rngs)
+
+        sharded = fully_shard_scan(block, layers, rngs=nnx.Rngs(0), mesh=mesh, remat=remat)
+        plain = PlainStack(block, layers, nnx.Rngs(0), remat=remat)
+    else:
+        try:
+            sharded = Scanned(fsdp_linear, layers, nnx.Rngs(0), remat=remat)
+        except TypeError as e:
+            raise Skip(f"the shardlax linears take no fsdp_axis yet ({e})") from e
+        plain = Scanned(
+            lambda rngs: nnx.Linear(d, d, kernel_init=init, rngs=rngs), layers, nnx.Rngs(0),
+            remat=remat,
+        )  # fmt: skip
     x, y = regression_batch(b, d)
     spec = P("fsdp")
     batch = tuple(jax.device_put(v, NamedSharding(mesh, spec)) for v in (x, y))
@@ -158,17 +167,25 @@ def row_fsdp_deep(cfg: dict, n: int, devices) -> Row:
     cands |= plain_candidates(plain, (x, y), auto, specs_of(sharded), spec, devices)
     fs = ["fsdp"]
     return Row(
-        name=("fully_shard_deep" if cfg.get("fully_shard") else "fsdp_deep")
-        + ("_remat" if cfg["remat"] else ""),
+        name="fully_shard_deep"
+        if cfg.get("fully_shard")
+        else "fsdp_deep" + ("_remat" if remat else ""),
         strategy=f"FSDP / ZeRO-3, {layers} layers in lax.scan"
-        + (" (shardlax.fully_shard(nnx.Linear))" if cfg.get("fully_shard") else "")
+        + (" (shardlax.fsdp.fully_shard_scan)" if cfg.get("fully_shard") else "")
         + (", each under jax.checkpoint" if cfg["remat"] else ""),
         mesh=f"fsdp={n}",
         config=dict(cfg, n=n),
         candidates=cands,
         minimum=[
             minimum("all-gather", fs, d * d * 4, n, 2 * layers, "W per layer: forward + backward"),
-            minimum("all-gather", fs, d * 4, n, layers, "b per layer: forward"),
+            minimum(
+                "all-gather",
+                fs,
+                d * 4,
+                n,
+                (2 if remat else 1) * layers,
+                "b per layer: forward" + (" + recompute" if remat else ""),
+            ),
             minimum("reduce-scatter", fs, d * d * 4, n, layers, "dW per layer"),
             minimum("reduce-scatter", fs, d * 4, n, layers, "db per layer"),
             minimum("all-reduce", fs, 4, n, 1, "the mean loss"),

@@ -249,6 +249,42 @@ class Scanned(nnx.Module):
         return x
 
 
+class ResidualLinear(nnx.Module):
+    """`x + gelu(x W + b)`: one layer of the deep FSDP rows."""
+
+    def __init__(self, d: int, kernel_init, rngs: nnx.Rngs):
+        self.linear = nnx.Linear(d, d, kernel_init=kernel_init, rngs=rngs)
+
+    def __call__(self, x):
+        return x + jax.nn.gelu(self.linear(x))
+
+
+class PlainStack(nnx.Module):
+    """`make_layer` stacked `L` times by flax's scan-over-layers pattern
+    (`nnx.split_rngs` + `nnx.vmap`), run by `lax.scan`, each layer under
+    `jax.checkpoint` with `remat`."""
+
+    def __init__(self, make_layer: Callable, layers: int, rngs: nnx.Rngs, remat: bool = True):
+        @nnx.split_rngs(splits=layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def create(rngs):
+            return make_layer(rngs)
+
+        self.layers = create(rngs)
+        self.remat = remat
+
+    def __call__(self, x):
+        graphdef, state = nnx.split(self.layers)
+
+        def layer(x, layer_state):
+            return nnx.merge(graphdef, layer_state)(x), None
+
+        if self.remat:
+            layer = jax.checkpoint(layer)
+        x, _ = jax.lax.scan(layer, x, state)
+        return x
+
+
 def plain_tinylm_loss(cfg, params: dict, tokens, targets):
     """TinyLM's loss in plain jnp on its parameter dict, no shard_map, no collectives.
 

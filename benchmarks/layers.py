@@ -15,9 +15,15 @@ the losses they return are recorded to show they compute the same thing.
 For each the script records trace+lower and compile time, the collectives of
 the compiled HLO (`shardlax.audit`: count, kinds, bytes per device), the
 per-device memory of `memory_analysis()` (arguments, temp), and step times
-from interleaved runs (shardlax, gspmd, unsharded, shardlax, ...). Ratios
-are of medians; the spread of a ratio is the p10-p90 of the per-round ratios
-(each round times the three back to back).
+from interleaved runs (shardlax, gspmd, unsharded, shardlax, ...), all
+after warm-up and compile, each waited on with `block_until_ready`. A
+step-time ratio is the median of the per-round ratios (each round times the
+three back to back, so slow drift of a shared machine cancels), with their
+p10-p90 as its spread; the compile-time ratio is of one compile each.
+
+Meshes for n devices: tp_mlp model=n; fsdp_* fsdp=n; zero2 data=n; fsdp_tp
+and tinylm fsdp=2, model=n/2 (fsdp=2, model=1 for n=2). One process asks for
+max(--devices) simulated CPU devices; an n-device row uses the first n.
 
 Theoretical minimum collectives per step (per device; n = devices on the
 axis, B = local tokens, D = model width, F = hidden width, L = layers,
@@ -30,14 +36,19 @@ P = parameter bytes of the whole model, f32):
               gathered on use and freed after the forward: per layer 2
               all-gathers of W (forward, and again in the backward for dx),
               1 of b, 1 reduce-scatter of each gradient; plus 1 scalar
-              all-reduce of the loss. `fsdp_deep_remat` is the same model
-              with each layer under `jax.checkpoint` (same minimum: the
-              recomputed forward could reuse the backward's gather);
-              `fully_shard_deep` makes each `nnx.Linear` an FSDP unit with
-              `shardlax.fully_shard` instead of the layers' `fsdp_axis`.
+              all-reduce of the loss. `fsdp_deep_remat`: the same model with
+              each layer under `jax.checkpoint`; the recomputed forward needs
+              b again (2 gathers of b), W still needs only 2 (the recompute
+              and the backward can share one gather). `fully_shard_deep`:
+              `shardlax.fsdp.fully_shard_scan` (flax's scan-over-layers
+              pattern, each layer an FSDP unit, remat on), same minimum as
+              `fsdp_deep_remat`.
   zero2       data-parallel MLP with Adam, gradients and optimizer state
-              sharded over 'data' (ZeRO-2): 1 reduce-scatter of the gradients
-              (P bytes) + 1 all-gather of the updated parameters (P bytes).
+              sharded over 'data' (ZeRO-2, `shardlax.train.Trainer`): 1
+              reduce-scatter of the gradients (P bytes) + 1 all-gather of the
+              updated parameters (P bytes) + 1 scalar all-reduce of the loss.
+              (Plain data parallelism would all-reduce P: twice the wire bytes
+              of the reduce-scatter.)
   fsdp_tp     column -> row MLP on a (fsdp=f, model=m) mesh, parameters gathered
               over 'fsdp' on use and freed after the forward: per parameter
               1 all-gather of its 1/m model shard in the forward, 1 more in
@@ -45,16 +56,20 @@ P = parameter bytes of the whole model, f32):
               the first layer's input is data), 1 reduce-scatter of its
               gradient; plus 1 all-reduce over 'model' of the activation
               [B/f, D] (forward) and 1 scalar all-reduce of the loss.
-  tinylm      TinyLM train step: per block the attention and MLP row layers'
-              activation all-reduces (forward), the column layers' input
-              gradient all-reduces (backward), and the gradient reduction
-              over the batch axes.
+  tinylm      TinyLM train step (`shardlax.models.TinyLM`, FSDP x TP, blocks in
+              a scan). Reference: what `TinyLM.declared_collectives` lists,
+              blocks counted once per layer: per block the attention and MLP
+              activation all-reduces over 'model' (forward) and input-gradient
+              all-reduces (backward), FSDP gathers and reduce-scatters of
+              every parameter, the vocabulary-parallel loss's 3 per-token
+              all-reduces and the scalar mean. This is the design's own count,
+              not a lower bound: GSPMD may undercut it.
 
 A collective inside a `lax.scan` appears once in the HLO; the "executed"
 bytes multiply it by the row's loop trip count.
 
 Run:
-    python benchmarks/layers.py                  # every row that exists, 4 devices
+    python benchmarks/layers.py                  # every row, 2, 4 and 8 devices
     python benchmarks/layers.py --rows tp_mlp --devices 8 --repeats 30
     python benchmarks/layers.py --quick          # smoke run (seconds)
 """
