@@ -7,6 +7,7 @@ they share nothing with the code under test but the model definition.
 from __future__ import annotations
 
 import functools
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -14,6 +15,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from hypothesis import given
+from hypothesis import strategies as st
 
 import shardlax
 from shardlax import audit, train
@@ -415,3 +418,35 @@ def test_non_parameter_state_is_passed_through():
     expected = jax.tree.map(lambda p, g: p - g, params, grads)
     assert_params_close(state.params, expected, "with batch stats")
     np.testing.assert_array_equal(np.asarray(state.rest["norm"]["mean"][...]), np.full(3, 0.5))
+
+
+class Net(nnx.Module):
+    def __init__(self, sizes, rngs: nnx.Rngs):
+        self.layers = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in itertools.pairwise(sizes)])
+
+    def __call__(self, x):
+        for layer in self.layers:
+            x = jnp.tanh(layer(x))
+        return x
+
+
+@given(
+    sizes=st.lists(st.integers(1, 9), min_size=2, max_size=4),
+    bucket_bytes=st.sampled_from([None, 16, 64, 256]),
+    strategy=st.sampled_from(STRATEGIES),
+    n=st.sampled_from([2, 4, 8]),
+)
+def test_random_shapes_and_buckets(sizes, bucket_bytes, strategy, n):
+    """Any widths (padding everywhere) and bucket sizes: one sgd step moves by the gradient."""
+    mesh = utils.mesh(data=n)
+    kx, ky = jax.random.split(jax.random.key(len(sizes)))
+    batch = {"x": jax.random.normal(kx, (8, sizes[0])), "y": jax.random.normal(ky, (8, sizes[-1]))}
+    graphdef, params = nnx.split(Net(sizes, nnx.Rngs(0)))
+    grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), batch))(params)
+    trainer = train.Trainer(Net(sizes, nnx.Rngs(0)), optax.sgd(1.0), loss_fn, mesh=mesh,
+                            strategy=strategy, bucket_bytes=bucket_bytes)  # fmt: skip
+    state, _ = trainer.step(trainer.init(), batch)
+    expected = jax.tree.map(lambda p, g: p - g, params, grads)
+    assert_params_close(state.params, expected, f"{strategy} {sizes} {bucket_bytes}")
+    report = audit.collectives(trainer.step, state, batch)
+    assert audit.compare(trainer.declared_collectives(batch), report).ok
