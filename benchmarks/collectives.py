@@ -229,7 +229,7 @@ def main(argv=None) -> None:
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
     if args.quick:
-        args.devices, args.min_size, args.max_size = [2, 4], 64 * 1024, 256 * 1024
+        args.devices, args.min_size, args.max_size = [2, 4], 64 * 1024, 128 * 1024
         args.iters, args.warmup = 3, 1
     C.setup_devices(max(args.devices))
     t0 = time.perf_counter()
