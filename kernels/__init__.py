@@ -26,11 +26,9 @@ from ._dropout import shard_offsets as shard_offsets
 from ._dropout import sharding_invariant_dropout as sharding_invariant_dropout
 from ._embed import vocab_parallel_embed as vocab_parallel_embed
 from ._embed import vocab_parallel_logits as vocab_parallel_logits
-from ._fsdp import MOVEMENT_PRIMITIVES as MOVEMENT_PRIMITIVES
 from ._fsdp import fsdp_call as fsdp_call
 from ._fsdp import fsdp_gather as fsdp_gather
 from ._fsdp import gather_bits as gather_bits
-from ._fsdp import reshard_policy as reshard_policy
 from ._linear import column_parallel_matmul as column_parallel_matmul
 from ._linear import matmul_last as matmul_last
 from ._linear import row_parallel_matmul as row_parallel_matmul
@@ -54,7 +52,6 @@ from ._zero import sharded_tree_norm as sharded_tree_norm
 from ._zero import unpack_bucket as unpack_bucket
 
 __all__ = [
-    "MOVEMENT_PRIMITIVES",
     "all_gather",
     "all_gather_bucket",
     "all_reduce",
@@ -84,7 +81,6 @@ __all__ = [
     "ppermute",
     "reduce_scatter",
     "reduce_scatter_bucket",
-    "reshard_policy",
     "ring_shift",
     "rms_norm",
     "rotary_embedding",

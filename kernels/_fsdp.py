@@ -20,8 +20,8 @@ Collectives per gathered parameter, per call:
             the gather dtype).
   backward: 1 reduce-scatter over the fsdp axis of `|W|` bytes (in the reduce
             dtype) + 1 all-reduce over `replicated_axes` of `|W|/N` bytes;
-            with `reshard_after_forward` (`reshard_policy` under
-            `jax.checkpoint`), 1 more all-gather when the backward needs `W`.
+            with `reshard_after_forward` (`fsdp_call`), 1 more all-gather
+            when the backward needs `W`.
 
 References:
   Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
@@ -48,42 +48,6 @@ from ._collectives import (
     reduce_scatter,
     varying_axes,
 )
-
-#: Primitives whose outputs `reshard_policy` never saves for the backward:
-#: they only move, cast or relabel data (a gathered parameter and its casts,
-#: reshapes and transposes are all of this kind), so recomputing them from
-#: their inputs costs no FLOPs, only the re-gather.
-MOVEMENT_PRIMITIVES = frozenset(
-    {
-        "all_gather",
-        "all_gather_invariant",
-        "bitcast_convert_type",
-        "broadcast_in_dim",
-        "convert_element_type",
-        "copy",
-        "copy_p",
-        "expand_dims",
-        "name",
-        "pcast",
-        "pvary",
-        "reduce_precision",
-        "reshape",
-        "squeeze",
-        "transpose",
-    }
-)
-
-
-def reshard_policy(prim: Any, *_: Any, **__: Any) -> bool:
-    """`jax.checkpoint` policy of `reshard_after_forward=True`.
-
-    Saves every intermediate (activations, matmul outputs) except the outputs
-    of data-movement primitives (`MOVEMENT_PRIMITIVES`). A gathered parameter
-    is such an output, and so is every cast, reshape or transpose of it, so
-    the backward re-gathers it from the 1/N shard instead of keeping it from
-    the forward; no matmul is recomputed.
-    """
-    return prim.name not in MOVEMENT_PRIMITIVES
 
 
 def _bits_dtype(dtype: Any) -> Any | None:
