@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._collectives import all_reduce
-from ._sequence import cast_varying, gather_sequence, scatter_sequence, shard_start
+from ._collectives import all_gather, all_reduce, axis_index, reduce_scatter
+from ._sequence import cast_varying, gather_sequence, scatter_sequence
 
 
 def vocab_parallel_embed(
@@ -33,6 +33,7 @@ def vocab_parallel_embed(
     axis_name: str = "model",
     sequence_parallel: bool = False,
     seq_axis: int = 1,
+    fsdp_axis: str | None = None,
 ) -> jax.Array:
     """`E[ids]` from a table split over the vocabulary.
 
@@ -50,9 +51,23 @@ def vocab_parallel_embed(
     reduce-scatter over the sequence); backward none (SP: 1 all-gather of the
     output gradient). The table gradient stays local: rows outside a
     device's range get zero.
+
+    FSDP (`fsdp_axis`, which also splits the batch): the table is split over
+    the vocabulary on `(axis_name, fsdp_axis)`, `[V/(N F), D]`, and is never
+    gathered. Instead the *ids* of the F batch shards are all-gathered (a few
+    ints per token), each device looks up the rows it owns for all of them,
+    and one reduce-scatter over `fsdp_axis` sums the owners and hands each
+    device its own batch shard back: forward 1 all-gather of int `[F B, S]`
+    and 1 reduce-scatter of `[F B, S, D]`; backward 1 all-gather of
+    `[F B, S, D]`. The table gradient again stays on its owner.
     """
+    fsdp = fsdp_axis is not None and lax.axis_size(fsdp_axis) > 1
+    if fsdp:
+        ids = all_gather(ids, fsdp_axis, axis=0)  # ids: int[F B, S], every batch shard's
     rows_local = table_shard.shape[0]
-    start = shard_start(axis_name, rows_local)
+    owners = tuple(a for a in (axis_name, fsdp_axis if fsdp else None) if a is not None)
+    owners = tuple(a for a in owners if lax.axis_size(a) > 1)
+    start = axis_index(owners) * rows_local if owners else 0
     ids = jnp.where(ids < 0, ids + num_embeddings, ids)
     invalid = (ids < 0) | (ids >= num_embeddings)  # invalid: bool[B, S]
     local = ids - start
@@ -60,6 +75,8 @@ def vocab_parallel_embed(
     rows = jnp.take(table_shard, jnp.where(mine, local, 0), axis=0)  # rows: [B, S, D]
     rows = jnp.where(mine[..., None], rows, jnp.zeros((), rows.dtype))
     rows = jnp.where(invalid[..., None], jnp.full((), jnp.nan, rows.dtype), rows)
+    if fsdp:
+        rows = reduce_scatter(rows, fsdp_axis, axis=0)  # rows: [B, S, D], my batch shard
     if sequence_parallel:
         return scatter_sequence(rows, axis_name, seq_axis=seq_axis)  # [B, S/N, D]
     return all_reduce(rows, axis_name)  # [B, S, D]

@@ -281,7 +281,7 @@ class TinyLM(nnx.Module):
     def _head_entries(self) -> list[tuple]:
         """The head's weight as a `SequenceLayer` entry (its backward reads it for dx)."""
         if self.config.tie_embeddings:
-            return [(self.embed, "embedding", 1, False, "input")]
+            return [(self.embed, "embedding", 0, False, "input")]
         return [(self.head, "kernel", 0, False, "input")]
 
     # -------------------------------------------------------------- collectives
@@ -307,12 +307,7 @@ class TinyLM(nnx.Module):
         m, sp = (embed.axis_name,), cfg.sequence_parallel
         local = embed._local_batch_shape(hidden)
         f32 = jnp.float32
-        head = embed._declare_entries(grad, True, "head", self._head_entries())
-        if cfg.tie_embeddings:
-            # FSDP: the head's forward gather of the table is the lookup's (the same
-            # all-gather of the same shard; XLA merges them); its re-gather is not.
-            head = [d for d in head if not d.why.startswith("gather ")]
-        out += head
+        out += embed._declare_entries(grad, True, "head", self._head_entries())
         if sp:
             out += embed._declare("all-gather", m, f32, nbytes(local, f32), "head: gather sequence")
         if grad:

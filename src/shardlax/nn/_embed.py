@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
-from shardlax.mesh import check_divisible
+from shardlax.mesh import check_divisible, live_axes
 from shardlax.nn._base import AUTO, sharded_param
 from shardlax.nn._sequence import SequenceLayer, nbytes, run_shard_map
 
@@ -76,9 +76,9 @@ class ParallelEmbed(SequenceLayer):
         check_divisible(
             type(self).__name__, "num_embeddings", num_embeddings, axis_name, self.model_size
         )
-        # embedding [V, D]: P('model', 'fsdp') (the fsdp axis splits the features)
+        # embedding [V, D]: P(('model', 'fsdp'), None): FSDP splits the vocabulary further
         self.embedding_spec = self._fsdp_spec(
-            P(self._spec_axis(axis_name), None), (num_embeddings, features), 1, "features"
+            P(self._spec_axis(axis_name), None), (num_embeddings, features), 0, "num_embeddings"
         )
         self.embedding = sharded_param(
             embedding_init, rngs.params(), (num_embeddings, features), param_dtype,
@@ -91,9 +91,14 @@ class ParallelEmbed(SequenceLayer):
         self.promote_dtype = promote_dtype
         self.sequence_parallel = sequence_parallel
 
-    def _entries(self, attend: bool) -> list[tuple]:
-        # the lookup's backward never reads the table; attend's dx does
-        return [(self, "embedding", 1, False, "input" if attend else "never")]
+    def _entries(self) -> list[tuple]:
+        # attend: the table gathered over fsdp (dim 0); its dx reads it
+        return [(self, "embedding", 0, False, "input")]
+
+    def _lookup_grad_axes(self) -> tuple[str, ...]:
+        """The axes the lookup's table gradient is all-reduced over: the batch axes but fsdp."""
+        live = live_axes(self.mesh, self.batch_axes)
+        return tuple(a for a in live if not (self._fsdp_live and a == self.fsdp_axis))
 
     def ids_spec(self, ndim: int = 2) -> P:
         return self._activation_spec(ndim, None) if ndim > 1 else P(None)
@@ -115,14 +120,14 @@ class ParallelEmbed(SequenceLayer):
             inputs = self._place(inputs, ids_spec)
 
             def body(ids, table):
-                def fn(params, ids):
-                    (table,) = self.promote_dtype(params, dtype=self.dtype, inexact=False)
-                    return kernels.vocab_parallel_embed(
-                        ids, table, num_embeddings=self.num_embeddings, axis_name=self.axis_name,
-                        sequence_parallel=self.sequence_parallel,
-                    )  # fmt: skip
-
-                return self._apply(fn, self._entries(False), (table,), ids)
+                # never gathered: its gradient is summed over the pure data axes only
+                table = kernels.ensure_varying(table, self._lookup_grad_axes())
+                (table,) = self.promote_dtype((table,), dtype=self.dtype, inexact=False)
+                return kernels.vocab_parallel_embed(
+                    ids, table, num_embeddings=self.num_embeddings, axis_name=self.axis_name,
+                    sequence_parallel=self.sequence_parallel,
+                    fsdp_axis=self.fsdp_axis if self._fsdp_live else None,
+                )  # fmt: skip
 
             return run_shard_map(
                 body, self.mesh, (inputs, self.embedding[...]),
@@ -144,7 +149,7 @@ class ParallelEmbed(SequenceLayer):
                         sequence_parallel=self.sequence_parallel,
                     )  # fmt: skip
 
-                return self._apply(fn, self._entries(True), (table,), x)
+                return self._apply(fn, self._entries(), (table,), x)
 
             return run_shard_map(
                 body, self.mesh, (query, self.embedding[...]),
@@ -158,27 +163,32 @@ class ParallelEmbed(SequenceLayer):
         dtype = self.dtype
         full = (*self._local_batch_shape(ids_shape), self.features)
         m, sp = (self.axis_name,), self.sequence_parallel
-        out = []
-        if sp:
-            out += self._declare(
-                "reduce-scatter", m, dtype, nbytes(full, dtype), "embed: sum of row shards"
+        kind = "reduce-scatter" if sp else "all-reduce"
+        out = first = self._declare(kind, m, dtype, nbytes(full, dtype), "embed: sum of row shards")
+        if self._fsdp_live:
+            f, lf = self.fsdp_size, (self.fsdp_axis,)
+            ids_all = nbytes((full[0] * f, full[1]), jnp.int32)
+            rows_all = nbytes((full[0] * f, *full[1:]), dtype)
+            out = self._declare(
+                "all-gather", lf, jnp.int32, ids_all, "embed: ids of every batch shard"
             )
-        else:
             out += self._declare(
-                "all-reduce", m, dtype, nbytes(full, dtype), "embed: sum of row shards"
+                "reduce-scatter", lf, dtype, rows_all, "embed: rows to their batch"
             )
-        if attend and sp:
-            out += self._declare(
-                "all-gather", m, dtype, nbytes(full, dtype), "attend: gather sequence"
-            )
-        out += self._declare_entries(grad, True, "embed", self._entries(False))
-        if grad and sp:
-            out += self._declare("all-gather", m, dtype, nbytes(full, dtype), "embed: dy")
+            out += first
+        if grad:
+            if sp:
+                out += self._declare("all-gather", m, dtype, nbytes(full, dtype), "embed: dy")
+            if self._fsdp_live:
+                out += self._declare("all-gather", lf, dtype, rows_all, "embed: dy of every shard")
+            shard = (self.num_embeddings // (self.model_size * self.fsdp_size), self.features)
+            pd = self.param_dtype
+            out += self._declare("all-reduce", self._lookup_grad_axes(), pd,
+                                 nbytes(shard, pd), "d table over the data axes")  # fmt: skip
         if attend:
-            # FSDP: attend's forward gather of the table is the lookup's (the same
-            # all-gather of the same shard; XLA merges them); its re-gather is not.
-            decl = self._declare_entries(grad, True, "attend", self._entries(True))
-            out += [d for d in decl if not d.why.startswith("gather ")]
+            out += self._declare_entries(grad, True, "attend", self._entries())
+            if sp:
+                out += self._declare("all-gather", m, dtype, nbytes(full, dtype), "attend: x")
             if grad:
                 kind = "reduce-scatter" if sp else "all-reduce"
                 out += self._declare(kind, m, dtype, nbytes(full, dtype), "attend: dx")
