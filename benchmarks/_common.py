@@ -27,6 +27,8 @@ SIMULATED_NOTE = (
     "ratios, collective bytes and memory are what transfer to accelerators."
 )
 
+SHORT_NOTE = "simulated CPU devices sharing one memory system: read ratios, bytes, memory"
+
 
 def setup_devices(n: int) -> None:
     """Ask for `n` simulated CPU devices; must run before JAX creates a backend."""

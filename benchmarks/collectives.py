@@ -199,7 +199,7 @@ def run(args) -> list[dict]:
                             "same_hlo_as_lax": hlo["shardlax"] == hlo["lax"],
                             "mesh": "one process, sub-mesh of the first n of "
                             f"{info['device_count']} simulated devices",
-                            "note": C.SIMULATED_NOTE,
+                            "note": C.SHORT_NOTE,
                             "machine": info,
                         }
                     )

@@ -200,7 +200,7 @@ def measure(row: Row, args) -> list[dict]:
             "minimum_wire_bytes": min_wire,
             "loop_trips": row.loop_trips,
             "process": f"one process, {info['device_count']} simulated devices",
-            "note": C.SIMULATED_NOTE,
+            "note": C.SHORT_NOTE,
             "machine": info,
         }
         for other in ("gspmd", "unsharded"):
