@@ -8,8 +8,10 @@ new layer adopts it (ColumnParallelLinear is the worked example):
   1. `__init__`: call `self._setup_mesh(...)` then `self._setup_fsdp(fsdp_axis,
      reshard_after_forward, mixed_precision)`.
   2. For each parameter, `spec = self._fsdp_spec(tp_spec, shape, dim, "arg")`
-     (picks the dim the fsdp axis splits; checks divisibility with a clear
-     error) and build it with `sharded_param(..., spec)`; remember `dim`.
+     (adds the fsdp axis on `dim`, after any model axis there; checks
+     divisibility with a clear error) and build it with
+     `sharded_param(..., spec)`; remember `dim` (choose a dim the model axis
+     does not split when there is one: [D, F] column kernel -> dim 0).
   3. In the shard_map body, write the math as `use(params, x)` on whole
      parameters and return `self._fsdp_apply(use, (w_shard, b_shard), dims, x)`
      (instead of `self._replicated_for_grad`); compute in
@@ -292,12 +294,14 @@ class ShardedLayer(nnx.Module):
         def gather(ps):
             return tuple(self._gather(p, d) for p, d in zip(ps, dims, strict=True))
 
+        if not self._fsdp_live:  # nothing gathered: plain autodiff of the replicated params
+            return fn(gather(tuple(shards)), args)
         return kernels.fsdp_call(
             fn,
             tuple(shards),
             args,
             gather=gather,
-            reshard_after_forward=self._fsdp_live and self.reshard_after_forward,
+            reshard_after_forward=self.reshard_after_forward,
         )
 
     def _shard_map(self, body: Callable, args: tuple, in_specs: tuple, out_specs: Any) -> Any:
