@@ -202,6 +202,14 @@ def test_error_fully_shard_bad_policy_and_module():
         fully_shard(lambda x: x, mesh=mesh)
     with pytest.raises(ValueError, match=r"the batch must be split over the fsdp axis"):
         fully_shard(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), mesh=mesh, batch_axes=("data",))
+    tp = nnx.Sequential(shardlax.nn.ColumnParallelLinear(4, 4, mesh=mesh, rngs=nnx.Rngs(0)))
+    with pytest.raises(
+        TypeError,
+        match=r"fully_shard\(Sequential\): the module contains shardlax layers "
+        r"\(ColumnParallelLinear\), which run their own shard_map .* build them with "
+        r"fsdp_axis='fsdp'",
+    ):
+        fully_shard(tp, mesh=mesh)
 
 
 def test_fully_shard_in_a_model_with_shardlax_layers():

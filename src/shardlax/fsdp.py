@@ -50,7 +50,7 @@ from shardlax import kernels
 from shardlax._axes import BATCH_AXES, FSDP
 from shardlax.audit import Declared
 from shardlax.mesh import check_axis, live_axes, present_axes, resolve_mesh
-from shardlax.nn._base import _gather_hlo_dtype, _hlo_dtype
+from shardlax.nn._base import ShardedLayer, _gather_hlo_dtype, _hlo_dtype
 from shardlax.precision import MixedPrecision
 
 
@@ -99,6 +99,15 @@ class FSDPModule(nnx.Module):
             raise TypeError(
                 f"fully_shard(module={type(module).__name__}): expected a flax.nnx.Module. "
                 f"Pass an nnx module such as nnx.Linear(...) or your own block."
+            )
+        inner = [type(m).__name__ for _, m in nnx.iter_graph(module) if isinstance(m, ShardedLayer)]
+        if inner:
+            raise TypeError(
+                f"{owner}: the module contains shardlax layers ({', '.join(sorted(set(inner)))}), "
+                f"which run their own shard_map and cannot be nested in fully_shard's. They "
+                f"shard their parameters over the fsdp axis themselves: build them with "
+                f"fsdp_axis='fsdp' (the default on a mesh with an fsdp axis) and call them "
+                f"without fully_shard."
             )
         self.mesh = resolve_mesh(mesh, owner)
         n = check_axis(self.mesh, axis, owner, "axis")
