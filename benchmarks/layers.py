@@ -19,7 +19,8 @@ from interleaved runs (shardlax, gspmd, unsharded, shardlax, ...), all
 after warm-up and compile, each waited on with `block_until_ready`. A
 step-time ratio is the median of the per-round ratios (each round times the
 three back to back, so slow drift of a shared machine cancels), with their
-p10-p90 as its spread; the compile-time ratio is of one compile each.
+p10-p90 as its spread. Compile time (trace + lower + compile) is the median
+of `--compile-repeats` cold compiles (`jax.clear_caches()` before each).
 
 Meshes for n devices: tp_mlp model=n; fsdp_* fsdp=n; zero2 data=n; fsdp_tp
 and tinylm fsdp=2, model=n/2 (fsdp=2, model=1 for n=2). One process asks for
@@ -96,6 +97,7 @@ from shardlax import audit
 DEVICES = (2, 4, 8)
 REPEATS = 30
 WARMUP = 2
+COMPILE_REPEATS = 3
 # -----------------------------------------------------------------------------
 
 # ----------------------------------------------------------------------------- measure
@@ -154,8 +156,17 @@ def collectives_summary(report, loop_trips: int) -> dict:
 def measure(row: Row, args) -> list[dict]:
     info = C.machine_info()
     meta, runners, hlo = {}, {}, {}
+    # Cold compiles, interleaved: caches cleared before each, so no candidate
+    # profits from another's traced or compiled pieces; medians over rounds.
+    compiles: dict[str, list[tuple]] = {impl: [] for impl in row.candidates}
+    for _ in range(args.compile_repeats):
+        for impl, cand in row.candidates.items():
+            jax.clear_caches()
+            compiles[impl].append(compile_timed(cand.fn, (cand.state, cand.batch)))
     for impl, cand in row.candidates.items():
-        c, t_lower, t_compile = compile_timed(cand.fn, (cand.state, cand.batch))
+        c = compiles[impl][-1][0]
+        t_lower = statistics.median(t[1] for t in compiles[impl])
+        t_compile = statistics.median(t[2] for t in compiles[impl])
         mem = c.memory_analysis()
         # Tuple types of 5+ elements carry `/*index=5*/` comments, which hide loop
         # bodies from shardlax.audit (their header line then looks like an instruction).
@@ -246,9 +257,11 @@ def main(argv=None) -> None:
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 repeats")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--strict", action="store_true", help="stop at the first failing row")
+    p.add_argument("--compile-repeats", type=int, default=COMPILE_REPEATS,
+                   help="cold compiles per candidate (median)")  # fmt: skip
     args = p.parse_args(argv)
     if args.quick:
-        args.repeats, args.warmup = 2, 1
+        args.repeats, args.warmup, args.compile_repeats = 2, 1, 1
     if args.devices is None:
         args.devices = [4] if args.quick else list(DEVICES)
     sizes = {k: dict(v[1] if args.quick else v[0]) for k, v in SIZES.items()}
