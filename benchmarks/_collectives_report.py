@@ -24,6 +24,10 @@ def short_size(n: int) -> str:
     return str(n)
 
 
+def n_devices_note(devices: list[int], size: int) -> str:
+    return f"up to {max(devices)} x {short_size(size)} = {short_size(max(devices) * size)} in all"
+
+
 def markdown(rows: list[dict]) -> str:
     info = rows[0]["machine"]
     by = {(r["collective"], r["impl"], r["devices"], r["size_bytes"]): r for r in rows}
@@ -89,6 +93,14 @@ def markdown(rows: list[dict]) -> str:
             summary,
         )
     )
+    if big > 16 * 1024**2:
+        out += [
+            "",
+            f"Above 16 MiB per device ({n_devices_note(devices, big)}), the collective and the "
+            "copy both allocate fresh output buffers whose first touch page-faults: these "
+            "times measure the kernel's page-fault path more than copying. Compare them with "
+            "the ceiling of the same size only.",
+        ]
     out += ["", "## All sizes", ""]
     full = []
     for name in names:

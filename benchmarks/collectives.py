@@ -27,7 +27,9 @@ against S, and the compiled instructions of the shardlax and jax.lax
 programs are compared (they are identical when the wrapper costs nothing).
 
 One process with max(--devices) simulated CPU devices; the n-device
-benchmarks run on sub-meshes of its first n devices.
+benchmarks run on sub-meshes of its first n devices. `--max-size 64M` adds
+32 and 64 MiB; there, on this kind of machine, fresh output buffers
+page-fault on first touch and the times measure that more than copying.
 
 Run:
     python benchmarks/collectives.py                 # 2, 4, 8 devices, 64 KiB..16 MiB
