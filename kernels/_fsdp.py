@@ -176,7 +176,9 @@ def _tie_to(shards: list, ct: Any, allowed: list) -> tuple[list, list]:
     the axes it lacks (`extras`, which the gather would cast it over anyway;
     the caller sums its gradient over them). A shard whose gathered value does
     not vary over all the zero's axes (`allowed`) is left untied: casting it
-    would change its gradient.
+    would change its gradient. The zero comes from the first floating leaf of
+    `ct` (the cotangent, or the inputs for a forward gather): callers put the
+    activations first.
     """
     leaves = [c for c in jax.tree.leaves(ct) if jnp.issubdtype(c.dtype, jnp.floating)]
     if not leaves:

@@ -212,7 +212,7 @@ class FSDPModule(nnx.Module):
                 return _gather_all(shards, self.dims, axis=self.axis, live=live, policy=policy)
 
             def fn(p_full, inputs):
-                r_vals, a_vals = inputs
+                a_vals, r_vals = inputs  # activations first: fsdp_call ties gathers to them
                 m = nnx.merge(
                     graphdef,
                     jax.tree.unflatten(p_tree, list(p_full)),
@@ -235,7 +235,7 @@ class FSDPModule(nnx.Module):
                     return kernels.fsdp_call(
                         fn,
                         tuple(p_shards),
-                        (tuple(r_vals), tuple(a_vals)),
+                        (tuple(a_vals), tuple(r_vals)),
                         gather=gather,
                         reshard_after_forward=reshard,
                     )
@@ -325,10 +325,10 @@ def _scan_layers(fn, gather, p_shards, r_vals, a_vals, *, remat: bool, reshard: 
     def step(h, xs):
         p_layer, r_layer = xs
         if remat:
-            out = fn(gather(p_layer), (r_layer, (h,)))
+            out = fn(gather(p_layer), ((h,), r_layer))
         else:
             out = kernels.fsdp_call(
-                fn, tuple(p_layer), (r_layer, (h,)), gather=gather, reshard_after_forward=reshard
+                fn, tuple(p_layer), ((h,), r_layer), gather=gather, reshard_after_forward=reshard
             )
         return out, None
 
