@@ -162,6 +162,20 @@ def test_fully_shard_mixed_precision():
     assert {c.dtype for c in report.where("reduce-scatter")} == {"f32"}
 
 
+def test_fully_shard_output_dtype():
+    """`output_dtype` casts the unit's outputs; inputs are cast to `param_dtype` on entry."""
+    mesh = utils.mesh(1, 2, 1)
+    policy = MixedPrecision(param_dtype=jnp.bfloat16, output_dtype=jnp.float32)
+    ref = nnx.Linear(D, 8, rngs=nnx.Rngs(0))
+    wrapped = fully_shard(nnx.Linear(D, 8, rngs=nnx.Rngs(0)), mesh=mesh, policy=policy)
+    x = jax.random.normal(jax.random.key(3), (4, D))
+    y = nnx.jit(lambda m, x: m(x))(wrapped, x)
+    assert y.dtype == jnp.float32
+    bf = lambda a: jnp.asarray(a).astype(jnp.bfloat16)
+    y_ref = bf(x) @ bf(ref.kernel[...]) + bf(ref.bias[...])[None, :]
+    utils.assert_close(y, y_ref, jnp.bfloat16)
+
+
 def test_error_fully_shard_axis_missing():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
     with pytest.raises(
