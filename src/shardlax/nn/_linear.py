@@ -63,12 +63,28 @@ class ColumnParallelLinear(_LinearBase):
     over the model axis, and the weight gradients all-reduced over the batch
     axes (data parallelism), in the parameter dtype.
 
+    FSDP (a mesh with an ``'fsdp'`` axis of size F > 1): the kernel is stored
+    as `P('fsdp', 'model')` and the bias as `P(('model', 'fsdp'))`, 1/(F N) of
+    each per device. Per call, forward: 1 all-gather of each over fsdp
+    ([in, out/N] and [out/N] bytes); backward: 1 reduce-scatter of each over
+    fsdp, 1 all-reduce of each 1/F shard over 'data', and with
+    `reshard_after_forward` 1 more all-gather of the kernel when the input
+    gradient is taken (dx needs W).
+
     Args are those of `nnx.Linear`, plus:
       mesh: the mesh; default the one set with `jax.set_mesh`.
       axis_name: the tensor-parallel mesh axis (default ``'model'``).
       batch_axes: mesh axes the leading input dim is split over; default
         whichever of ``('data', 'fsdp')`` the mesh has.
       gather_output: all-gather the output so every device has all `out_features`.
+      fsdp_axis: the mesh axis parameters are split over for FSDP; default
+        ``'fsdp'`` when the mesh has it and the batch is split over it; None
+        keeps the parameters whole (plain data parallelism over the batch).
+      reshard_after_forward: free the gathered parameters after the forward
+        and gather them again in the backward (default), or keep them.
+      mixed_precision: a `shardlax.precision.MixedPrecision`: parameters
+        gathered and computed in `param_dtype`, gradients reduced in
+        `reduce_dtype`.
 
     Example:
       >>> mesh = shardlax.make_mesh(data=2, model=4)  # doctest: +SKIP
@@ -226,8 +242,13 @@ class RowParallelLinear(_LinearBase):
     `input_is_parallel=False`, 1 all-reduce of it), and the weight
     gradients all-reduced over the batch axes, in the parameter dtype.
 
+    FSDP: the kernel is stored as `P('model', 'fsdp')` (split on its output
+    features) and the bias as `P('fsdp')`; collectives as in
+    `ColumnParallelLinear` ([in/N, out] and [out] gathered).
+
     Args are those of `nnx.Linear`, plus:
-      mesh, axis_name, batch_axes: as in `ColumnParallelLinear`.
+      mesh, axis_name, batch_axes, fsdp_axis, reshard_after_forward,
+        mixed_precision: as in `ColumnParallelLinear`.
       input_is_parallel: the input is already split over the model axis
         (True, the Megatron default); if False, it is replicated and each
         device takes its slice.
