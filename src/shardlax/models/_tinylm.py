@@ -120,13 +120,27 @@ class Block(nnx.Module):
             h = self.dropout(h, rngs=jax.random.fold_in(key, 1))
         return x + h
 
-    def declared_collectives(self, shape: Sequence[int], *, grad: bool) -> list[Declared]:
-        return [
+    def declared_collectives(
+        self, shape: Sequence[int], *, grad: bool, remat: bool = False
+    ) -> list[Declared]:
+        """One block's collectives (forward, and backward with `grad`).
+
+        `remat` (`jax.checkpoint` around the block): the backward first runs the
+        block's forward again, all of it except what only feeds the block's
+        output (the MLP's exit collective and the gather of its down kernel),
+        which XLA removes as dead code.
+        """
+        out = [
             *self.attn_norm.declared_collectives(shape, grad=grad),
             *self.attn.declared_collectives(shape, grad=grad),
             *self.mlp_norm.declared_collectives(shape, grad=grad),
             *self.mlp.declared_collectives(shape, grad=grad),
         ]
+        if grad and remat:
+            dead = ("mlp: sum y", "mlp: scatter y", "gather mlp.down.kernel")
+            again = self.declared_collectives(shape, grad=False)
+            out += [d for d in again if d.why not in dead]
+        return out
 
 
 def _stack(modules: Sequence[nnx.Module], mesh: Mesh) -> nnx.Module:
@@ -301,7 +315,7 @@ class TinyLM(nnx.Module):
         with jax.set_mesh(self.mesh):  # one layer's parameters (their shapes and layouts)
             layer = nnx.merge(graphdef, jax.tree.map(lambda a: a[0], state))
         out = embed.declared_collectives((b, s), grad=grad)
-        out += layer.declared_collectives(hidden, grad=grad)
+        out += layer.declared_collectives(hidden, grad=grad, remat=cfg.remat)
         out += self.final_norm.declared_collectives(hidden, grad=grad)
         # head + loss
         m, sp = (embed.axis_name,), cfg.sequence_parallel

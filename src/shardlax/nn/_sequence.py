@@ -8,6 +8,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
@@ -171,6 +172,7 @@ class SequenceLayer(ShardedLayer):
         only for the input gradient), never a bias or a lookup table.
         """
         out = []
+        names = {id(v): k for k, v in vars(self).items() if isinstance(v, nnx.Module)}
         for o, a, dim, ts, needed in self._entries() if entries is None else entries:
             value = getattr(o, a)
             if value is None:
@@ -191,7 +193,8 @@ class SequenceLayer(ShardedLayer):
                 and (needed == "always" or (needed == "input" and input_grad))
             )
             out += self._declare_param(o, shape, dim, grad=grad, regather=regather,
-                                       why=f"{why}.{a}", token_sum=ts)  # fmt: skip
+                                       why=".".join(filter(None, (why, names.get(id(o)), a))),
+                                       token_sum=ts)  # fmt: skip
         return out
 
     def _local_hidden_shape(self, shape: Sequence[int]) -> tuple[int, ...]:
