@@ -19,7 +19,7 @@ from tests import utils
 FEW = settings(
     max_examples=2 if os.environ.get("SHARDLAX_HYPOTHESIS_PROFILE", "ci") == "ci" else 25
 )
-MESHES = [(1, 1, 1), (2, 1, 4), (2, 2, 2)]
+MESHES = [(2, 1, 4), (2, 2, 2)]  # one device: TinyLM's test against the plain transformer
 
 
 def reference_attention(x, wq, wk, wv, wo, bo, *, heads, kv_heads, theta=10000.0):
@@ -91,7 +91,7 @@ def test_attention_matches_reference(mesh_shape, data):
     ref_loss = lambda x, *w: jnp.sum(
         reference_attention(x, *w, None, heads=heads, kv_heads=kv) * cot
     )
-    rg = jax.grad(ref_loss, argnums=(0, 1, 2, 3, 4))(x, wq, wk, wv, wo)
+    rg = jax.jit(jax.grad(ref_loss, argnums=(0, 1, 2, 3, 4)))(x, wq, wk, wv, wo)
     utils.assert_close(dx, rg[0], err_msg="dx")
     for name, g in zip(("q_proj", "k_proj", "v_proj", "o_proj"), rg[1:], strict=True):
         utils.assert_close(grads[name]["kernel"][...], g, err_msg=f"d {name}")
