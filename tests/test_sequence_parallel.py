@@ -83,3 +83,35 @@ def test_rms_norm_errors():
         norm(jnp.zeros((2, 6, 16)))
     with pytest.raises(ValueError, match=r"RMSNorm\(num_features=16\): inputs.shape\[-1\] is 8"):
         norm(jnp.zeros((2, 8, 8)))
+
+
+def test_sequence_parallel_matmul_kernels():
+    """The SP column/row kernels: x gathered over the sequence on entry, y scattered on exit."""
+    mesh = utils.mesh(2, 1, 4)
+    k = jax.random.split(jax.random.key(0), 5)
+    x = jax.random.normal(k[0], (4, 8, 16))
+    w1, w2 = jax.random.normal(k[1], (16, 32)), jax.random.normal(k[2], (32, 16))
+    b2, cot = jax.random.normal(k[3], (16,)), jax.random.normal(k[4], (4, 8, 16))
+    hidden = jax.sharding.PartitionSpec("data", "model", None)
+    specs = (hidden, P_(None, "model"), P_("model", None), P_(None))
+
+    def body(x, w1, w2, b2):
+        h = shardlax.kernels.sequence_parallel_column_matmul(x, w1)  # h: [B, S, F/4]
+        return shardlax.kernels.sequence_parallel_row_matmul(jax.nn.relu(h), w2, b2)
+
+    f = jax.shard_map(body, mesh=mesh, in_specs=specs, out_specs=hidden)
+    args = [jax.device_put(a, jax.sharding.NamedSharding(mesh, s))
+            for a, s in zip((x, w1, w2, b2), specs, strict=True)]  # fmt: skip
+    loss = lambda *a: jnp.sum(f(*a) * cot)
+    ref = lambda x, w1, w2, b2: jnp.sum((jax.nn.relu(x @ w1) @ w2 + b2[None, None]) * cot)
+    utils.assert_close(jax.jit(f)(*args), jax.nn.relu(x @ w1) @ w2 + b2[None, None])
+    grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))(*args)
+    for g, r in zip(grads, jax.grad(ref, argnums=(0, 1, 2, 3))(x, w1, w2, b2), strict=True):
+        utils.assert_close(g, r)
+    report = audit.collectives(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), *args, mesh=mesh)
+    acts = report.where(axes=("model",))
+    assert {c.kind for c in acts} == {"all-gather", "reduce-scatter"}
+    assert sum(c.operands for c in acts) == 4  # x and dy gathered, y and dx scattered
+
+
+P_ = jax.sharding.PartitionSpec
