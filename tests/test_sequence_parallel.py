@@ -109,8 +109,8 @@ def test_sequence_parallel_matmul_kernels():
     for g, r in zip(grads, jax.grad(ref, argnums=(0, 1, 2, 3))(x, w1, w2, b2), strict=True):
         utils.assert_close(g, r)
     report = audit.collectives(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)), *args, mesh=mesh)
-    acts = report.where(axes=("model",))
-    assert {c.kind for c in acts} == {"all-gather", "reduce-scatter"}
+    acts = [c for c in report.where(axes=("model",)) if c.bytes >= 8 * 8 * 16]  # activations
+    assert {c.kind for c in acts} == {"all-gather", "reduce-scatter"}, report.table()
     assert sum(c.operands for c in acts) == 4  # x and dy gathered, y and dx scattered
 
 
