@@ -26,13 +26,23 @@ def rms_norm(
     summed over every axis the tokens are split over (by the caller's
     varying cast).
     """
-    stat_dtype = jnp.promote_types(dtype or jnp.result_type(x), jnp.float32)
-    var = jnp.mean(lax.square(x.astype(stat_dtype)), axis=-1, keepdims=True)  # var: [..., 1]
-    mul = lax.rsqrt(var + epsilon)
-    args = [x]
+    wide = jnp.dtype(dtype or x.dtype) == jnp.float64
+    stat_dtype = jnp.float64 if wide else jnp.float32
+    xs = x.astype(stat_dtype)
+    var = jnp.mean(lax.square(xs), axis=-1, keepdims=True)  # var: f32[..., 1]
+    mul = lax.rsqrt(var + jnp.asarray(epsilon, stat_dtype))
+    out_dtype = dtype or x.dtype
     if scale is not None:
-        mul = mul * scale.reshape((1,) * (x.ndim - 1) + (-1,))
-        args.append(scale)
-    y = x * mul.astype(jnp.promote_types(x.dtype, mul.dtype))
-    out_dtype = dtype or jnp.result_type(*args)
-    return y.astype(out_dtype)
+        mul = mul * scale.astype(stat_dtype).reshape((1,) * (x.ndim - 1) + (-1,))
+        out_dtype = dtype or _promote(x.dtype, scale.dtype)
+    return (xs * mul).astype(out_dtype)
+
+
+def _promote(a: Any, b: Any) -> Any:
+    """Float promotion as numpy's standard lattice, spelled out (works under strict promotion)."""
+    a, b = jnp.dtype(a), jnp.dtype(b)
+    if a == b:
+        return a
+    if a.itemsize != b.itemsize:
+        return a if a.itemsize > b.itemsize else b
+    return jnp.dtype(jnp.float32)  # bfloat16 with float16

@@ -137,3 +137,20 @@ def test_mlp_errors():
     )
     with pytest.raises(ValueError, match=msg):
         layer(jnp.zeros((2, 4, 8)))
+
+
+def test_bfloat16_compute():
+    """dtype=bfloat16: activations and matmuls in bf16, parameters and gradients stay f32."""
+    mesh = utils.mesh(2, 1, 4)
+    bf16 = jnp.bfloat16
+    x = jax.random.normal(jax.random.key(0), (4, 8, 16))
+    mlp = shardlax.nn.ParallelMLP(16, 32, activation="swiglu", dtype=bf16, mesh=mesh,
+                                  rngs=nnx.Rngs(0), sequence_parallel=True)  # fmt: skip
+    norm = shardlax.nn.RMSNorm(16, dtype=bf16, mesh=mesh, rngs=nnx.Rngs(1))
+    y = nnx.jit(lambda m, n, x: m(n(x)))(mlp, norm, x)
+    assert y.dtype == bf16
+    w1, b1, w2, b2, wg, bg = _params(mlp)
+    h = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
+    utils.assert_close(y, reference_mlp(h, w1, b1, w2, b2, wg, bg, "swiglu"), dtype=bf16)
+    g = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x).astype(jnp.float32))))(mlp, x)
+    assert g["up"]["kernel"][...].dtype == jnp.float32
