@@ -67,6 +67,9 @@ def test_parse_hlo_kinds_axes_dtypes_bytes():
     assert (ag.kind, ag.axes, ag.in_loop, ag.bytes) == ("all-gather", ("data",), True, 256)
     assert ag.trips == 6 and ar.trips == 1 and not ar.in_loop
     assert report.executed_bytes() == report.total_bytes() + 5 * 256
+    assert report.executed_wire_bytes() == pytest.approx(
+        sum(c.wire_bytes for c in report) + 5 * ag.wire_bytes
+    )
     assert report.counts()[("all-reduce", ("model",), "f32")] == 2
 
 

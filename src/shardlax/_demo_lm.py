@@ -149,8 +149,8 @@ def run(args: argparse.Namespace) -> dict:
         _say(comparison.table())
         loops = sorted({c.trips for c in report if c.in_loop})
         _say(f"(the blocks run in a lax.scan: their collectives stand once in the program and run "
-             f"{', '.join(map(str, loops)) or 'no'} times per step; bytes moved per step per "
-             f"device: {report.executed_bytes():,})")  # fmt: skip
+             f"{', '.join(map(str, loops)) or 'no'} times per step; bytes sent per device per "
+             f"step: {report.executed_wire_bytes():,.0f})")  # fmt: skip
         _say("\nper-device memory of the train step (bytes, from the compiled program):")
         _say("| | arguments (params + optimizer + batch) | temp | total |")
         _say("|---|---:|---:|---:|")

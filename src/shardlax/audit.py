@@ -138,8 +138,17 @@ class Report(list):
         return sum(c.bytes for c in self)
 
     def executed_bytes(self) -> int:
-        """Bytes moved by one call: each collective times its loop trip count."""
+        """Buffer bytes of one call: each collective's `bytes` times its loop trip count."""
         return sum(c.bytes * c.trips for c in self)
+
+    def executed_wire_bytes(self) -> float:
+        """Bytes each device sends in one call (ring algorithms), loops counted per trip.
+
+        The figure to compare strategies by: an all-reduce of S bytes and the
+        all-gather + reduce-scatter pair that replaces it under sequence
+        parallelism both send 2 S (n-1)/n.
+        """
+        return sum(c.wire_bytes * c.trips for c in self)
 
     def table(self) -> str:
         """A markdown table, one row per collective."""
