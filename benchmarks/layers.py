@@ -78,7 +78,6 @@ Run:
 from __future__ import annotations
 
 import argparse
-import re
 import statistics
 import time
 import traceback
@@ -132,7 +131,12 @@ def compile_timed(fn, args):
 
 
 def collectives_summary(report, loop_trips: int) -> dict:
-    trips = [loop_trips if c.in_loop else 1 for c in report]
+    """Counts and bytes of a `shardlax.audit` report, collectives in loops once per trip.
+
+    Trip counts come from the audit (the HLO's known trip counts); an audit
+    without them falls back to the row's `loop_trips` for collectives in a loop.
+    """
+    trips = [getattr(c, "trips", None) or (loop_trips if c.in_loop else 1) for c in report]
     kinds: dict[str, int] = {}
     for c, t in zip(report, trips, strict=True):
         kinds[c.kind] = kinds.get(c.kind, 0) + c.operands * t
@@ -168,9 +172,7 @@ def measure(row: Row, args) -> list[dict]:
         t_lower = statistics.median(t[1] for t in compiles[impl])
         t_compile = statistics.median(t[2] for t in compiles[impl])
         mem = c.memory_analysis()
-        # Tuple types of 5+ elements carry `/*index=5*/` comments, which hide loop
-        # bodies from shardlax.audit (their header line then looks like an instruction).
-        report = audit.parse_hlo(re.sub(r"/\*index=\d+\*/", "", c.as_text()), cand.mesh)
+        report = audit.parse_hlo(c.as_text(), cand.mesh)
         runners[impl] = Runner(c, cand.state, cand.batch)
         loss = float(jax.device_get(runners[impl].loss(runners[impl]())))
         meta[impl] = {
