@@ -253,7 +253,9 @@ class ShardedLayer(nnx.Module):
             return self.mixed_precision.param_dtype
         return dtype
 
-    def _gather(self, shard: jax.Array | None, dim: int) -> jax.Array | None:
+    def _gather(
+        self, shard: jax.Array | None, dim: int, token_axes: Sequence[str] = ()
+    ) -> jax.Array | None:
         """Inside the shard_map body: the whole (over fsdp) parameter, ready for use.
 
         FSDP: one tiled all-gather over the fsdp axis (its gradient is one
@@ -261,10 +263,15 @@ class ShardedLayer(nnx.Module):
         axes), in the policy's `param_dtype` when a `mixed_precision` is set.
         Without FSDP: the parameter cast to varying over the batch axes (its
         gradient is all-reduced over them), as `_replicated_for_grad`.
+
+        `token_axes`: further axes the tokens this parameter meets are split
+        over (the model axis for a bias added after a sequence-parallel
+        reduce-scatter); its gradient is summed over them too, in the same
+        all-reduce as the other batch axes.
         """
         if shard is None:
             return None
-        live = live_axes(self.mesh, self.batch_axes)
+        live = live_axes(self.mesh, (*self.batch_axes, *token_axes))
         policy = self.mixed_precision
         if not self._fsdp_live:
             shard = kernels.ensure_varying(shard, live)
@@ -280,19 +287,26 @@ class ShardedLayer(nnx.Module):
         )
 
     def _fsdp_apply(
-        self, fn: Callable[[Any, Any], Any], shards: tuple, dims: tuple[int, ...], args: Any
+        self,
+        fn: Callable[[Any, Any], Any],
+        shards: tuple,
+        dims: tuple[int, ...],
+        args: Any,
+        token_axes: tuple[tuple[str, ...], ...] | None = None,
     ) -> Any:
         """Inside the shard_map body: `fn(params, args)` with `params` gathered.
 
         `shards` are the parameters as the body receives them (`None` for an
-        absent one), `dims` the dim each is split on over the fsdp axis. With
-        FSDP and `reshard_after_forward`, `kernels.fsdp_call` frees the
-        gathered parameters after the forward and re-gathers them in the
-        backward; otherwise plain autodiff keeps them.
+        absent one), `dims` the dim each is split on over the fsdp axis,
+        `token_axes` (default none) the extra axes each one's gradient is
+        summed over (see `_gather`). With FSDP and `reshard_after_forward`,
+        `kernels.fsdp_call` frees the gathered parameters after the forward
+        and re-gathers them in the backward; otherwise plain autodiff keeps them.
         """
+        extra = ((),) * len(dims) if token_axes is None else token_axes
 
         def gather(ps):
-            return tuple(self._gather(p, d) for p, d in zip(ps, dims, strict=True))
+            return tuple(self._gather(p, d, t) for p, d, t in zip(ps, dims, extra, strict=True))
 
         if not self._fsdp_live:  # nothing gathered: plain autodiff of the replicated params
             return fn(gather(tuple(shards)), args)
@@ -322,8 +336,9 @@ class ShardedLayer(nnx.Module):
         )(*(args[i] for i in present))
 
     def _declare_fsdp(
-        self, local_shape: Sequence[int], dim: int, *, grad: bool, regather: bool, why: str
-    ) -> list[Declared]:
+        self, local_shape: Sequence[int], dim: int, *, grad: bool, regather: bool, why: str,
+        token_axes: Sequence[str] = (),
+    ) -> list[Declared]:  # fmt: skip
         """The FSDP collectives of one parameter whose model-local shape is `local_shape`.
 
         Forward: 1 all-gather over the fsdp axis of the gathered bytes (in the
@@ -331,7 +346,8 @@ class ShardedLayer(nnx.Module):
         (reduce dtype) and 1 all-reduce of the shard over the other batch axes;
         plus 1 all-gather when `regather` (reshard_after_forward and the
         backward needs the parameter's value). Without FSDP: the all-reduce of
-        the whole local parameter over the batch axes.
+        the whole local parameter over the batch axes. `token_axes` join the
+        batch axes of the all-reduce (see `_gather`).
         """
         stored = self.param_dtype
         policy = self.mixed_precision
@@ -345,7 +361,8 @@ class ShardedLayer(nnx.Module):
             if not grad:
                 return []
             nbytes = n * jnp.dtype(stored).itemsize
-            return self._declare("all-reduce", self.batch_axes, stored, nbytes, f"d{why}")
+            axes = (*self.batch_axes, *token_axes)
+            return self._declare("all-reduce", axes, stored, nbytes, f"d{why}")
         gname = _gather_hlo_dtype(gdt)
         out = self._declare_as("all-gather", (self.fsdp_axis,), gname, full, f"gather {why}")
         if not grad:
@@ -355,7 +372,7 @@ class ShardedLayer(nnx.Module):
                                     f"re-gather {why} (reshard_after_forward)")  # fmt: skip
         out += self._declare("reduce-scatter", (self.fsdp_axis,), rdt,
                              n * jnp.dtype(rdt).itemsize, f"d{why} over fsdp")  # fmt: skip
-        others = tuple(a for a in self.batch_axes if a != self.fsdp_axis)
+        others = (*(a for a in self.batch_axes if a != self.fsdp_axis), *token_axes)
         shard_bytes = n // self.fsdp_size * jnp.dtype(rdt).itemsize
         out += self._declare("all-reduce", others, rdt, shard_bytes, f"d{why} shard")
         return out

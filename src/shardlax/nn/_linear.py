@@ -32,21 +32,67 @@ def _local_bytes(shape: Sequence[int], dtype: Any) -> int:
 class _LinearBase(ShardedLayer):
     """What the two linears share: the declared collectives of their parameters."""
 
+    sequence_parallel: bool
+
     def _declare_params(
-        self, kernel_local: tuple[int, int], kernel_dim: int, grad: bool, input_grad: bool
-    ) -> list[Declared]:
+        self, kernel_local: tuple[int, int], kernel_dim: int, grad: bool, input_grad: bool,
+        bias_token_axes: Sequence[str] = (),
+    ) -> list[Declared]:  # fmt: skip
         """FSDP all-gathers / reduce-scatters (or batch all-reduces) of kernel and bias.
 
         `kernel_local` is the kernel's shape on one model-axis shard, i.e. what
         the fsdp all-gather rebuilds. The bias is never re-gathered: its value
-        is not needed by the backward.
+        is not needed by the backward. `bias_token_axes`: extra axes the bias
+        gradient is summed over (the model axis for a sequence-parallel row).
         """
         regather = self.reshard_after_forward and grad and input_grad
         out = self._declare_fsdp(kernel_local, kernel_dim, grad=grad, regather=regather, why="W")
         if self.use_bias:
             bias_local = (kernel_local[1],)
-            out += self._declare_fsdp(bias_local, 0, grad=grad, regather=False, why="b")
+            out += self._declare_fsdp(bias_local, 0, grad=grad, regather=False, why="b",
+                                      token_axes=bias_token_axes)  # fmt: skip
         return out
+
+    def _setup_sequence_parallel(self, sequence_parallel: bool, conflict: str | None) -> None:
+        """Store `sequence_parallel`; `conflict` names an option it cannot be combined with."""
+        if sequence_parallel and conflict is not None:
+            owner = type(self).__name__
+            raise ValueError(
+                f"{owner}(sequence_parallel=True, {conflict}): sequence parallelism keeps the "
+                f"activation split over the sequence on mesh axis {self.axis_name!r} (size "
+                f"{self.model_size}), which {conflict} cannot be combined with. Pass "
+                f"sequence_parallel=False, or drop {conflict.split('=')[0]}."
+            )
+        self.sequence_parallel = bool(sequence_parallel)
+
+    def _sequence_spec(self, ndim: int) -> P:
+        """`P(batch, model, None, ...)`: a `[B, S, ...]` activation split over the sequence."""
+        return P(self._batch_entry(), self._spec_axis(self.axis_name), *([None] * (ndim - 2)))
+
+    def _check_sequence(self, inputs: jax.Array) -> None:
+        """Under sequence parallelism: rank >= 3 and the sequence divisible by the model axis."""
+        if not self.sequence_parallel:
+            return
+        owner, n = type(self).__name__, self.model_size
+        if inputs.ndim < 3:
+            raise ValueError(
+                f"{owner}(sequence_parallel=True): inputs.shape={tuple(inputs.shape)} has rank "
+                f"{inputs.ndim}; sequence parallelism needs [batch, sequence, ..., features] "
+                f"(rank >= 3) to split dim 1 over mesh axis {self.axis_name!r} (size {n}). Add "
+                f"a sequence dim, e.g. inputs[:, None], or pass sequence_parallel=False."
+            )
+        s = inputs.shape[1]
+        if s % n:
+            raise ValueError(
+                f"{owner}(sequence_parallel=True): inputs.shape[1]={s} (the sequence) cannot "
+                f"be sharded over mesh axis {self.axis_name!r} (size {n}): {n} does not divide "
+                f"{s}. Use a sequence length divisible by {n}, or sequence_parallel=False."
+            )
+
+    @property
+    def _model_token_axes(self) -> tuple[str, ...]:
+        """The model axis when it splits the tokens (sequence parallelism), else ()."""
+        return (self.axis_name,) if self.sequence_parallel else ()
 
 
 class ColumnParallelLinear(_LinearBase):
@@ -71,12 +117,21 @@ class ColumnParallelLinear(_LinearBase):
     `reshard_after_forward` 1 more all-gather of the kernel when the input
     gradient is taken (dx needs W).
 
+    Sequence parallelism (`sequence_parallel=True`, Megatron-SP): the input
+    `[B, S, D]` arrives split over the sequence on the model axis,
+    `P(batch, 'model', None)`, and is all-gathered over the sequence on entry
+    (forward: 1 all-gather of `[B, S, D]`; backward: 1 reduce-scatter of dx
+    instead of the all-reduce). The output is `[B, S, F/N]` as without SP.
+
     Args are those of `nnx.Linear`, plus:
       mesh: the mesh; default the one set with `jax.set_mesh`.
       axis_name: the tensor-parallel mesh axis (default ``'model'``).
       batch_axes: mesh axes the leading input dim is split over; default
         whichever of ``('data', 'fsdp')`` the mesh has.
-      gather_output: all-gather the output so every device has all `out_features`.
+      gather_output: all-gather the output so every device has all `out_features`
+        (not with `sequence_parallel`).
+      sequence_parallel: the input is split over the sequence (dim 1) on the
+        model axis; it needs rank >= 3 and a sequence divisible by N.
       fsdp_axis: the mesh axis parameters are split over for FSDP; default
         ``'fsdp'`` when the mesh has it and the batch is split over it; None
         keeps the parameters whole (plain data parallelism over the batch).
@@ -116,9 +171,13 @@ class ColumnParallelLinear(_LinearBase):
         fsdp_axis: str | None = AUTO,
         reshard_after_forward: bool = True,
         mixed_precision: MixedPrecision | None = None,
+        sequence_parallel: bool = False,
     ):
         self._setup_mesh(mesh, axis_name, batch_axes)
         self._setup_fsdp(fsdp_axis, reshard_after_forward, mixed_precision)
+        self._setup_sequence_parallel(
+            sequence_parallel, "gather_output=True" if gather_output else None
+        )
         owner = type(self).__name__
         check_divisible(owner, "out_features", out_features, axis_name, self.model_size)
         shape = (in_features, out_features)
@@ -153,7 +212,9 @@ class ColumnParallelLinear(_LinearBase):
         self.gather_output = gather_output
 
     def input_spec(self, ndim: int) -> P:
-        """The layout the layer wants its input in: split over the batch axes only."""
+        """The input layout: split over the batch axes (and the sequence, under SP)."""
+        if self.sequence_parallel:
+            return self._sequence_spec(ndim)
         return self._activation_spec(ndim, None)
 
     def output_spec(self, ndim: int) -> P:
@@ -163,6 +224,7 @@ class ColumnParallelLinear(_LinearBase):
     def __call__(self, inputs: jax.Array) -> jax.Array:
         with jax.named_scope(type(self).__name__):
             self._check_inputs(inputs, self.in_features, "in_features")
+            self._check_sequence(inputs)
             x_spec = self.input_spec(inputs.ndim)
             inputs = self._place(inputs, x_spec)
             kernel, bias = self.kernel[...], param_value(self.bias)
@@ -171,6 +233,12 @@ class ColumnParallelLinear(_LinearBase):
                 kernel, bias = params
                 dtype = self._compute_dtype()
                 x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=dtype)
+                if self.sequence_parallel:
+                    return kernels.sequence_parallel_column_matmul(
+                        x, kernel, bias, axis_name=self.axis_name, precision=self.precision,
+                        dot_general=self.dot_general,
+                        preferred_element_type=self.preferred_element_type,
+                    )  # fmt: skip
                 return kernels.column_parallel_matmul(
                     x,
                     kernel,
@@ -199,7 +267,8 @@ class ColumnParallelLinear(_LinearBase):
         """The collectives this layer compiles to for a global input of `input_shape`.
 
         Args:
-          input_shape: the global input shape `[..., in_features]`.
+          input_shape: the global input shape `[..., in_features]` (under sequence
+            parallelism the whole sequence, `[B, S, ..., in_features]`).
           dtype: the compute dtype (default: the layer's dtype or param dtype).
           grad: include the backward pass (gradients of the parameters).
           input_grad: with `grad`, the input gradient is needed too (it is when a
@@ -211,11 +280,17 @@ class ColumnParallelLinear(_LinearBase):
         local = self._local_batch_shape(input_shape)
         lead = local[:-1]
         out = []
+        if self.sequence_parallel:  # x [B, S, D] gathered over the sequence; dx scattered back
+            x_bytes = _local_bytes(local, dtype)
+            out += self._declare("all-gather", (self.axis_name,), dtype, x_bytes, "SP: gather x")
+            if grad and input_grad:
+                out += self._declare("reduce-scatter", (self.axis_name,), dtype, x_bytes,
+                                     "SP: dx")  # fmt: skip
         if self.gather_output:
             y_bytes = _local_bytes((*lead, self.out_features), dtype)
             out += self._declare("all-gather", (self.axis_name,), dtype, y_bytes, "gather_output")
         if grad:
-            if input_grad:
+            if input_grad and not self.sequence_parallel:
                 dx_bytes = _local_bytes(local, dtype)
                 out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, "dx")
             if self.gather_output:
@@ -246,12 +321,22 @@ class RowParallelLinear(_LinearBase):
     features) and the bias as `P('fsdp')`; collectives as in
     `ColumnParallelLinear` ([in/N, out] and [out] gathered).
 
+    Sequence parallelism (`sequence_parallel=True`, Megatron-SP): the partial
+    products `[B, S, D]` are reduce-scattered over the sequence on exit
+    instead of all-reduced (backward: 1 all-gather of dy), and the output is
+    `[B, S/N, D]`, `P(batch, 'model', None)`. The bias is added once, after
+    the reduce-scatter, to each device's slice of the sequence; its gradient
+    is summed over the sequence shards too (1 all-reduce of `[out]` over the
+    batch axes and the model axis together).
+
     Args are those of `nnx.Linear`, plus:
       mesh, axis_name, batch_axes, fsdp_axis, reshard_after_forward,
         mixed_precision: as in `ColumnParallelLinear`.
       input_is_parallel: the input is already split over the model axis
         (True, the Megatron default); if False, it is replicated and each
-        device takes its slice.
+        device takes its slice (not with `sequence_parallel`).
+      sequence_parallel: leave the output split over the sequence (dim 1) on
+        the model axis; it needs rank >= 3 and a sequence divisible by N.
 
     References:
       Shoeybi et al., "Megatron-LM", 2019 (arXiv:1909.08053).
@@ -279,9 +364,13 @@ class RowParallelLinear(_LinearBase):
         fsdp_axis: str | None = AUTO,
         reshard_after_forward: bool = True,
         mixed_precision: MixedPrecision | None = None,
+        sequence_parallel: bool = False,
     ):
         self._setup_mesh(mesh, axis_name, batch_axes)
         self._setup_fsdp(fsdp_axis, reshard_after_forward, mixed_precision)
+        self._setup_sequence_parallel(
+            sequence_parallel, None if input_is_parallel else "input_is_parallel=False"
+        )
         owner = type(self).__name__
         check_divisible(owner, "in_features", in_features, axis_name, self.model_size)
         shape = (in_features, out_features)
@@ -318,12 +407,18 @@ class RowParallelLinear(_LinearBase):
         return self._activation_spec(ndim, self.axis_name if self.input_is_parallel else None)
 
     def output_spec(self, ndim: int) -> P:
-        """The output layout: split over the batch axes, replicated over the model axis."""
+        """The output layout: split over the batch axes, replicated over the model axis.
+
+        Under sequence parallelism: split over the sequence on the model axis.
+        """
+        if self.sequence_parallel:
+            return self._sequence_spec(ndim)
         return self._activation_spec(ndim, None)
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         with jax.named_scope(type(self).__name__):
             self._check_inputs(inputs, self.in_features, "in_features")
+            self._check_sequence(inputs)
             x_spec = self.input_spec(inputs.ndim)
             inputs = self._place(inputs, x_spec)
             kernel, bias = self.kernel[...], param_value(self.bias)
@@ -332,6 +427,12 @@ class RowParallelLinear(_LinearBase):
                 kernel, bias = params
                 dtype = self._compute_dtype()
                 x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=dtype)
+                if self.sequence_parallel:
+                    return kernels.sequence_parallel_row_matmul(
+                        x, kernel, bias, axis_name=self.axis_name, precision=self.precision,
+                        dot_general=self.dot_general,
+                        preferred_element_type=self.preferred_element_type,
+                    )  # fmt: skip
                 return kernels.row_parallel_matmul(
                     x,
                     kernel,
@@ -344,7 +445,10 @@ class RowParallelLinear(_LinearBase):
                 )
 
             def body(x, kernel, bias):
-                return self._fsdp_apply(use, (kernel, bias), self._param_dims, x)
+                # under SP the bias meets tokens split over the model axis: its gradient
+                # is summed over that axis too (one all-reduce with the batch axes)
+                token_axes = ((), self._model_token_axes)
+                return self._fsdp_apply(use, (kernel, bias), self._param_dims, x, token_axes)
 
             return self._shard_map(
                 body,
@@ -357,17 +461,30 @@ class RowParallelLinear(_LinearBase):
         self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
         input_grad: bool = True,
     ) -> list[Declared]:  # fmt: skip
-        """The collectives this layer compiles to (see ColumnParallelLinear's)."""
+        """The collectives this layer compiles to (see ColumnParallelLinear's).
+
+        `input_shape` is the global input `[..., in_features]`; under sequence
+        parallelism the output sequence is split, the input's is not.
+        """
         dtype = dtype or self._compute_dtype() or self.param_dtype
         local = self._local_batch_shape(input_shape)
         lead = local[:-1]
-        out = self._declare("all-reduce", (self.axis_name,), dtype,
-                            _local_bytes((*lead, self.out_features), dtype),
-                            "sum of partial products")  # fmt: skip
+        y_bytes = _local_bytes((*lead, self.out_features), dtype)  # the partial products
+        m = (self.axis_name,)
+        if self.sequence_parallel:
+            out = self._declare("reduce-scatter", m, dtype, y_bytes, "SP: scatter y")
+            if grad:  # dy gathered over the sequence (dW needs it whole)
+                out += self._declare("all-gather", m, dtype, y_bytes, "SP: gather dy")
+        else:
+            out = self._declare("all-reduce", m, dtype, y_bytes, "sum of partial products")
         if grad and input_grad and not self.input_is_parallel:
             dx_bytes = _local_bytes(local, dtype)
             out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, "dx")
         out += self._declare_params(
-            (self.in_features // self.model_size, self.out_features), 1, grad, input_grad
+            (self.in_features // self.model_size, self.out_features),
+            1,
+            grad,
+            input_grad,
+            bias_token_axes=self._model_token_axes,
         )
         return out
