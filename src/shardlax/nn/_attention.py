@@ -16,10 +16,10 @@ from jax.sharding import Mesh
 from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
-from shardlax.nn._base import AUTO
+from shardlax.nn._base import AUTO, run_shard_map
 from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
 from shardlax.nn._mlp import _activation_collectives
-from shardlax.nn._sequence import SequenceLayer, run_shard_map
+from shardlax.nn._sequence import SequenceLayer
 
 
 class ParallelAttention(SequenceLayer):

@@ -28,6 +28,7 @@ are total/N.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -319,21 +320,8 @@ class ShardedLayer(nnx.Module):
         )
 
     def _shard_map(self, body: Callable, args: tuple, in_specs: tuple, out_specs: Any) -> Any:
-        """`jax.shard_map(body)` over `args`, dropping `None` args (a missing bias)."""
-        present = [i for i, a in enumerate(args) if a is not None]
-
-        def wrapped(*xs):
-            full = [None] * len(args)
-            for i, x in zip(present, xs, strict=True):
-                full[i] = x
-            return body(*full)
-
-        return jax.shard_map(
-            wrapped,
-            mesh=self.mesh,
-            in_specs=tuple(in_specs[i] for i in present),
-            out_specs=out_specs,
-        )(*(args[i] for i in present))
+        """`jax.shard_map(body)` over `args` on this layer's mesh (see `run_shard_map`)."""
+        return run_shard_map(body, self.mesh, args, in_specs, out_specs)
 
     def _declare_fsdp(
         self, local_shape: Sequence[int], dim: int, *, grad: bool, regather: bool, why: str,
@@ -419,3 +407,26 @@ def _gather_hlo_dtype(dtype: Any) -> str:
     if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
         return {2: "u16", 1: "u8"}[dtype.itemsize]
     return _hlo_dtype(dtype)
+
+
+def run_shard_map(body: Callable, mesh: Mesh, args: tuple, in_specs: tuple, out_specs: Any) -> Any:
+    """`jax.shard_map(body)` over `args`, dropping `None` arguments (a missing bias).
+
+    `body` still receives every argument, `None` where one is missing, so a
+    kernel can take `bias=None` while shard_map only sees arrays.
+    """
+    present = [i for i, a in enumerate(args) if a is not None]
+
+    @functools.wraps(body)
+    def wrapped(*xs):
+        full = [None] * len(args)
+        for i, x in zip(present, xs, strict=True):
+            full[i] = x
+        return body(*full)
+
+    return jax.shard_map(
+        wrapped,
+        mesh=mesh,
+        in_specs=tuple(in_specs[i] for i in present),
+        out_specs=out_specs,
+    )(*(args[i] for i in present))

@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.nn._sequence import SequenceLayer, run_shard_map
+from shardlax.nn._base import run_shard_map
+from shardlax.nn._sequence import SequenceLayer
 
 
 class Dropout(SequenceLayer):

@@ -15,8 +15,8 @@ from jax.sharding import PartitionSpec as P
 from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
-from shardlax.nn._base import AUTO, param_value, sharded_param
-from shardlax.nn._sequence import SequenceLayer, run_shard_map
+from shardlax.nn._base import AUTO, param_value, run_shard_map, sharded_param
+from shardlax.nn._sequence import SequenceLayer
 
 
 class RMSNorm(SequenceLayer):

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -207,22 +206,3 @@ class SequenceLayer(ShardedLayer):
 
 def _value(p):
     return None if p is None else p[...]
-
-
-def run_shard_map(body, mesh, args: tuple, in_specs: tuple, out_spec):
-    """`jax.shard_map(body)` over `args`, dropping `None` arguments (missing biases)."""
-    present = [i for i, a in enumerate(args) if a is not None]
-
-    @functools.wraps(body)
-    def wrapped(*xs):
-        full = [None] * len(args)
-        for i, x in zip(present, xs, strict=True):
-            full[i] = x
-        return body(*full)
-
-    return jax.shard_map(
-        wrapped,
-        mesh=mesh,
-        in_specs=tuple(in_specs[i] for i in present),
-        out_specs=out_spec,
-    )(*(args[i] for i in present))
