@@ -366,7 +366,11 @@ class Trainer(_Steps):
 
     # --------------------------------------------------------- declarations
     def declared_collectives(
-        self, batch: Any, *, model_collectives: Sequence[Declared] = ()
+        self,
+        batch: Any,
+        *,
+        model_collectives: Sequence[Declared] = (),
+        loss_in_model: bool = False,
     ) -> list[Declared]:
         """The collectives one step compiles to, for a batch shaped like `batch`.
 
@@ -387,6 +391,14 @@ class Trainer(_Steps):
           (`zero.record_norms`).
 
         Collectives over axes of size 1 are not declared (they do not compile).
+
+        Args:
+          batch: a batch (or `jax.ShapeDtypeStruct`s) shaped like the step's.
+          model_collectives: fsdp / fsdp+tp: the model's declared collectives.
+          loss_in_model: fsdp / fsdp+tp: `model_collectives` already include the
+            loss's reduction over the batch (a model whose loss runs inside its
+            own shard_map, such as `TinyLM.declared_collectives`), so it is not
+            declared twice.
         """
         self._check_batch(batch)
         live = self.live
@@ -398,7 +410,7 @@ class Trainer(_Steps):
             return _hlo_dtype(b.dtype)
 
         out = []
-        if live:
+        if live and not (loss_in_model and self.layer_sharded):
             out.append(Declared("all-reduce", live, "f32", 1, 4, "loss: mean over the batch"))
         if self.layer_sharded:
             out += list(model_collectives)
