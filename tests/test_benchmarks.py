@@ -69,10 +69,10 @@ def test_collectives_quick(tmp_path):
 @pytest.mark.slow
 def test_layers_quick(tmp_path):
     # One row per code path (plain twin, Trainer, scanned model with loop trips,
-    # dict-param twin); fsdp_tp and fsdp_deep_remat reuse them.
+    # fully_shard_scan, dict-param twin); fsdp_tp and fsdp_deep_remat reuse them.
     rows = _run(
         "layers.py", tmp_path, "--devices", "4", "--strict",
-        "--rows", "tp_mlp", "zero2", "fsdp_deep", "tinylm",
+        "--rows", "tp_mlp", "zero2", "fsdp_deep", "fully_shard_deep", "tinylm",
     )  # fmt: skip
     by = {(r["row"], r["impl"]): r for r in rows}
     assert ("tp_mlp", "shardlax") in by
