@@ -40,9 +40,8 @@ from shardlax._axes import MODEL
 from shardlax.audit import Declared
 from shardlax.mesh import live_axes, resolve_mesh
 from shardlax.nn import ColumnParallelLinear, ParallelAttention, ParallelEmbed, ParallelMLP, RMSNorm
-from shardlax.nn._base import run_shard_map
+from shardlax.nn._base import nbytes, run_shard_map
 from shardlax.nn._dropout import Dropout
-from shardlax.nn._sequence import nbytes
 
 
 @dataclasses.dataclass(frozen=True)

@@ -430,3 +430,11 @@ def run_shard_map(body: Callable, mesh: Mesh, args: tuple, in_specs: tuple, out_
         in_specs=tuple(in_specs[i] for i in present),
         out_specs=out_specs,
     )(*(args[i] for i in present))
+
+
+def nbytes(shape: Sequence[int], dtype: Any) -> int:
+    """Bytes of an array of `shape` and `dtype` (for declared collectives)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n * jnp.dtype(dtype).itemsize

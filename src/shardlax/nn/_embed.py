@@ -17,8 +17,8 @@ from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
 from shardlax.mesh import check_divisible, live_axes
-from shardlax.nn._base import AUTO, run_shard_map, sharded_param
-from shardlax.nn._sequence import SequenceLayer, nbytes
+from shardlax.nn._base import AUTO, nbytes, run_shard_map, sharded_param
+from shardlax.nn._sequence import SequenceLayer
 
 
 class ParallelEmbed(SequenceLayer):

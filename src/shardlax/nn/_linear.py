@@ -18,15 +18,8 @@ from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
 from shardlax.mesh import check_divisible
-from shardlax.nn._base import AUTO, ShardedLayer, param_value, sharded_param
+from shardlax.nn._base import AUTO, ShardedLayer, nbytes, param_value, sharded_param
 from shardlax.precision import MixedPrecision
-
-
-def _local_bytes(shape: Sequence[int], dtype: Any) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n * jnp.dtype(dtype).itemsize
 
 
 class _LinearBase(ShardedLayer):
@@ -281,21 +274,21 @@ class ColumnParallelLinear(_LinearBase):
         lead = local[:-1]
         out = []
         if self.sequence_parallel:  # x [B, S, D] gathered over the sequence; dx scattered back
-            x_bytes = _local_bytes(local, dtype)
+            x_bytes = nbytes(local, dtype)
             out += self._declare("all-gather", (self.axis_name,), dtype, x_bytes, "SP: gather x")
             if grad and input_grad:
                 out += self._declare("reduce-scatter", (self.axis_name,), dtype, x_bytes,
                                      "SP: dx")  # fmt: skip
         if self.gather_output:
-            y_bytes = _local_bytes((*lead, self.out_features), dtype)
+            y_bytes = nbytes((*lead, self.out_features), dtype)
             out += self._declare("all-gather", (self.axis_name,), dtype, y_bytes, "gather_output")
         if grad:
             if input_grad and not self.sequence_parallel:
-                dx_bytes = _local_bytes(local, dtype)
+                dx_bytes = nbytes(local, dtype)
                 out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, "dx")
             if self.gather_output:
                 out += self._declare("reduce-scatter", (self.axis_name,), dtype,
-                                     _local_bytes((*lead, self.out_features), dtype),
+                                     nbytes((*lead, self.out_features), dtype),
                                      "dy of the gathered output")  # fmt: skip
         out += self._declare_params(
             (self.in_features, self.out_features // self.model_size), 0, grad, input_grad
@@ -469,7 +462,7 @@ class RowParallelLinear(_LinearBase):
         dtype = dtype or self._compute_dtype() or self.param_dtype
         local = self._local_batch_shape(input_shape)
         lead = local[:-1]
-        y_bytes = _local_bytes((*lead, self.out_features), dtype)  # the partial products
+        y_bytes = nbytes((*lead, self.out_features), dtype)  # the partial products
         m = (self.axis_name,)
         if self.sequence_parallel:
             out = self._declare("reduce-scatter", m, dtype, y_bytes, "SP: scatter y")
@@ -478,7 +471,7 @@ class RowParallelLinear(_LinearBase):
         else:
             out = self._declare("all-reduce", m, dtype, y_bytes, "sum of partial products")
         if grad and input_grad and not self.input_is_parallel:
-            dx_bytes = _local_bytes(local, dtype)
+            dx_bytes = nbytes(local, dtype)
             out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, "dx")
         out += self._declare_params(
             (self.in_features // self.model_size, self.out_features),

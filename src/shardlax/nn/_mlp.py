@@ -17,9 +17,9 @@ from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
 from shardlax.kernels._mlp import ACTIVATIONS
-from shardlax.nn._base import AUTO, run_shard_map
+from shardlax.nn._base import AUTO, nbytes, run_shard_map
 from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
-from shardlax.nn._sequence import SequenceLayer, nbytes
+from shardlax.nn._sequence import SequenceLayer
 
 
 class ParallelMLP(SequenceLayer):

@@ -3,24 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax.mesh import live_axes
-from shardlax.nn._base import ShardedLayer
+from shardlax.nn._base import ShardedLayer, nbytes
 from shardlax.nn._linear import ColumnParallelLinear
-
-
-def nbytes(shape: Sequence[int], dtype: Any) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n * jnp.dtype(dtype).itemsize
 
 
 class SequenceLayer(ShardedLayer):
