@@ -66,3 +66,10 @@ def test_lm_demo_across_two_processes_equals_one_device(tmp_path):
 def test_processes_must_divide_the_mesh(capsys):
     assert main(["demo", "--mesh", "1,1,3", "--processes", "2"]) == 2
     assert "cannot share evenly" in capsys.readouterr().out
+
+
+def test_demo_reports_bad_flags_without_a_traceback(capsys):
+    argv = ["demo", "--mesh", "1,1,8", *TINY]  # 2 heads cannot split over 8 devices
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("shardlax demo: ") and "num_heads" in err and "'model'" in err

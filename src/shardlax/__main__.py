@@ -158,7 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     if args.command == "demo":
-        return _demo(args, argv)
+        try:
+            return _demo(args, argv)
+        except (ValueError, TypeError) as e:  # bad flags reach the layers' checks
+            print(f"shardlax demo: {e}", file=sys.stderr)
+            return 2
     return 2
 
 
