@@ -15,6 +15,8 @@ from ._collectives import all_to_all as all_to_all
 from ._collectives import axis_index as axis_index
 from ._collectives import axis_size as axis_size
 from ._collectives import ensure_varying as ensure_varying
+from ._collectives import gather_bits as gather_bits
+from ._collectives import gather_bits_dtype as gather_bits_dtype
 from ._collectives import ppermute as ppermute
 from ._collectives import reduce_scatter as reduce_scatter
 from ._collectives import ring_shift as ring_shift
@@ -28,7 +30,6 @@ from ._embed import vocab_parallel_embed as vocab_parallel_embed
 from ._embed import vocab_parallel_logits as vocab_parallel_logits
 from ._fsdp import fsdp_call as fsdp_call
 from ._fsdp import fsdp_gather as fsdp_gather
-from ._fsdp import gather_bits as gather_bits
 from ._linear import column_parallel_matmul as column_parallel_matmul
 from ._linear import matmul_last as matmul_last
 from ._linear import row_parallel_matmul as row_parallel_matmul
@@ -43,7 +44,6 @@ from ._sequence import sequence_parallel_row_matmul as sequence_parallel_row_mat
 from ._zero import all_gather_bucket as all_gather_bucket
 from ._zero import all_reduce_bucket as all_reduce_bucket
 from ._zero import all_reduce_then_shard_bucket as all_reduce_then_shard_bucket
-from ._zero import gather_bits_dtype as gather_bits_dtype
 from ._zero import local_shard as local_shard
 from ._zero import pack_bucket as pack_bucket
 from ._zero import reduce_scatter_bucket as reduce_scatter_bucket

@@ -45,32 +45,11 @@ from ._collectives import (
     all_gather,
     all_reduce,
     ensure_varying,
+    gather_bits,
+    gather_bits_dtype,
     reduce_scatter,
     varying_axes,
 )
-
-
-def _bits_dtype(dtype: Any) -> Any | None:
-    """The unsigned int of the same width for a sub-32-bit float, else None."""
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize >= 4:
-        return None
-    return {1: jnp.uint8, 2: jnp.uint16}[dtype.itemsize]
-
-
-def gather_bits(x: jax.Array, axis_name: str, *, axis: int) -> jax.Array:
-    """Tiled all-gather of `x` as raw bits when it is a 16/8-bit float.
-
-    XLA:CPU rewrites a bf16 all-gather into an f32 one (twice the bytes);
-    gathering the bits as `u16` is bit-identical and no backend widens it.
-    Not differentiable: used inside `fsdp_gather`'s hand-written backward.
-    """
-    bits = _bits_dtype(x.dtype)
-    if bits is None:
-        return all_gather(x, axis_name, axis=axis, invariant=False)
-    raw = lax.bitcast_convert_type(x, bits)
-    raw = all_gather(raw, axis_name, axis=axis, invariant=False)
-    return lax.bitcast_convert_type(raw, x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
@@ -84,7 +63,7 @@ def _gather_cast(
 ) -> jax.Array:
     # shard: [..., K/N, ...] stored dtype -> returns [..., K, ...] gather_dtype
     shard = ensure_varying(shard, replicated)
-    return gather_bits(shard.astype(gather_dtype), axis_name, axis=dim)
+    return gather_bits(shard.astype(gather_dtype), axis_name, axis=dim, invariant=False)
 
 
 def _gather_cast_fwd(shard, axis_name, dim, replicated, gather_dtype, reduce_dtype):
@@ -155,7 +134,7 @@ def fsdp_gather(
     stored = jnp.dtype(shard.dtype)
     gather_dtype = stored if gather_dtype is None else jnp.dtype(gather_dtype)
     reduce_dtype = stored if reduce_dtype is None else jnp.dtype(reduce_dtype)
-    if gather_dtype == stored == reduce_dtype and _bits_dtype(stored) is None:
+    if gather_dtype == stored == reduce_dtype and gather_bits_dtype(stored) is None:
         shard = ensure_varying(shard, replicated)
         return all_gather(shard, axis_name, axis=dim, invariant=False)  # [..., K, ...]
     return _gather_cast(shard, axis_name, dim, replicated, gather_dtype, reduce_dtype)

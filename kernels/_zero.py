@@ -40,11 +40,11 @@ from jax import lax
 from ._collectives import (
     AxisNames,
     _as_tuple,
-    all_gather,
     all_reduce,
     all_reduce_max,
     axis_index,
     axis_size,
+    gather_bits,
     reduce_scatter,
     varying_axes,
 )
@@ -182,22 +182,8 @@ def all_gather_bucket(
     """
     n = axis_size(axes)
     row = jnp.concatenate(list(shards))[None]  # row: [1, S_b]
-    bits = gather_bits_dtype(row.dtype)
-    if bits is None:
-        bucket = all_gather(row, axes, axis=0)  # bucket: [N, S_b]
-    else:
-        raw = all_gather(lax.bitcast_convert_type(row, bits), axes, axis=0)  # [N, S_b] bits
-        bucket = lax.bitcast_convert_type(raw, row.dtype)
+    bucket = gather_bits(row, axes, axis=0)  # bucket: [N, S_b]
     return unpack_bucket(bucket, shapes, n)
-
-
-def gather_bits_dtype(dtype) -> object | None:
-    """The dtype `all_gather_bucket` moves a `dtype` bucket as: a sub-32-bit float
-    travels as the unsigned int of its width; None when it travels as itself."""
-    dtype = jnp.dtype(dtype)
-    if not jnp.issubdtype(dtype, jnp.floating) or dtype.itemsize >= 4:
-        return None
-    return {1: jnp.uint8, 2: jnp.uint16}[dtype.itemsize]
 
 
 def _varying_groups(leaves: Sequence[jax.Array], axes: AxisNames | None):

@@ -161,3 +161,13 @@ def test_memory_reports_per_device_arguments():
     x = jnp.ones((4, 64))
     mem = audit.memory(nnx.jit(lambda c, x: c(x)), col, x)
     assert mem.arguments == 64 * 256 * 4 // 8 + 4 * 64 * 4
+
+
+@pytest.mark.parametrize(
+    "dtype, name",
+    [(jnp.float32, "f32"), (jnp.bfloat16, "bf16"), (jnp.float16, "f16"), (jnp.int32, "s32"),
+     (jnp.uint16, "u16"), (jnp.int8, "s8"), (jnp.bool_, "pred"), (jnp.float8_e4m3fn, "f8e4m3fn")],
+)  # fmt: skip
+def test_hlo_dtype_names_match_the_compiled_program(dtype, name):
+    assert audit.hlo_dtype(dtype) == name
+    assert audit._DTYPE_BYTES[name] == jnp.dtype(dtype).itemsize

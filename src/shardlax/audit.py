@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
@@ -45,6 +46,20 @@ _DTYPE_BYTES = {
     "s32": 4, "u32": 4, "f32": 4,
     "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
 }  # fmt: skip
+
+
+def hlo_dtype(dtype: Any) -> str:
+    """The HLO name of a dtype, as the compiled program spells it: f32, bf16, s32, u16, pred."""
+    name = jnp.dtype(dtype).name
+    if name == "bool":
+        return "pred"
+    if name == "bfloat16":
+        return "bf16"
+    for prefix, short in (("uint", "u"), ("int", "s"), ("float", "f"), ("complex", "c")):
+        if name.startswith(prefix):
+            return short + name[len(prefix) :].replace("_", "")
+    return name
+
 
 _ARRAY_TYPE = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -153,13 +168,14 @@ class Report(list):
     def table(self) -> str:
         """A markdown table, one row per collective."""
         rows = [
-            "| kind | axes | dtype | bytes/device | wire bytes/device | in loop |",
-            "|---|---|---|---:|---:|---|",
+            "| kind | axes | dtype | bytes/device | wire bytes/device | runs per call |",
+            "|---|---|---|---:|---:|---:|",
         ]
         for c in self:
+            loop = " (loop)" if c.in_loop else ""
             rows.append(
                 f"| {c.kind} | {','.join(c.axes) or '-'} | {c.dtype} | {c.bytes:,} | "
-                f"{c.wire_bytes:,.0f} | {'yes' if c.in_loop else ''} |"
+                f"{c.wire_bytes:,.0f} | {c.trips}{loop} |"
             )
         return "\n".join(rows)
 
@@ -245,38 +261,33 @@ def _axes_of(groups: list[list[int]] | None, mesh: Mesh | None) -> tuple[tuple[s
     return tuple(sorted(varying)), len(groups[0])
 
 
-def _trip_counts(edges: dict[str, list[tuple[str, int]]], entry: str) -> dict[str, int]:
-    """How many times each computation runs per call of `entry` (max over call paths)."""
-    trips = {entry: 1}
-    todo = [entry]
+def _walk_calls(edges: dict[str, list[tuple[str, int, bool]]], entry: str) -> dict:
+    """Per computation reachable from `entry`: (runs per call, inside a loop body).
+
+    `edges[c]` lists `(callee, trip multiplier, is a while body)`; runs are the
+    product of the enclosing loops' trip counts (the max over call paths).
+    Without an ENTRY line, every computation nobody calls is a root.
+    """
+    callees = {c for out in edges.values() for c, _, _ in out}
+    roots = [entry] if entry else [c for c in edges if c not in callees]
+    runs = {root: (1, False) for root in roots}
+    todo = list(roots)
     while todo:
         c = todo.pop()
-        for callee, mult in edges.get(c, ()):
-            n = trips[c] * mult
-            if trips.get(callee, 0) < n:
-                trips[callee] = n
+        n, looped = runs[c]
+        for callee, mult, body in edges.get(c, ()):
+            old_n, old_looped = runs.get(callee, (0, False))
+            new = (max(old_n, n * mult), old_looped or looped or body)
+            if new != (old_n, old_looped):
+                runs[callee] = new
                 todo.append(callee)
-    return trips
-
-
-def _loop_computations(calls: dict[str, set[str]], bodies: set[str]) -> set[str]:
-    seen: set[str] = set()
-    todo = list(bodies)
-    while todo:
-        c = todo.pop()
-        if c in seen:
-            continue
-        seen.add(c)
-        todo.extend(calls.get(c, ()))
-    return seen
+    return runs
 
 
 def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
     """The collectives of an HLO module's text (as `Compiled.as_text()` prints it)."""
     types: dict[str, str] = {}
-    calls: dict[str, set[str]] = collections.defaultdict(set)
-    bodies: set[str] = set()
-    edges: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
+    edges: dict[str, list[tuple[str, int, bool]]] = collections.defaultdict(list)
     entry = ""
     found = []
     computation = ""
@@ -297,22 +308,20 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
         callees = set(_CALLED.findall(rest))
         for b in _BRANCHES.findall(rest):
             callees.update(x.strip().lstrip("%") for x in b.split(","))
-        calls[computation].update(callees)
-        loop_body: set[str] = set()
+        loop: set[str] = set()
+        body: set[str] = set()
         if re.match(r"while\(", rest):
-            loop_body = set(re.findall(r"(?:body|condition)=%?([\w.\-]+)", rest))
-            bodies.update(re.findall(r"body=%?([\w.\-]+)", rest))
+            loop = set(re.findall(r"(?:body|condition)=%?([\w.\-]+)", rest))
+            body = set(re.findall(r"body=%?([\w.\-]+)", rest))
         known = re.search(r'known_trip_count"?\s*:\s*\{\s*"?n"?\s*:\s*"?(\d+)', rest)
         trip = int(known.group(1)) if known else 1
-        for callee in callees:
-            edges[computation].append((callee, trip if callee in loop_body else 1))
+        edges[computation] += [(c, trip if c in loop else 1, c in body) for c in callees]
         op = rest.split("(", 1)[0]
         base = op.removesuffix("-start")
         if base not in KINDS or op.endswith("-done"):
             continue
         found.append((name, type_str, op, rest, computation))
-    in_loop = _loop_computations(calls, bodies)
-    trips = _trip_counts(edges, entry) if entry else {}
+    runs = _walk_calls(edges, entry)
     report = Report()
     for name, type_str, op, rest, computation in found:
         kind = op.removesuffix("-start")
@@ -342,8 +351,8 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
                 operands=max(len(operands), 1),
                 name=name,
                 computation=computation,
-                in_loop=computation in in_loop,
-                trips=trips.get(computation, 1),
+                in_loop=runs.get(computation, (1, False))[1],
+                trips=runs.get(computation, (1, False))[0],
                 op_name=meta.group(1) if meta else "",
             )
         )

@@ -48,9 +48,9 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import BATCH_AXES, FSDP
-from shardlax.audit import Declared
+from shardlax.audit import Declared, hlo_dtype
 from shardlax.mesh import check_axis, live_axes, present_axes, resolve_mesh
-from shardlax.nn._base import ShardedLayer, _gather_hlo_dtype, _hlo_dtype
+from shardlax.nn._base import ShardedLayer, gather_hlo_dtype
 from shardlax.precision import MixedPrecision
 
 
@@ -291,13 +291,13 @@ class FSDPModule(nnx.Module):
             stored = x.dtype
             gdt = stored if self.policy is None else self.policy.gather_dtype(stored)
             rdt = stored if self.policy is None else self.policy.grad_reduce_dtype(stored)
-            gname = _gather_hlo_dtype(gdt)
+            gname = gather_hlo_dtype(gdt)
             size = x.size // x.shape[0] if self.scan else x.size  # one layer's, in a scan
             full = size * jnp.dtype(gdt).itemsize
             gathers = 1 + (grad and self.reshard_after_forward and path in regathered)
             out.append(Declared("all-gather", (self.axis,), gname, gathers, gathers * full, path))
             if grad:
-                rbytes, rname = size * jnp.dtype(rdt).itemsize, _hlo_dtype(rdt)
+                rbytes, rname = size * jnp.dtype(rdt).itemsize, hlo_dtype(rdt)
                 out.append(Declared("reduce-scatter", (self.axis,), rname, 1, rbytes, path))
                 if others:
                     shard = rbytes // self.axis_size

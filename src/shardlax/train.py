@@ -39,7 +39,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -51,12 +50,12 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from shardlax import kernels, zero
+from shardlax import zero
 from shardlax._axes import DATA, FSDP, MODEL
 from shardlax._train_steps import TrainState, _Steps
-from shardlax.audit import Declared
+from shardlax.audit import Declared, hlo_dtype
 from shardlax.mesh import axes_size, check_axis, live_axes, place, resolve_mesh
-from shardlax.nn._base import ShardedLayer
+from shardlax.nn._base import ShardedLayer, gather_hlo_dtype
 from shardlax.precision import MixedPrecision
 
 #: The strategies `Trainer` implements.
@@ -407,7 +406,7 @@ class Trainer(_Steps):
             jax.eval_shape(self._step, jax.eval_shape(self.init), abstract)
 
         def dt(b):
-            return _hlo_dtype(b.dtype)
+            return hlo_dtype(b.dtype)
 
         out = []
         if live and not (loss_in_model and self.layer_sharded):
@@ -422,13 +421,13 @@ class Trainer(_Steps):
             for b in self.buckets:
                 rdt, gdt = self._reduce_dtype(b.dtype), self._gather_dtype(b.dtype)
                 rbytes = b.n * b.row * rdt.itemsize
-                out.append(Declared(kind, live, _hlo_dtype(rdt), 1, rbytes, "gradient bucket"))
-                gname = _hlo_dtype(kernels.gather_bits_dtype(gdt) or gdt)
+                out.append(Declared(kind, live, hlo_dtype(rdt), 1, rbytes, "gradient bucket"))
+                gname = gather_hlo_dtype(gdt)
                 gbytes = b.n * b.row * gdt.itemsize
                 out.append(Declared("all-gather", live, gname, 1, gbytes, "parameter bucket"))
         for axes, dtype in self._norm_reductions or ():
             item = jnp.dtype(dtype).itemsize
-            out.append(Declared("all-reduce", axes, _hlo_dtype(dtype), 1, item, "global norm"))
+            out.append(Declared("all-reduce", axes, hlo_dtype(dtype), 1, item, "global norm"))
         return out
 
     def state_bytes(self) -> dict[str, int]:
@@ -486,19 +485,6 @@ def make_train_step(
     """
     trainer = Trainer(model, tx, loss_fn, **kwargs)
     return trainer.init(), trainer.step
-
-
-@functools.cache
-def _hlo_names() -> dict[str, str]:
-    return {
-        "float32": "f32", "bfloat16": "bf16", "float16": "f16", "float64": "f64",
-        "uint16": "u16", "uint8": "u8",
-    }  # fmt: skip
-
-
-def _hlo_dtype(dtype: Any) -> str:
-    name = jnp.dtype(dtype).name
-    return _hlo_names().get(name, name)
 
 
 __all__ = ["STRATEGIES", "TrainState", "Trainer", "make_train_step"]

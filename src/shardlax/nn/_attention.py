@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -16,7 +17,7 @@ from jax.sharding import Mesh
 from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
-from shardlax.nn._base import AUTO, run_shard_map
+from shardlax.nn._base import AUTO
 from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
 from shardlax.nn._mlp import _activation_collectives
 from shardlax.nn._sequence import SequenceLayer
@@ -165,22 +166,13 @@ class ParallelAttention(SequenceLayer):
             spec = self.hidden_spec(3)
             x = self._place(x, spec)
 
-            def body(x, *params):
-                dtype = self.q_proj._compute_dtype()
-
-                def fn(params, x):
-                    x, *params = self.promote_dtype((x, *params), dtype=dtype)
-                    return kernels.head_parallel_attention(
-                        x, *params, head_dim=self.head_dim, axis_name=self.axis_name,
-                        sequence_parallel=self.sequence_parallel, causal=self.causal,
-                        rope_theta=self.rope_theta, precision=self.precision,
-                        dot_general=self.dot_general,
-                    )  # fmt: skip
-
-                return self._apply(fn, self._entries(), params, x)
-
-            values, specs = self._entry_values(), self._entry_specs()
-            return run_shard_map(body, self.mesh, (x, *values), (spec, *specs), spec)
+            attention = functools.partial(
+                kernels.head_parallel_attention, head_dim=self.head_dim,
+                axis_name=self.axis_name, sequence_parallel=self.sequence_parallel,
+                causal=self.causal, rope_theta=self.rope_theta, precision=self.precision,
+                dot_general=self.dot_general,
+            )  # fmt: skip
+            return self._run_fused(x, spec, attention, self.q_proj._compute_dtype())
 
     def declared_collectives(
         self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,

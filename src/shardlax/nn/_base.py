@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import BATCH_AXES, FSDP
-from shardlax.audit import Declared
+from shardlax.audit import Declared, hlo_dtype
 from shardlax.mesh import axes_size, check_axis, live_axes, place, present_axes, resolve_mesh
 from shardlax.precision import MixedPrecision
 
@@ -166,7 +166,7 @@ class ShardedLayer(nnx.Module):
         live = tuple(a for a in axes if self.mesh.shape[a] > 1)
         if not live:
             return []
-        return [Declared(kind, live, _hlo_dtype(dtype), 1, int(nbytes), why)]
+        return [Declared(kind, live, hlo_dtype(dtype), 1, int(nbytes), why)]
 
     # ----------------------------------------------------------------- FSDP
 
@@ -351,7 +351,7 @@ class ShardedLayer(nnx.Module):
             nbytes = n * jnp.dtype(stored).itemsize
             axes = (*self.batch_axes, *token_axes)
             return self._declare("all-reduce", axes, stored, nbytes, f"d{why}")
-        gname = _gather_hlo_dtype(gdt)
+        gname = gather_hlo_dtype(gdt)
         out = self._declare_as("all-gather", (self.fsdp_axis,), gname, full, f"gather {why}")
         if not grad:
             return out
@@ -383,30 +383,9 @@ class ShardedLayer(nnx.Module):
         return [None if p is None else kernels.ensure_varying(p, live) for p in params]
 
 
-_HLO_NAMES = {
-    "float32": "f32",
-    "bfloat16": "bf16",
-    "float16": "f16",
-    "float64": "f64",
-    "int32": "s32",
-    "int64": "s64",
-    "int8": "s8",
-    "uint8": "u8",
-    "bool": "pred",
-}
-
-
-def _hlo_dtype(dtype: Any) -> str:
-    name = jnp.dtype(dtype).name
-    return _HLO_NAMES.get(name, name)
-
-
-def _gather_hlo_dtype(dtype: Any) -> str:
+def gather_hlo_dtype(dtype: Any) -> str:
     """The HLO dtype of an FSDP all-gather: 16/8-bit floats travel as their bits."""
-    dtype = jnp.dtype(dtype)
-    if jnp.issubdtype(dtype, jnp.floating) and dtype.itemsize < 4:
-        return {2: "u16", 1: "u8"}[dtype.itemsize]
-    return _hlo_dtype(dtype)
+    return hlo_dtype(kernels.gather_bits_dtype(dtype) or dtype)
 
 
 def run_shard_map(body: Callable, mesh: Mesh, args: tuple, in_specs: tuple, out_specs: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,7 +18,7 @@ from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
 from shardlax.kernels._mlp import ACTIVATIONS
-from shardlax.nn._base import AUTO, nbytes, run_shard_map
+from shardlax.nn._base import AUTO, nbytes
 from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
 from shardlax.nn._sequence import SequenceLayer
 
@@ -123,21 +124,12 @@ class ParallelMLP(SequenceLayer):
             spec = self.hidden_spec(x.ndim)
             x = self._place(x, spec)
 
-            def body(x, *params):
-                dtype = self.up._compute_dtype()
-
-                def fn(params, x):
-                    x, *params = self.promote_dtype((x, *params), dtype=dtype)
-                    return kernels.parallel_mlp(
-                        x, *params, activation=self.activation, axis_name=self.axis_name,
-                        sequence_parallel=self.sequence_parallel, precision=self.precision,
-                        dot_general=self.dot_general,
-                    )  # fmt: skip
-
-                return self._apply(fn, self._entries(), params, x)
-
-            values, specs = self._entry_values(), self._entry_specs()
-            return run_shard_map(body, self.mesh, (x, *values), (spec, *specs), spec)
+            mlp = functools.partial(
+                kernels.parallel_mlp, activation=self.activation, axis_name=self.axis_name,
+                sequence_parallel=self.sequence_parallel, precision=self.precision,
+                dot_general=self.dot_general,
+            )  # fmt: skip
+            return self._run_fused(x, spec, mlp, self.up._compute_dtype())
 
     def declared_collectives(
         self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,

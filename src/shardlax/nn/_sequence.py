@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 from flax import nnx
@@ -10,7 +11,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax.mesh import live_axes
-from shardlax.nn._base import ShardedLayer, nbytes
+from shardlax.nn._base import ShardedLayer, nbytes, run_shard_map
 from shardlax.nn._linear import ColumnParallelLinear
 
 
@@ -147,6 +148,23 @@ class SequenceLayer(ShardedLayer):
         return kernels.fsdp_call(
             fn, tuple(values), args, gather=gather, reshard_after_forward=reshard
         )
+
+    def _run_fused(self, x: jax.Array, spec: P, kernel, compute_dtype: Any) -> jax.Array:
+        """`kernel(x, *params)` in one shard_map over this layer's parameter entries.
+
+        The parameters are gathered / cast by `_apply`, then `promote_dtype`
+        brings `x` and them to `compute_dtype`; input and output share `spec`.
+        """
+
+        def body(x, *params):
+            def fn(params, x):
+                x, *params = self.promote_dtype((x, *params), dtype=compute_dtype)
+                return kernel(x, *params)
+
+            return self._apply(fn, self._entries(), params, x)
+
+        values, specs = self._entry_values(), self._entry_specs()
+        return run_shard_map(body, self.mesh, (x, *values), (spec, *specs), spec)
 
     def _owners(self) -> list:
         return [o for o, *_ in self._entries()]
