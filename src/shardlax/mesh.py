@@ -143,12 +143,44 @@ def axes_size(mesh: Mesh, axes: Sequence[str]) -> int:
     return math.prod(mesh.shape[a] for a in axes)
 
 
+def manual_axes() -> frozenset[str]:
+    """The mesh axes that are manual where this is traced (inside a `shard_map`).
+
+    Empty outside any `shard_map`. Inside the one-`shard_map` train step of
+    `shardlax.Trainer` every axis of the mesh is manual.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return frozenset()
+    return frozenset(mesh.manual_axes)
+
+
+def is_manual(mesh: Mesh) -> bool:
+    """True when every axis of `mesh` of size > 1 is already manual here.
+
+    Then a shardlax layer (or `fully_shard` unit) built on `mesh` runs its
+    per-device body directly on the local shards it is given instead of
+    opening a `shard_map` of its own (nested shard_maps do not differentiate
+    in this JAX version). Its parameters are then the local shards of their
+    specs and its activations the local shards of its `in_specs`.
+    """
+    live = live_axes(mesh, mesh.axis_names)
+    if not live:
+        # a mesh with nothing to split: manual iff we are inside some shard_map
+        return bool(manual_axes())
+    manual = manual_axes()
+    return all(a in manual for a in live)
+
+
 def place(x: jax.Array, mesh: Mesh, spec: PartitionSpec) -> jax.Array:
     """Lay `x` out as `spec` on `mesh` (eager: device_put; traced: a sharding constraint).
 
     A no-op when `x` already has that sharding, so chained layers whose
-    output and input specs agree move nothing at the boundary.
+    output and input specs agree move nothing at the boundary. A no-op in
+    manual mode (`is_manual(mesh)`): `x` is then already a local shard.
     """
+    if is_manual(mesh):
+        return x
     return jax.device_put(x, NamedSharding(mesh, spec))
 
 

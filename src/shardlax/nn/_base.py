@@ -41,7 +41,15 @@ from jax.sharding import PartitionSpec as P
 from shardlax import kernels
 from shardlax._axes import BATCH_AXES, FSDP
 from shardlax.audit import Declared, hlo_dtype
-from shardlax.mesh import axes_size, check_axis, live_axes, place, present_axes, resolve_mesh
+from shardlax.mesh import (
+    axes_size,
+    check_axis,
+    is_manual,
+    live_axes,
+    place,
+    present_axes,
+    resolve_mesh,
+)
 from shardlax.precision import MixedPrecision
 
 #: `fsdp_axis` default: ``'fsdp'`` when the mesh has it and the batch is split
@@ -394,6 +402,11 @@ def run_shard_map(body: Callable, mesh: Mesh, args: tuple, in_specs: tuple, out_
     `body` still receives every argument, `None` where one is missing, so a
     kernel can take `bias=None` while shard_map only sees arrays.
     """
+    if is_manual(mesh):
+        # Already inside a shard_map over every live axis of `mesh` (the Trainer's
+        # step): the arguments are local shards in `in_specs` layout; run the
+        # per-device body as it is.
+        return body(*args)
     present = [i for i, a in enumerate(args) if a is not None]
 
     @functools.wraps(body)
