@@ -31,8 +31,11 @@ from ._embed import vocab_parallel_logits as vocab_parallel_logits
 from ._fsdp import fsdp_call as fsdp_call
 from ._fsdp import fsdp_gather as fsdp_gather
 from ._linear import column_parallel_matmul as column_parallel_matmul
+from ._linear import fused_column_matmul as fused_column_matmul
 from ._linear import matmul_last as matmul_last
+from ._linear import parallel_einsum as parallel_einsum
 from ._linear import row_parallel_matmul as row_parallel_matmul
+from ._linear import share_input as share_input
 from ._mlp import parallel_mlp as parallel_mlp
 from ._norm import rms_norm as rms_norm
 from ._sequence import enter_tensor_parallel as enter_tensor_parallel
@@ -68,6 +71,7 @@ __all__ = [
     "exit_tensor_parallel",
     "fsdp_call",
     "fsdp_gather",
+    "fused_column_matmul",
     "gather_bits",
     "gather_bits_dtype",
     "gather_sequence",
@@ -77,6 +81,7 @@ __all__ = [
     "local_shard",
     "matmul_last",
     "pack_bucket",
+    "parallel_einsum",
     "parallel_mlp",
     "ppermute",
     "reduce_scatter",
@@ -88,6 +93,7 @@ __all__ = [
     "scatter_sequence",
     "sequence_parallel_column_matmul",
     "sequence_parallel_row_matmul",
+    "share_input",
     "shard_offsets",
     "shard_size",
     "sharded_tree_norm",

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._collectives import all_gather, all_reduce, axis_index, axis_size
+from ._collectives import all_gather, all_reduce, axis_index, axis_size, ensure_varying
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -136,3 +136,127 @@ def row_parallel_matmul(
     )  # partial_y: [..., D], one term of the sum per device
     y = all_reduce(partial_y, axis_name)  # y: [..., D]
     return _add_bias(y, bias)
+
+
+def share_input(x: jax.Array, axis_name: str = "model") -> jax.Array:
+    """Type a model-replicated input as varying over `axis_name`, once for all its readers.
+
+    Every column-parallel layer that reads the same activation (q, k and v;
+    gate and up) multiplies it by a kernel shard that varies over the model
+    axis, so each would cast it to varying on its own, and autodiff would
+    transpose each cast into its own all-reduce of dx. Casting it once here
+    and handing the varying value to every reader leaves their partial input
+    gradients local; the sum of the readers' cotangents then reaches this one
+    cast, whose transpose is the only all-reduce.
+
+    Shardings: x [..., D] replicated over `axis_name`; returns the same
+    values, typed varying. Collectives: forward none; backward 1 all-reduce
+    of dx over `axis_name` (however many layers read the result).
+    """
+    return ensure_varying(x, (axis_name,))
+
+
+def _letters(einsum_str: str) -> tuple[str, str, str]:
+    lhs, out = einsum_str.split("->")
+    x, k = lhs.split(",")
+    return x, k, out
+
+
+def parallel_einsum(
+    einsum_str: str,
+    x: jax.Array,
+    kernel_shard: jax.Array,
+    bias_shard: jax.Array | None = None,
+    *,
+    split: str,
+    axis_name: str = "model",
+    precision: Any = None,
+    einsum_op: Callable[..., jax.Array] = jnp.einsum,
+    preferred_element_type: Any = None,
+) -> jax.Array:
+    """`einsum(einsum_str, x, W) + b` with one kernel dim (letter `split`) split over `axis_name`.
+
+    Column-like when `split` is an output letter (e.g. the heads of a
+    ``'BTD,DNH->BTNH'`` kernel): device i computes its slice of the output,
+    `y_i = einsum(x, W_i) + b_i`, no collective forward; the input is
+    replicated and its gradient is all-reduced once by the caller (see
+    `share_input`). Row-like when `split` is contracted (``'BTNH,NHD->BTD'``):
+    `y = sum_i einsum(x_i, W_i) + b`, 1 all-reduce of the output forward,
+    the bias added once after the sum; backward none for dx.
+
+    Shardings (N = size of `axis_name`):
+      x:            the input; row-like: split over `axis_name` on `split`
+      kernel_shard: the kernel, split on its `split` dim (its global layout is
+                    untouched: no re-layout, the shard is a plain slice)
+      bias_shard:   broadcast like nnx.Einsum's bias; column-like: split on
+                    `split`, row-like: replicated
+      returns:      column-like: split on `split`; row-like: replicated
+
+    The bias is reshaped as `nnx.Einsum` does it: kernel letters that survive
+    in the output keep their (local) kernel size, the others become 1.
+    """
+    xs, ks, out = _letters(einsum_str)
+    kwargs = {}
+    if preferred_element_type is not None:
+        kwargs["preferred_element_type"] = preferred_element_type
+    y = einsum_op(einsum_str, x, kernel_shard, precision=precision, **kwargs)
+    if split not in out:  # row-like: y holds one term of the sum per device
+        y = all_reduce(y, axis_name)
+    if bias_shard is not None:
+        shape = [kernel_shard.shape[ks.index(c)] if c in ks else 1 for c in out]
+        y = y + jnp.reshape(bias_shard, shape)
+    return y
+
+
+def fused_column_matmul(
+    x: jax.Array,
+    kernel_shard: jax.Array,
+    bias_shard: jax.Array | None = None,
+    *,
+    parts: int,
+    axis_name: str = "model",
+    precision: Any = None,
+    dot_general: DotGeneral = lax.dot_general,
+    preferred_element_type: Any = None,
+) -> tuple[jax.Array, ...]:
+    """`jnp.split(x @ W + b, parts, -1)`, each part split over `axis_name` on its own.
+
+    `W = [W^0 | W^1 | ... ]` is a fused projection (`[k | v]`, `[gate | up]`)
+    stored in its own global layout, `P(None, axis_name)`: device i holds the
+    contiguous columns `[i kF/N, (i+1) kF/N)`, which mix the parts. Each
+    device needs its slice of *every* part (its heads of k and of v), so the
+    kernel shard is all-gathered over `axis_name` and each device keeps
+    columns `p F + [i F/N, (i+1) F/N)` of every part p; the parts are
+    returned separately, each `[..., F/N]` = `P(..., axis_name)`.
+
+    Shardings (N = size of `axis_name`, k = `parts`, F = the width of a part):
+      x:            [..., D]      replicated over `axis_name` (typed varying by
+                                  `share_input` so dx is all-reduced once)
+      kernel_shard: [D, kF/N]     `P(None, axis_name)` of the global [D, kF]
+      bias_shard:   [kF/N]        `P(axis_name)` of the global [kF]
+      returns:      k arrays [..., F/N]
+
+    Collectives over `axis_name`: forward 1 all-gather of the kernel (and 1 of
+    the bias): each device receives (N-1)/N of `D kF` elements; backward 1
+    reduce-scatter of the kernel gradient (and of the bias gradient), the
+    same bytes. A fused projection the model splits by `jnp.split` cannot
+    keep every part local under a contiguous layout; separate projections, or
+    an `nnx.Einsum` with a parts dim (``'BSD,CDKH->CBSKH'``), need none of it.
+    """
+    n = axis_size(axis_name)
+    i = axis_index(axis_name)
+
+    def shares(w: jax.Array) -> jax.Array:
+        w = all_gather(w, axis_name, axis=w.ndim - 1)  # w: [..., kF]
+        width = w.shape[-1] // parts // n
+        w = w.reshape(*w.shape[:-1], parts, n * width)  # w: [..., k, F]
+        return lax.dynamic_slice_in_dim(w, i * width, width, axis=w.ndim - 1)  # [..., k, F/N]
+
+    kernel = shares(kernel_shard)  # kernel: [D, k, F/N]
+    kwargs = {}
+    if preferred_element_type is not None:
+        kwargs["preferred_element_type"] = preferred_element_type
+    y = dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision, **kwargs)
+    if bias_shard is not None:  # y: [..., k, F/N]
+        y = y + jnp.reshape(shares(bias_shard), (1,) * (x.ndim - 1) + y.shape[-2:])
+    return tuple(y[..., p, :] for p in range(parts))
