@@ -27,39 +27,26 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import itertools
 import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-KINDS = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all", "collective-permute")
-
-_DTYPE_BYTES = {
-    "pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
-    "f8e4m3": 1, "f8e4m3fnuz": 1, "f8e5m2fnuz": 1, "f8e3m4": 1,
-    "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
-    "s32": 4, "u32": 4, "f32": 4,
-    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
-}  # fmt: skip
-
-
-def hlo_dtype(dtype: Any) -> str:
-    """The HLO name of a dtype, as the compiled program spells it: f32, bf16, s32, u16, pred."""
-    name = jnp.dtype(dtype).name
-    if name == "bool":
-        return "pred"
-    if name == "bfloat16":
-        return "bf16"
-    for prefix, short in (("uint", "u"), ("int", "s"), ("float", "f"), ("complex", "c")):
-        if name.startswith(prefix):
-            return short + name[len(prefix) :].replace("_", "")
-    return name
-
+from shardlax.declarations import DTYPE_BYTES as _DTYPE_BYTES
+from shardlax.declarations import KINDS as KINDS
+from shardlax.declarations import Declared as Declared
+from shardlax.declarations import Phase as Phase
+from shardlax.declarations import Role as Role
+from shardlax.declarations import drop as drop
+from shardlax.declarations import hlo_dtype as hlo_dtype
+from shardlax.declarations import nbytes as nbytes
+from shardlax.declarations import select as select
+from shardlax.declarations import wire_bytes as wire_bytes
 
 _ARRAY_TYPE = re.compile(r"([a-z][a-z0-9]*)\[([0-9,]*)\]")
 _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
@@ -87,6 +74,10 @@ class Collective:
     in_loop: bool = False
     op_name: str = ""
     trips: int = 1
+    #: the device groups, as positions in the mesh's device order (`mesh.devices.flat`)
+    groups: tuple[tuple[int, ...], ...] = ()
+    #: False when a group spans only part of one of `axes` (a sub-axis, or an irregular group)
+    whole_axes: bool = True
 
     @property
     def bytes(self) -> int:
@@ -96,35 +87,7 @@ class Collective:
     @property
     def wire_bytes(self) -> float:
         """Bytes each device sends with the bandwidth-optimal (ring) algorithm."""
-        n = self.group_size
-        if n <= 1:
-            return 0.0
-        if self.kind == "all-reduce":
-            return 2 * self.bytes * (n - 1) / n
-        if self.kind == "collective-permute":
-            return float(self.bytes)
-        return self.bytes * (n - 1) / n
-
-
-@dataclasses.dataclass(frozen=True)
-class Declared:
-    """A collective a layer or step promises to compile to.
-
-    `bytes` is per device, in the convention of `Collective.bytes`, summed
-    over the `count` instances; `None` means "not declared".
-    """
-
-    kind: str
-    axes: tuple[str, ...]
-    dtype: str
-    count: int = 1
-    bytes: int | None = None
-    why: str = ""
-
-    def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"Declared(kind={self.kind!r}): expected one of {KINDS}.")
-        object.__setattr__(self, "axes", tuple(sorted(self.axes)))
+        return wire_bytes(self.kind, self.bytes, self.group_size)
 
 
 class Report(list):
@@ -206,20 +169,87 @@ def _split_type(rest: str) -> tuple[str, str]:
     return head, tail
 
 
-def _parse_groups(attrs: str) -> list[list[int]] | None:
-    m = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+def _iota(text: str) -> np.ndarray:
+    """Device ids of an iota list `[dims]T(perm)` or an explicit `0,2,1,3` (flat)."""
+    m = re.fullmatch(r"\s*\[([0-9,]+)\](?:T\(([0-9,]+)\))?\s*", text)
     if m:
-        # mesh-axes form: mesh['axis_0'=2,'axis_1'=4] {'axis_0'}: a group per
-        # combination of the other axes, spanning the named ones (row-major ids)
-        names, dims = [], []
-        for item in m.group(1).split(","):
-            name, _, size = item.partition("=")
-            names.append(name.strip().strip("'\""))
-            dims.append(int(size))
-        over = [names.index(a.strip().strip("'\"")) for a in m.group(2).split(",") if a.strip()]
-        rest = [i for i in range(len(dims)) if i not in over]
-        ids = np.arange(math.prod(dims)).reshape(dims).transpose(rest + over)
-        return ids.reshape(-1, math.prod(dims[i] for i in over)).tolist()
+        dims = [int(v) for v in m.group(1).split(",")]
+        ids = np.arange(math.prod(dims)).reshape(dims)
+        if m.group(2):
+            ids = ids.transpose([int(v) for v in m.group(2).split(",")])
+        return ids.reshape(-1)
+    return np.array([int(v) for v in text.split(",") if v.strip()], dtype=np.int64)
+
+
+_MESH_GROUPS = re.compile(
+    r"replica_groups=mesh\[([^\]]*)\]"
+    r"(?:,\s*device_ids=\((\[[0-9,]*\](?:T\([0-9,]*\))?|[0-9,\s]*)\))?"
+    r"\s*\{([^}]*)\}"
+)
+_SUB_AXIS = re.compile(r"^['\"]?([^'\":]+)['\"]?(?::\((\d+)\)(\d+))?$")
+
+
+def _mesh_groups(dims_text: str, device_ids: str | None, over_text: str) -> list[list[int]]:
+    """Groups of Shardy's mesh form: `mesh['a'=4,'b'=2], device_ids=(...) {'a':(2)2, 'b'}`.
+
+    A group per combination of the axes not named in the braces, spanning the
+    named ones, in the order named. `'a':(p)k` is the sub-axis of size k of
+    axis `a` whose major sub-axes multiply to p (Shardy's `(pre_size)size`):
+    axis `a` of size A splits row-major into (p, k, A/(p k)) and the group
+    spans the middle factor. Mesh positions are row-major; `device_ids` maps
+    each position to its device id (iota `[dims]T(perm)` or an explicit list;
+    default: the identity).
+    """
+    names, sizes = [], []
+    for item in dims_text.split(","):
+        name, _, size = item.partition("=")
+        names.append(name.strip().strip("'\""))
+        sizes.append(int(size))
+    refs = []  # (axis index, pre, size)
+    for item in over_text.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        m = _SUB_AXIS.match(item)
+        if not m or m.group(1) not in names:
+            raise ValueError(f"audit: cannot read replica-group axis {item!r} of mesh[{dims_text}]")
+        i = names.index(m.group(1))
+        pre, size = (int(m.group(2)), int(m.group(3))) if m.group(2) else (1, sizes[i])
+        if sizes[i] % (pre * size):
+            raise ValueError(
+                f"audit: sub-axis {item!r} of axis {names[i]!r} (size {sizes[i]}): "
+                f"({pre}){size} does not divide {sizes[i]}"
+            )
+        refs.append((i, pre, size))
+    # Cut each axis into factors at every sub-axis boundary (products from the major side).
+    cuts = [{1, s} for s in sizes]
+    for i, pre, size in refs:
+        cuts[i] |= {pre, pre * size}
+    factors, first = [], []  # factor sizes; index of each axis' first factor
+    bounds = []  # per axis: sorted cut points
+    for i, _s in enumerate(sizes):
+        pts = sorted(cuts[i])
+        bounds.append(pts)
+        first.append(len(factors))
+        factors += [b // a for a, b in itertools.pairwise(pts)]
+    over: list[int] = []
+    for i, pre, size in refs:
+        pts = bounds[i]
+        lo, hi = pts.index(pre), pts.index(pre * size)
+        over += [first[i] + j for j in range(lo, hi)]
+    n = math.prod(sizes)
+    ids = _iota(device_ids) if device_ids else np.arange(n)
+    if ids.size != n:
+        raise ValueError(f"audit: device_ids=({device_ids}) has {ids.size} ids, mesh has {n}")
+    rest = [j for j in range(len(factors)) if j not in over]
+    arr = ids.reshape(factors).transpose(rest + over)
+    return arr.reshape(-1, math.prod(factors[j] for j in over)).tolist()
+
+
+def _parse_groups(attrs: str) -> list[list[int]] | None:
+    m = _MESH_GROUPS.search(attrs)
+    if m:
+        return _mesh_groups(m.group(1), m.group(2), m.group(3))
     m = re.search(r"replica_groups=\[([0-9,]+)\]<=\[([0-9,]+)\](?:T\(([0-9,]+)\))?", attrs)
     if m:
         out_shape = [int(v) for v in m.group(1).split(",")]
@@ -242,23 +272,31 @@ def _parse_groups(attrs: str) -> list[list[int]] | None:
     return None
 
 
-def _axes_of(groups: list[list[int]] | None, mesh: Mesh | None) -> tuple[tuple[str, ...], int]:
-    """Mesh axes spanned by replica groups (ids are positions in the mesh's device order)."""
-    if mesh is None:
-        size = len(groups[0]) if groups else 0
-        return (), size
-    shape = mesh.devices.shape
+def _axes_of(
+    groups: list[list[int]] | None, mesh: Mesh | None, num_devices: int = 0
+) -> tuple[tuple[str, ...], int, tuple[tuple[int, ...], ...], bool]:
+    """Mesh axes spanned by replica groups (ids are positions in the mesh's device order).
+
+    Returns (axes, group size, groups, whole_axes); `whole_axes` is False when
+    the groups span only part of an axis (their size is not the product of the
+    axes' sizes). Empty groups (`replica_groups={}`) mean one group of every device.
+    """
+    n = mesh.size if mesh is not None else num_devices
     if not groups:
-        return tuple(
-            sorted(n for n, s in zip(mesh.axis_names, shape, strict=True) if s > 1)
-        ), mesh.size
+        groups = [list(range(n))] if n else []
+    tupled = tuple(tuple(int(v) for v in g) for g in groups)
+    if mesh is None:
+        return (), (len(groups[0]) if groups else 0), tupled, True
+    shape = mesh.devices.shape
     varying: set[str] = set()
     for g in groups:
         coords = np.array(np.unravel_index(np.array(g), shape))  # [ndim, len(g)]
         for name, row in zip(mesh.axis_names, coords, strict=True):
             if len(set(row.tolist())) > 1:
                 varying.add(name)
-    return tuple(sorted(varying)), len(groups[0])
+    size = len(groups[0])
+    whole = size == math.prod(mesh.shape[a] for a in varying)
+    return tuple(sorted(varying)), size, tupled, whole
 
 
 def _walk_calls(edges: dict[str, list[tuple[str, int, bool]]], entry: str) -> dict:
@@ -322,6 +360,8 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
             continue
         found.append((name, type_str, op, rest, computation))
     runs = _walk_calls(edges, entry)
+    header = re.search(r"^HloModule\b.*?\bnum_partitions=(\d+)", hlo_text, re.M)
+    num_devices = int(header.group(1)) if header else 0
     report = Report()
     for name, type_str, op, rest, computation in found:
         kind = op.removesuffix("-start")
@@ -329,7 +369,7 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
         operand_bytes = sum(_type_bytes(types.get(o, ""))[0] for o in operands)
         result_bytes, dtype = _type_bytes(type_str)
         groups = _parse_groups(rest)
-        axes, group_size = _axes_of(groups, mesh)
+        axes, group_size, device_groups, whole = _axes_of(groups, mesh, num_devices)
         if op.endswith("-start"):
             # async pairs: the start's type bundles operands and results
             result_bytes = operand_bytes
@@ -354,6 +394,8 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
                 in_loop=runs.get(computation, (1, False))[1],
                 trips=runs.get(computation, (1, False))[0],
                 op_name=meta.group(1) if meta else "",
+                groups=device_groups,
+                whole_axes=whole,
             )
         )
     return report
@@ -367,26 +409,49 @@ def _find_mesh(tree: Any) -> Mesh | None:
     return None
 
 
-def compile_fn(fn: Callable, *args, **kwargs) -> jax.stages.Compiled:
-    """`fn` (jitted or not) lowered and compiled for `args`."""
+def compile_fn(fn: Callable | jax.stages.Lowered | jax.stages.Compiled, *args, **kwargs):
+    """`fn` (jitted or not) lowered and compiled for `args`; a `Lowered` compiled; a
+    `Compiled` as it is (neither takes arguments: they already have theirs)."""
+    if isinstance(fn, (jax.stages.Compiled, jax.stages.Lowered)):
+        if args or kwargs:
+            kind = type(fn).__name__
+            raise TypeError(
+                f"audit: got a jax.stages.{kind} and {len(args) + len(kwargs)} argument(s); a "
+                f"{kind} already holds its arguments' shapes. Pass the {kind} alone "
+                f"(audit.collectives(compiled)), or the function with its arguments "
+                f"(audit.collectives(step, state, batch))."
+            )
+        return fn.compile() if isinstance(fn, jax.stages.Lowered) else fn
     if not hasattr(fn, "lower"):
         fn = jax.jit(fn)
     return fn.lower(*args, **kwargs).compile()
 
 
-def collectives(fn: Callable, *args, mesh: Mesh | None = None, **kwargs) -> Report:
-    """Compile `fn(*args, **kwargs)` and return the collectives of its compiled HLO.
+def collectives(
+    fn: Callable | jax.stages.Lowered | jax.stages.Compiled,
+    *args,
+    mesh: Mesh | None = None,
+    **kwargs,
+) -> Report:
+    """The collectives of the compiled HLO of `fn(*args, **kwargs)`.
 
     Args:
-      fn: a function, jitted or not (an `nnx.jit` function works too).
+      fn: a function, jitted or not (an `nnx.jit` function works too), or an
+        already lowered (`jax.stages.Lowered`) or compiled
+        (`jax.stages.Compiled`) program, which is read as it is (pass no
+        arguments with those).
       *args: example arguments (arrays or `jax.ShapeDtypeStruct`s with shardings).
       mesh: the mesh whose axes name the replica groups; default: the mesh of
         the first argument with a `NamedSharding`, else the one set with
-        `jax.set_mesh`.
+        `jax.set_mesh`, else the mesh of the program's input shardings.
       **kwargs: keyword arguments of `fn`.
 
     Returns:
       A `Report`: a list of `Collective`, in program order.
+
+    Example:
+      >>> compiled = jax.jit(step).lower(state, batch).compile()  # doctest: +SKIP
+      >>> audit.collectives(compiled).executed_wire_bytes()  # doctest: +SKIP
     """
     if mesh is None:
         mesh = _find_mesh((args, kwargs))
@@ -414,8 +479,8 @@ class Memory:
         return self.arguments + self.outputs + self.temp - self.alias
 
 
-def memory(fn: Callable, *args, **kwargs) -> Memory:
-    """Per-device memory of `fn` compiled for `args`."""
+def memory(fn: Callable | jax.stages.Lowered | jax.stages.Compiled, *args, **kwargs) -> Memory:
+    """Per-device memory of `fn` compiled for `args` (or of a `Lowered` / `Compiled`)."""
     stats = compile_fn(fn, *args, **kwargs).memory_analysis()
     return Memory(
         arguments=int(stats.argument_size_in_bytes),
