@@ -1,14 +1,27 @@
-"""The per-device step bodies of `shardlax.train.Trainer`, and its `TrainState`.
+"""The one train step of `shardlax.Trainer`, for every strategy, and its `TrainState`.
 
-`_Steps` is a mixin of `Trainer` (which provides the mesh, the specs, the
-bucket plan and the checks): one method per kind of step.
+The whole step is one `jax.shard_map` over every axis of the mesh:
 
-- `_replicated_step`: dp / zero1 / zero2. One `shard_map` over the mesh:
-  local gradients over the micro-batches (no collective), one reduction per
-  bucket, optax on full gradients (dp) or on flat shards (zero1/2), one
-  all-gather per bucket.
-- `_layer_sharded_step`: fsdp / fsdp+tp. The gradient on global arrays (the
-  layers reduce it), then optax in a `shard_map` over the parameters' specs.
+1. Each parameter arrives as its local shard (`Placement.spec`) and is typed
+   as varying over the batch axes it is replicated over, so its gradient stays
+   this device's partial sum (no collective inserted by autodiff).
+2. The model (merged from the state) runs on this device's batch shard.
+   shardlax layers and `fully_shard` units run their per-device code
+   (`shardlax.mesh.is_manual`): FSDP all-gathers over `fsdp` (gradients
+   reduce-scattered there), tensor-parallel collectives over `model`. Flax's
+   BatchNorm and Dropout are computed as on one device (`_flax_layers`).
+   Every `nnx.Variable` the forward updates comes back as the new `rest`.
+3. The partial gradients are summed over their replicated batch axes, one
+   collective per bucket, by the strategy (all-reduce, all-reduce + slice,
+   reduce-scatter).
+4. optax updates the full local leaves (dp, fsdp) or this device's flat
+   shards (ZeRO-1/2), which are then all-gathered, one collective per bucket.
+
+The loss: `loss_fn(model, batch)` is the mean over the batch it is given. If
+its value differs between devices (the usual case: a mean over the local
+shard) the step averages it over the batch axes it varies over, and scales
+the gradients by the same 1/N; a loss already reduced inside the model
+(TinyLM's vocab-parallel cross-entropy) is used as it is.
 
 References:
   Rajbhandari et al., "ZeRO: Memory Optimizations Toward Training Trillion
@@ -18,16 +31,16 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
-from jax.sharding import PartitionSpec as P
 
-from shardlax import kernels, zero
-from shardlax.mesh import place
+from shardlax import _flax_layers, kernels, zero
+from shardlax.placement import path_str, spec_axes
 
 
 @jax.tree_util.register_dataclass
@@ -36,16 +49,17 @@ class TrainState:
     """What a train step carries from one step to the next (a pytree).
 
     Attributes:
-      params: the model's `nnx.Param` state (global arrays; replicated over
-        the data axes for dp/zero1/zero2).
-      opt_state: the optax state. Under zero1/zero2 every leaf that follows a
-        parameter is that parameter flattened and zero-padded to
-        `N * ceil(n_p / N)` elements and split `P(data)`: 1/N per device.
-      rest: the model's other state (e.g. RNG counters), read-only in the step.
+      params: the model's `nnx.Param` state, global arrays in their storage
+        layout (`Placement.spec`).
+      opt_state: the optax state. A leaf that follows a parameter is laid out
+        like it (dp, fsdp) or, under zero1/zero2, in the flat layout of
+        `shardlax.placement` (1/N per device).
+      rest: the model's other state (batch statistics, RNG keys and counts,
+        any `nnx.Variable`), as the forward of the last step left it.
       step: the number of steps taken (int32 scalar).
       master: with a `mixed_precision` policy (zero1/zero2), the f32 master
-        parameters, flat and zero-padded like the optimizer state and split
-        `P(data)`; `params` then holds their `param_dtype` copy. None otherwise.
+        parameters in the flat layout; `params` then holds their
+        `param_dtype` copy. None otherwise.
     """
 
     params: Any
@@ -56,165 +70,131 @@ class TrainState:
 
 
 class _Steps:
-    """The train steps of `Trainer` (a mixin; `Trainer` holds the layout)."""
+    """The train step of `Trainer` (a mixin; `Trainer` holds the layout)."""
 
     def _step(self, state: TrainState, batch: Any) -> tuple[TrainState, dict[str, jax.Array]]:
         self._check_batch(batch)
-        if self.layer_sharded:
-            return self._layer_sharded_step(state, batch)
-        return self._replicated_step(state, batch)
-
-    def _replicated_step(self, state: TrainState, batch: Any):
-        """dp / zero1 / zero2: the whole step in one shard_map over the mesh."""
         specs = self.state_specs()
-        batch_specs = jax.tree.map(lambda x: P(self._split), batch)
-        params = jax.tree.map(lambda x, s: place(x, self.mesh, s), state.params, specs.params)
-        batch = jax.tree.map(lambda x, s: place(x, self.mesh, s), batch, batch_specs)
+        batch_specs = jax.tree.map(lambda x: self._batch_spec(x), batch)
+        batch = jax.tree.map(lambda x, s: self._put(x, s), batch, batch_specs)
         body = jax.shard_map(
             self._body,
             mesh=self.mesh,
             in_specs=(specs.params, specs.master, specs.opt_state, specs.rest, batch_specs),
-            out_specs=(specs.params, specs.master, specs.opt_state, P()),
+            out_specs=(specs.params, specs.master, specs.opt_state, specs.rest, jax.P()),
         )
-        new_params, master, opt_state, loss = body(
-            params, state.master, state.opt_state, state.rest, batch
+        params, master, opt_state, rest, loss = body(
+            state.params, state.master, state.opt_state, state.rest, batch
         )
-        new_state = TrainState(new_params, opt_state, state.rest, state.step + 1, master)
-        return new_state, {"loss": loss}
+        return TrainState(params, opt_state, rest, state.step + 1, master), {"loss": loss}
 
-    def _layer_sharded_step(self, state: TrainState, batch: Any):
-        """fsdp / fsdp+tp: the layers reduce the gradients; optax runs on their shards.
-
-        The loss and its gradient are taken on global arrays: each shardlax
-        layer's shard_map all-gathers its parameters and reduce-scatters their
-        gradients (over the fsdp axis) and all-reduces them over the data axes.
-        The update is one shard_map over the parameters' own specs, so optax
-        sees each device's shards and the global norm is reduced over the axes
-        each parameter is split over.
-        """
-        specs = self.state_specs()
-        split = self._split
-        batch = jax.tree.map(lambda x: place(x, self.mesh, P(split)), batch)
-        rest = state.rest
-
-        def loss_of(params, micro):
-            return self.loss_fn(nnx.merge(self.graphdef, params, rest), micro)
-
-        grad_fn = jax.value_and_grad(loss_of)
-        k = self.accum_steps
-        if k == 1:
-            loss, grads = grad_fn(state.params, batch)
-        else:
-            # micro-batch j = rows j, j + k, j + 2k, ...: each spans every device
-            def micro_of(x):
-                rows = jax.sharding.NamedSharding(self.mesh, P(split))
-                x = jnp.reshape(x, (x.shape[0] // k, k, *x.shape[1:]), out_sharding=rows)
-                return jnp.swapaxes(x, 0, 1)  # [k, B/k, ...]
-
-            micro = jax.tree.map(micro_of, batch)
-
-            def one(carry, mb):
-                loss, grads = grad_fn(state.params, mb)
-                return jax.tree.map(jnp.add, carry, (loss.astype(jnp.float32), grads)), None
-
-            zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
-            (loss, grads), _ = jax.lax.scan(one, zeros, micro)
-            loss = loss / k
-            grads = jax.tree.map(lambda g: g / jnp.asarray(k, g.dtype), grads)
-        grads = jax.tree.map(lambda g, s: place(g, self.mesh, s), grads, specs.params)
-        update = jax.shard_map(
-            self._sharded_update,
-            mesh=self.mesh,
-            in_specs=(specs.params, specs.params, specs.opt_state),
-            out_specs=(specs.params, specs.opt_state),
-        )
-        new_params, opt_state = update(grads, state.params, state.opt_state)
-        new_state = TrainState(new_params, opt_state, rest, state.step + 1)
-        return new_state, {"loss": loss}
-
-    def _sharded_update(self, grads, params, opt_state):
-        new_leaves, opt_state = self._update(
-            jax.tree.leaves(grads), opt_state, jax.tree.leaves(params)
-        )
-        return jax.tree.unflatten(self._treedef, new_leaves), opt_state
+    # ------------------------------------------------------------ gradients
+    def _loss_of(self, leaves, rest, batch):
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, leaves), rest)
+        _flax_layers.adapt(model, self.live, sync_batch_stats=self.sync_batch_stats)
+        loss = self.loss_fn(model, batch)
+        if not hasattr(loss, "shape") or loss.shape != ():
+            raise ValueError(
+                f"Trainer(loss_fn={getattr(self.loss_fn, '__name__', self.loss_fn)!r}): "
+                f"loss_fn(model, batch) must return a scalar (the mean loss over the batch), "
+                f"got {type(loss).__name__} of shape {getattr(loss, 'shape', None)}."
+            )
+        new_rest = nnx.state(model, self._rest_filter)
+        return loss.astype(jnp.float32), new_rest
 
     def _local_grads(self, leaves, rest, batch):
-        """Sum over micro-batches of this device's loss and gradients (no collective)."""
+        """This device's loss and partial gradients, summed over its micro-batches."""
         k = self.accum_steps
-
-        def loss_of(leaves, micro):
-            model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, leaves), rest)
-            return self.loss_fn(model, micro)
-
-        grad_fn = jax.value_and_grad(loss_of)
+        grad_fn = jax.value_and_grad(self._loss_of, has_aux=True)
         if k == 1:
-            return grad_fn(leaves, batch)
+            (loss, rest), grads = grad_fn(leaves, rest, batch)
+            return loss, grads, rest
+
         micro = jax.tree.map(lambda x: jnp.reshape(x, (k, x.shape[0] // k, *x.shape[1:])), batch)
+        first = jax.tree.map(lambda x: x[0], micro)
+        # the vma types of one micro-batch's loss and gradients, for the carry
+        (loss0, _), grads0 = jax.eval_shape(grad_fn, leaves, rest, first)
+
+        def zeros_like(s, dtype=None):
+            z = jnp.zeros(s.shape, dtype or s.dtype)
+            mat = getattr(s, "manual_axis_type", None)
+            return kernels.ensure_varying(z, tuple(mat.varying) if mat is not None else ())
+
+        acc = [self._reduce_dtype(s.dtype) for s in self._shapes]
+        carry0 = (
+            zeros_like(loss0),
+            [zeros_like(g, d) for g, d in zip(grads0, acc, strict=True)],
+            rest,
+        )
 
         def one(carry, mb):
-            loss_sum, grad_sum = carry
-            loss, grads = grad_fn(leaves, mb)
-            return (
-                loss_sum + loss.astype(jnp.float32),
-                [a + g.astype(a.dtype) for a, g in zip(grad_sum, grads, strict=True)],
-            ), None
+            loss_sum, grad_sum, rest = carry
+            (loss, rest), grads = grad_fn(leaves, rest, mb)
+            grad_sum = [a + g.astype(a.dtype) for a, g in zip(grad_sum, grads, strict=True)]
+            return (loss_sum + loss, grad_sum, rest), None
 
-        # accumulate in the reduce dtype (f32 under a bf16 mixed-precision policy)
-        acc = [self._reduce_dtype(s.dtype) for s in self._shapes]
-        zeros = [kernels.ensure_varying(jnp.zeros(x.shape, d), self._vary(x))
-                 for x, d in zip(leaves, acc, strict=True)]  # fmt: skip
-        loss0 = kernels.ensure_varying(jnp.zeros((), jnp.float32), self.live)  # batch varies
-        (loss, grads), _ = jax.lax.scan(one, (loss0, zeros), micro)
-        return loss, grads
+        (loss, grads, rest), _ = jax.lax.scan(one, carry0, micro)
+        return loss, grads, rest
 
-    def _vary(self, x) -> tuple[str, ...]:
-        return tuple(kernels.varying_axes(x))
-
+    # ------------------------------------------------------------- the body
     def _body(self, params, master, opt_state, rest, batch):
         leaves = jax.tree.leaves(params)
-        live, n, k = self.live, self.n, self.accum_steps
+        places = self.placements
         if self._cast_params:
-            # Replicated params typed as varying: their gradients stay per device, and
-            # the one reduction per step is ours (all-reduce or reduce-scatter), not
-            # the all-reduce autodiff would insert for an invariant input.
-            leaves = [kernels.ensure_varying(x, live) for x in leaves]
-        loss, grads = self._local_grads(leaves, rest, batch)
-        scale = 1.0 / (n * k)
-        loss = kernels.all_reduce(loss, live) * scale  # loss: f32[], the global mean
-        params_leaves = jax.tree.leaves(params)
-        if self.strategy == "dp":
-            full = [None] * len(leaves)
-            for b in self.buckets:
-                reduced = kernels.all_reduce_bucket([grads[i] for i in b.leaves], live)
-                for i, g in zip(b.leaves, reduced, strict=True):
-                    full[i] = g * jnp.asarray(scale, g.dtype)
-            new_leaves, opt_state = self._update(full, opt_state, params_leaves)
-            return jax.tree.unflatten(self._treedef, new_leaves), None, opt_state, loss
-        reduce = (
-            kernels.reduce_scatter_bucket
-            if self.strategy == "zero2"
-            else kernels.all_reduce_then_shard_bucket
-        )
-        grad_shards = [None] * len(leaves)
-        for b in self.buckets:
-            rdt = self._reduce_dtype(b.dtype)
-            shards = reduce([grads[i].astype(rdt) for i in b.leaves], live)  # [S_p] each
-            for i, g in zip(b.leaves, shards, strict=True):
-                grad_shards[i] = g * jnp.asarray(scale, g.dtype)
+            # typed varying over the batch axes they are replicated over: the gradient
+            # stays this device's partial sum, and the one reduction is the strategy's
+            leaves = [kernels.ensure_varying(x, p.replicated)
+                      for x, p in zip(leaves, places, strict=True)]  # fmt: skip
+        loss, grads, new_rest = self._local_grads(leaves, rest, batch)
+        self._check_rest(new_rest)
+        over = tuple(a for a in self.live if a in kernels.varying_axes(loss))
+        self._loss_axes = over
+        n = math.prod(self.mesh.shape[a] for a in over)
+        scale = 1.0 / (n * self.accum_steps)
+        loss = kernels.all_reduce(loss, over) * jnp.float32(scale)  # loss: f32[], global mean
+        reduced = self._reduce(grads, scale)
+        stored = jax.tree.leaves(params)
         if master is None:
-            param_shards = [kernels.local_shard(x, live) for x in params_leaves]  # [S_p] each
+            current = [
+                kernels.local_shard(x, p.replicated) if p.shard_state else x
+                for x, p in zip(stored, places, strict=True)
+            ]
         else:
-            param_shards = jax.tree.leaves(master)  # [S_p] each, f32
-        new_shards, opt_state = self._update(grad_shards, opt_state, param_shards)
-        new_leaves = [None] * len(leaves)
-        for b in self.buckets:
-            gdt = self._gather_dtype(b.dtype)
-            row = [new_shards[i].astype(gdt) for i in b.leaves]
-            for i, x in zip(b.leaves, kernels.all_gather_bucket(row, b.shapes, live), strict=True):
-                new_leaves[i] = x
+            current = jax.tree.leaves(master)  # the flat f32 shards
+        new, opt_state = self._update(reduced, opt_state, current)
+        new_leaves = self._gather(new)
         if master is not None:
-            master = jax.tree.unflatten(self._treedef, new_shards)
-        return jax.tree.unflatten(self._treedef, new_leaves), master, opt_state, loss
+            master = jax.tree.unflatten(self._treedef, new)
+        new_params = jax.tree.unflatten(self._treedef, new_leaves)
+        return new_params, master, opt_state, new_rest, loss
+
+    def _reduce(self, grads, scale):
+        """Sum the partial gradients over their replicated axes, one collective per bucket."""
+        out = [None] * len(grads)
+        for i, (g, p) in enumerate(zip(grads, self.placements, strict=True)):
+            if not p.replicated:
+                out[i] = g * jnp.asarray(scale, g.dtype)
+        for axes, buckets in self.bucket_groups.items():
+            for b in buckets:
+                rdt = self._reduce_dtype(b.dtype)
+                parts = [kernels.ensure_varying(grads[i].astype(rdt), axes) for i in b.leaves]
+                for i, g in zip(b.leaves, self.strategy.reduce(parts, axes), strict=True):
+                    out[i] = g * jnp.asarray(scale, g.dtype)
+        return out
+
+    def _gather(self, new):
+        """ZeRO: all-gather the updated flat shards into the stored parameters."""
+        out = list(new)
+        if not self.strategy.shard_state:
+            return out
+        for axes, buckets in self.bucket_groups.items():
+            for b in buckets:
+                gdt = self._gather_dtype(b.dtype)
+                row = [new[i].astype(gdt) for i in b.leaves]
+                gathered = kernels.all_gather_bucket(row, b.shapes, axes)
+                for i, x in zip(b.leaves, gathered, strict=True):
+                    out[i] = x
+        return out
 
     def _update(self, grads, opt_state, params):
         """`tx.update` + `optax.apply_updates` on leaves (full or shards)."""
@@ -227,4 +207,23 @@ class _Steps:
             else:
                 updates, opt_state = self.tx.update(g, opt_state, p)
         self._norm_reductions = list(norms)
-        return jax.tree.leaves(optax.apply_updates(p, updates)), opt_state
+        new = jax.tree.leaves(optax.apply_updates(p, updates))
+        # updates keep each leaf's dtype (optax may promote a bf16 leaf)
+        return [x.astype(q.dtype) for x, q in zip(new, params, strict=True)], opt_state
+
+    def _check_rest(self, new_rest):
+        """Every updated Variable must be the same on the devices that store one copy."""
+        specs = jax.tree.leaves(self.state_specs().rest, is_leaf=lambda x: isinstance(x, jax.P))
+        flat = jax.tree_util.tree_flatten_with_path(new_rest)[0]
+        for (path, x), spec in zip(flat, specs, strict=True):
+            extra = kernels.varying_axes(x) - set(spec_axes(spec))
+            if extra:
+                where = path_str(path)
+                raise ValueError(
+                    f"Trainer: the forward updates the nnx.Variable {where!r} (local shape "
+                    f"{tuple(x.shape)}) with values that differ between devices over mesh axes "
+                    f"{sorted(extra)}: each device computed it from its own batch shard, where "
+                    f"one device would compute it from the whole batch. Reduce it over the batch "
+                    f"(nnx.BatchNorm is synchronised automatically), or keep per-example values "
+                    f"out of module state (return them from loss_fn's computation instead)."
+                )

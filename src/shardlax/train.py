@@ -1,32 +1,30 @@
 """One way to write a train step: `Trainer` / `make_train_step`.
 
-A `Trainer` is built from an NNX model, any optax transformation, a loss
-function and a mesh, and a *strategy* that says what is split where:
+A `Trainer` is built from an NNX model (any: plain flax layers, shardlax
+layers, `fully_shard` units, a `parallelize`d model), any optax
+transformation, a loss function and a mesh, and a *strategy*
+(`shardlax.strategies`) that says how each parameter's gradient is summed
+over the batch axes it is replicated over and where its optimizer state
+lives:
 
-| strategy    | parameters            | gradients (per step)            | optimizer state   |
-| ----------- | --------------------- | ------------------------------- | ----------------- |
-| ``dp``      | replicated            | all-reduced, full               | replicated        |
-| ``zero1``   | replicated            | all-reduced, then sliced to 1/N | 1/N per device    |
-| ``zero2``   | replicated            | reduce-scattered to 1/N         | 1/N per device    |
-| ``fsdp``    | 1/N (by the layers)   | reduce-scattered by the layers  | split like params |
-| ``fsdp+tp`` | 1/(N*M) (the layers)  | reduce-scattered by the layers  | split like params |
+| strategy    | gradients over the replicated batch axes | optimizer state   |
+| ----------- | ---------------------------------------- | ----------------- |
+| ``dp``      | all-reduced                              | like the params   |
+| ``zero1``   | all-reduced, then sliced to 1/N          | 1/N per device    |
+| ``zero2``   | reduce-scattered to 1/N                  | 1/N per device    |
+| ``fsdp``    | reduce-scattered over fsdp by the layers; all-reduced over data (hybrid) | like the params |
+| ``fsdp+tp`` | as fsdp, with tensor-parallel layers     | like the params   |
 
-It returns a functional `TrainState` and a jitted `step(state, batch) ->
-(state, metrics)` that donates the old state.
+Parameters the model splits itself (tensor-parallel layers over ``model``,
+FSDP over ``fsdp``) stay split under every strategy: ZeRO-2 with tensor
+parallelism is ``strategy="zero2"`` on a ``(data, model)`` mesh.
 
-dp / zero1 / zero2: the step is one `jax.shard_map` over the mesh. Each
-device computes the gradient of its part of the batch (over `accum_steps`
-micro-batches, summed locally), the gradients are reduced once per step and
-per bucket, optax runs on the full gradients (dp) or on this device's flat
-shards (zero1/2), and the updated shards are all-gathered into the
-replicated parameters, one all-gather per bucket.
-
-fsdp / fsdp+tp: the model is made of `shardlax.nn` layers whose parameters
-are already split over the fsdp (and model) axes; their shard_maps gather
-the parameters on use and reduce-scatter the gradients. The step takes the
-gradient on global arrays and runs optax in a `shard_map` over the
-parameters' own specs, so the update is local and the global norm of
-`clip_by_global_norm` is reduced over the axes each parameter is split over.
+Every strategy runs the same step (see `shardlax._train_steps`): one
+`shard_map` over the whole mesh, the model on each device's batch shard, one
+collective per gradient bucket. The forward may update any `nnx.Variable`
+(BatchNorm statistics, RNG counts, counters): the new values come back in
+`TrainState.rest`, equal to one device (BatchNorm statistics are those of
+the global batch, nnx.Dropout masks those one device draws).
 
 `loss_fn(model, batch) -> scalar` must return the *mean* over the batch it
 is given; the step's loss and gradients are those of the mean over the global
@@ -50,20 +48,21 @@ from flax import nnx
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from shardlax import zero
+from shardlax import placement, strategies, zero
 from shardlax._axes import DATA, FSDP, MODEL
 from shardlax._train_steps import TrainState, _Steps
-from shardlax.audit import Declared, hlo_dtype
+from shardlax.declarations import Declared, hlo_dtype
 from shardlax.mesh import axes_size, check_axis, live_axes, place, resolve_mesh
-from shardlax.nn._base import ShardedLayer, gather_hlo_dtype
 from shardlax.precision import MixedPrecision
 
-#: The strategies `Trainer` implements.
-STRATEGIES = ("dp", "zero1", "zero2", "fsdp", "fsdp+tp")
-#: Strategies whose parameters are sharded by the model's layers (shardlax.nn).
-LAYER_SHARDED = ("fsdp", "fsdp+tp")
+#: The strategies `Trainer` implements (names of `shardlax.strategies`).
+STRATEGIES = strategies.names()
 
 _OWNER = "Trainer"
+
+
+def _not_param(path, x) -> bool:
+    return not isinstance(x, nnx.Param)
 
 
 class Trainer(_Steps):
@@ -71,7 +70,7 @@ class Trainer(_Steps):
 
     Args:
       model: an NNX module; its `nnx.Param`s are trained, its other state is
-        passed to `loss_fn` unchanged.
+        passed to the forward and updated by it (`TrainState.rest`).
       tx: any optax `GradientTransformation`. Under zero1/zero2 it runs on
         flat per-parameter shards: elementwise transforms are exact, and the
         global norm of `optax.clip_by_global_norm` is made exact by
@@ -79,12 +78,14 @@ class Trainer(_Steps):
       loss_fn: `loss_fn(model, batch) -> scalar`, the mean loss over `batch`
         (a pytree of arrays whose leading dim is the batch).
       mesh: the mesh; default the one set with `jax.set_mesh`.
-      strategy: one of `STRATEGIES`.
+      strategy: a name of `STRATEGIES` or a `shardlax.strategies.Strategy`.
       accum_steps: split each device's part of the batch into this many
         micro-batches, run them one after another (`lax.scan`) and sum their
         gradients locally; the cross-device reduction runs once per step.
-      data_axis: the mesh axis (or axes) the batch and the ZeRO state are split
-        over (default ``'data'``).
+      data_axis: the mesh axis (or axes) of pure data parallelism (default
+        ``'data'``). The batch is split over these and the fsdp axis.
+      fsdp_axis: the mesh axis FSDP layers split parameters over.
+      tp_axis: the tensor-parallel mesh axis (never splits the batch).
       bucket_bytes: capacity of a gradient / parameter bucket in bytes (one
         collective per bucket), or None for one bucket per dtype.
       optax_norm_hook: trace `tx.update` under `shardlax.zero.global_norm_hook`
@@ -97,14 +98,25 @@ class Trainer(_Steps):
         reduced in `reduce_dtype`, and the optimizer updates f32 *master*
         shards (`TrainState.master`), as ZeRO with fp16/bf16 training does.
         (For fsdp, give the policy to the `shardlax.nn` layers instead.)
+      sync_batch_stats: `nnx.BatchNorm` layers normalise with the statistics
+        of the global batch (one f32 all-reduce of `[2, F]` per call), as on
+        one device (default True). False: per-device statistics, as DDP
+        without SyncBatchNorm.
 
     Example:
-      >>> mesh = shardlax.make_mesh(data=8)  # doctest: +SKIP
-      >>> tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))  # doctest: +SKIP
-      >>> trainer = Trainer(model, tx, loss_fn, mesh=mesh, strategy="zero2")  # doctest: +SKIP
-      >>> state = trainer.init()  # doctest: +SKIP
-      >>> state, metrics = trainer.step(state, batch)  # doctest: +SKIP
-      >>> model = trainer.model(state)  # doctest: +SKIP
+      >>> import jax
+      >>> jax.config.update("jax_num_cpu_devices", 8)  # simulated CPU devices (not on GPU/TPU)
+      >>> import jax.numpy as jnp, optax, shardlax
+      >>> from flax import nnx
+      >>> mesh = shardlax.make_mesh(data=8)
+      >>> model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+      >>> loss_fn = lambda m, b: jnp.mean((m(b["x"]) - b["y"]) ** 2)
+      >>> tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3))
+      >>> trainer = shardlax.Trainer(model, tx, loss_fn, mesh=mesh, strategy="zero2")
+      >>> state = trainer.init()
+      >>> batch = {"x": jnp.ones((16, 4)), "y": jnp.zeros((16, 2))}
+      >>> state, metrics = trainer.step(state, batch)
+      >>> model = trainer.model(state)
     """
 
     def __init__(
@@ -114,7 +126,7 @@ class Trainer(_Steps):
         loss_fn: Callable[[nnx.Module, Any], jax.Array],
         *,
         mesh: Mesh | None = None,
-        strategy: str = "zero2",
+        strategy: str | strategies.Strategy = "zero2",
         accum_steps: int = 1,
         data_axis: str | Sequence[str] = DATA,
         fsdp_axis: str = FSDP,
@@ -122,18 +134,11 @@ class Trainer(_Steps):
         bucket_bytes: int | None = zero.DEFAULT_BUCKET_BYTES,
         optax_norm_hook: bool = True,
         mixed_precision: MixedPrecision | None = None,
+        sync_batch_stats: bool = True,
         _cast_params: bool = True,
     ):
-        if strategy not in STRATEGIES:
-            raise ValueError(
-                f"{_OWNER}(strategy={strategy!r}): unknown strategy. Choose one of "
-                f"{STRATEGIES}, e.g. strategy='zero2'."
-            )
-        if not isinstance(tx, optax.GradientTransformation):
-            raise TypeError(
-                f"{_OWNER}(tx={tx!r}): expected an optax.GradientTransformation, got "
-                f"{type(tx).__name__}. Pass e.g. optax.adamw(1e-3)."
-            )
+        self.strategy = strategies.get(strategy, _OWNER)
+        tx = _as_transformation(tx)
         if not isinstance(model, nnx.Module):
             raise TypeError(
                 f"{_OWNER}(model=...): expected a flax.nnx.Module, got {type(model).__name__}."
@@ -144,24 +149,29 @@ class Trainer(_Steps):
                 f"of micro-batches per step. Pass accum_steps=1 for no accumulation."
             )
         self.mesh = resolve_mesh(mesh, _OWNER)
-        self.data_axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
-        for a in self.data_axes:
+        data_axes = (data_axis,) if isinstance(data_axis, str) else tuple(data_axis)
+        for a in data_axes:
             check_axis(self.mesh, a, _OWNER, "data_axis")
-        self.strategy = strategy
-        self.layer_sharded = strategy in LAYER_SHARDED
-        if self.layer_sharded:
-            # the batch is split over the data axes and the fsdp axis
-            check_axis(self.mesh, fsdp_axis, _OWNER, "fsdp_axis")
-            if strategy == "fsdp+tp":
-                check_axis(self.mesh, tp_axis, _OWNER, "tp_axis")
-            self.data_axes = (*self.data_axes, fsdp_axis)
         self.fsdp_axis, self.tp_axis = fsdp_axis, tp_axis
+        if fsdp_axis in self.mesh.axis_names and fsdp_axis not in data_axes:
+            data_axes = (*data_axes, fsdp_axis)  # the batch is split over fsdp too
+        elif self.strategy.name.startswith("fsdp"):
+            check_axis(self.mesh, fsdp_axis, _OWNER, "fsdp_axis")
+        if self.strategy.name == "fsdp+tp":
+            check_axis(self.mesh, tp_axis, _OWNER, "tp_axis")
+        if tp_axis in data_axes:
+            raise ValueError(
+                f"{_OWNER}(data_axis={data_axis!r}, tp_axis={tp_axis!r}): the tensor-parallel "
+                f"axis cannot also split the batch. Remove {tp_axis!r} from data_axis."
+            )
+        self.data_axes = data_axes
         self.live = live_axes(self.mesh, self.data_axes)
         self.n = axes_size(self.mesh, self.data_axes)
         self.tx = tx
         self.loss_fn = loss_fn
         self.accum_steps = accum_steps
         self.optax_norm_hook = optax_norm_hook
+        self.sync_batch_stats = bool(sync_batch_stats)
         if mixed_precision is not None:
             if not isinstance(mixed_precision, MixedPrecision):
                 raise TypeError(
@@ -170,105 +180,126 @@ class Trainer(_Steps):
                     f"{type(mixed_precision).__name__}. Pass MixedPrecision("
                     f"param_dtype=jnp.bfloat16, reduce_dtype=jnp.float32)."
                 )
-            if strategy not in ("zero1", "zero2"):
+            if not self.strategy.shard_state:
                 raise ValueError(
-                    f"{_OWNER}(strategy={strategy!r}, mixed_precision=...): the Trainer keeps "
-                    f"f32 master shards only under zero1/zero2. Use strategy='zero2' (same "
-                    f"gradient bytes as dp, 1/N of the state), or for fsdp give "
-                    f"mixed_precision= to the shardlax.nn layers."
+                    f"{_OWNER}(strategy={self.strategy.name!r}, mixed_precision=...): the "
+                    f"Trainer keeps f32 master shards only under zero1/zero2. Use "
+                    f"strategy='zero2' (same gradient bytes as dp, 1/N of the state), or for "
+                    f"fsdp give mixed_precision= to the shardlax.nn layers."
                 )
         self.mixed_precision = mixed_precision
         self._cast_params = _cast_params
+        self._rest_filter = _not_param
         self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        leaves, self._treedef = jax.tree.flatten(params)
+        flat, self._treedef = jax.tree_util.tree_flatten_with_path(params)
+        leaves = [x for _, x in flat]
+        self.paths = [placement.path_str(p) for p, _ in flat]
         self._shapes = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
         self._rest_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rest)
-        self.buckets = zero.plan_buckets(self._shapes, self.n, bucket_bytes)
+        self.placements = placement.plan(
+            self.paths, leaves, self.mesh, self.data_axes,
+            shard_state=self.strategy.shard_state, owner=_OWNER,
+        )  # fmt: skip
+        self._rest_specs = jax.tree.map(
+            lambda x: placement.spec_of(x, self.mesh, _OWNER, "state"), rest
+        )
+        self.strategy.validate(self)
+        self.bucket_groups = self._plan_buckets(bucket_bytes)
+        self.buckets = tuple(b for bs in self.bucket_groups.values() for b in bs)
         self._norm_reductions: list[tuple[tuple[str, ...], Any]] | None = None
+        self._loss_axes: tuple[str, ...] = ()
         self._init_params = params
         self._init_rest = rest
-        self._param_specs = [P()] * len(leaves)
-        if self.layer_sharded:
-            self._param_specs = [self._spec_of(x) for x in leaves]
-            self._check_layer_sharding()
-        else:
-            _check_no_sharded_layers(model, strategy)
-        self.step = jax.jit(self._step, donate_argnums=0)
-
-    def _spec_of(self, x: jax.Array) -> P:
-        """The PartitionSpec a parameter was built with (P() when it is not on the mesh)."""
-        sharding = getattr(x, "sharding", None)
-        if isinstance(sharding, jax.sharding.NamedSharding):
-            if sharding.mesh.shape_tuple != self.mesh.shape_tuple:
-                raise ValueError(
-                    f"{_OWNER}(strategy={self.strategy!r}): a parameter lives on mesh "
-                    f"{dict(sharding.mesh.shape)}, not on the trainer's mesh "
-                    f"{dict(self.mesh.shape)}. Build the model and the Trainer on one mesh."
-                )
-            return sharding.spec
-        return P()
-
-    def _check_layer_sharding(self) -> None:
-        """fsdp / fsdp+tp train parameters the layers split: some must be split."""
-
-        def uses(spec: P, axis: str) -> bool:
-            for entry in spec:
-                if entry == axis or (isinstance(entry, tuple) and axis in entry):
-                    return True
-            return False
-
-        wanted = [(self.fsdp_axis, "fsdp_axis")]
-        if self.strategy == "fsdp+tp":
-            wanted.append((self.tp_axis, "tp_axis"))
-        for axis, argument in wanted:
-            size = self.mesh.shape[axis]
-            if size > 1 and not any(uses(s, axis) for s in self._param_specs):
-                raise ValueError(
-                    f"{_OWNER}(strategy={self.strategy!r}, {argument}={axis!r}): no parameter "
-                    f"of the model is split over mesh axis {axis!r} (size {size}), so "
-                    f"{self.strategy} would replicate them. Build the model from shardlax.nn "
-                    f"layers on this mesh (they split their parameters over {axis!r}), or use "
-                    f"strategy='zero2' for a model of replicated parameters."
-                )
+        shardings = self._shardings(self.state_specs())
+        self.step = jax.jit(
+            self._step,
+            donate_argnums=0,
+            out_shardings=(shardings, {"loss": jax.sharding.NamedSharding(self.mesh, P())}),
+        )
 
     # ------------------------------------------------------------------ layout
+    def _plan_buckets(self, bucket_bytes):
+        """Buckets per group of parameters replicated over the same batch axes."""
+        groups: dict[tuple[str, ...], list[int]] = {}
+        for i, p in enumerate(self.placements):
+            if p.replicated:
+                groups.setdefault(p.replicated, []).append(i)
+        if bucket_bytes is not None and (
+            isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1
+        ):
+            raise ValueError(
+                f"{_OWNER}(bucket_bytes={bucket_bytes!r}): expected a positive int (bytes) or "
+                f"None for one bucket per dtype. For example bucket_bytes=25 * 2**20."
+            )
+        out = {}
+        for axes, idx in groups.items():
+            n = axes_size(self.mesh, axes)
+            local = [jax.ShapeDtypeStruct(self.placements[i].local_shape, self._shapes[i].dtype)
+                     for i in idx]  # fmt: skip
+            planned = zero.plan_buckets(local, n, bucket_bytes)
+            out[axes] = tuple(
+                zero.Bucket(tuple(idx[j] for j in b.leaves), b.shapes, b.dtype, b.n)
+                for b in planned
+            )
+        return out
+
     @property
     def _split(self) -> str | tuple[str, ...] | None:
-        """The PartitionSpec entry of the data axes (None when all have size 1)."""
+        """The PartitionSpec entry of the batch axes (None when all have size 1)."""
         if not self.live:
             return None
         return self.live if len(self.live) > 1 else self.live[0]
 
     @property
+    def layer_sharded(self) -> bool:
+        return self.strategy.name.startswith("fsdp")
+
+    @property
     def sharded_state(self) -> bool:
-        return self.strategy in ("zero1", "zero2")
+        return self.strategy.shard_state
+
+    def _batch_spec(self, x) -> P:
+        return P(self._split) if getattr(x, "ndim", 0) else P()
+
+    def _put(self, x, spec):
+        return place(x, self.mesh, spec)
+
+    def _shardings(self, specs):
+        return jax.tree.map(
+            lambda s: jax.sharding.NamedSharding(self.mesh, s),
+            specs,
+            is_leaf=lambda x: isinstance(x, P),
+        )
+
+    def _flat_params(self) -> Any:
+        """ShapeDtypeStructs of the parameters as optax sees them (full or flat)."""
+        return jax.tree.unflatten(
+            self._treedef,
+            [jax.ShapeDtypeStruct(p.state_shape if p.shard_state else s.shape,
+                                  self._reduce_dtype(s.dtype) if p.shard_state else s.dtype)
+             for p, s in zip(self.placements, self._shapes, strict=True)],
+        )  # fmt: skip
 
     def _opt_specs(self) -> Any:
-        if self.layer_sharded:
-            # optimizer state that follows a parameter is split like it
-            params = jax.tree.unflatten(self._treedef, self._shapes)
-            return optax.tree_utils.tree_map_params(
-                self.tx,
-                lambda _, spec: spec,
-                jax.eval_shape(self.tx.init, params),
-                jax.tree.unflatten(self._treedef, self._param_specs),
-                transform_non_params=lambda _: P(),
-            )
-        if not self.sharded_state:
-            params = jax.tree.unflatten(self._treedef, self._shapes)
-            return jax.tree.map(lambda _: P(), jax.eval_shape(self.tx.init, params))
-        flat = jax.tree.unflatten(self._treedef, zero.flat_shard_shapes(self._shapes, self.n))
-        return zero.sharded_state_specs(self.tx, flat, self._split)
+        """Optimizer state that follows a parameter is laid out like its (flat) shards."""
+        return optax.tree_utils.tree_map_params(
+            self.tx,
+            lambda _, spec: spec,
+            jax.eval_shape(self.tx.init, self._flat_params()),
+            jax.tree.unflatten(self._treedef, [p.state_spec for p in self.placements]),
+            transform_non_params=lambda _: P(),
+            is_leaf=lambda x: isinstance(x, P),
+        )
 
     def state_specs(self) -> TrainState:
         """The PartitionSpec of every leaf of the `TrainState`."""
         master = None
         if self.mixed_precision is not None:
-            master = jax.tree.unflatten(self._treedef, [P(self._split)] * len(self._shapes))
+            master = jax.tree.unflatten(self._treedef, [p.state_spec for p in self.placements])
         return TrainState(
-            params=jax.tree.unflatten(self._treedef, self._param_specs),
+            params=jax.tree.unflatten(self._treedef, [p.spec for p in self.placements]),
             opt_state=self._opt_specs(),
-            rest=jax.tree.map(lambda _: P(), self._rest_shapes),
+            rest=self._rest_specs,
             step=P(),
             master=master,
         )
@@ -287,18 +318,31 @@ class Trainer(_Steps):
         """The first `TrainState`: the model's parameters, placed, and `tx.init` of them.
 
         Under zero1/zero2 the optimizer state is initialised on the flat,
-        zero-padded parameters and split over the data axes (1/N per device).
+        zero-padded parameters (`shardlax.placement`), 1/N per device.
         """
         specs = self.state_specs()
-        n = self.n
+        places = self.placements
+
+        def local_flat(params):
+            def body(*leaves):
+                from shardlax import kernels
+
+                return [kernels.local_shard(x.astype(self._reduce_dtype(x.dtype)), p.replicated)
+                        if p.shard_state else x
+                        for x, p in zip(leaves, places, strict=True)]  # fmt: skip
+
+            return jax.shard_map(
+                body,
+                mesh=self.mesh,
+                in_specs=tuple(p.spec for p in places),
+                out_specs=[p.state_spec if p.shard_state else p.spec for p in places],
+            )(*jax.tree.leaves(params))
 
         def make(params, rest):
+            params = jax.tree.map(lambda x, s: place(x, self.mesh, s), params, specs.params)
             master = None
-            if self.sharded_state:
-                leaves = jax.tree.leaves(params)
-                flat = [jnp.pad(jnp.ravel(x), (0, s.shape[0] - x.size)) for x, s in
-                        zip(leaves, zero.flat_shard_shapes(leaves, n), strict=True)]  # fmt: skip
-                flat = jax.tree.unflatten(self._treedef, flat)
+            if self.strategy.shard_state:
+                flat = jax.tree.unflatten(self._treedef, local_flat(params))
                 opt = self.tx.init(flat)
                 if self.mixed_precision is not None:
                     master = flat
@@ -307,32 +351,40 @@ class Trainer(_Steps):
                 opt = self.tx.init(params)
             return TrainState(params, opt, rest, jnp.zeros((), jnp.int32), master)
 
-        shardings = jax.tree.map(
-            lambda s: jax.sharding.NamedSharding(self.mesh, s),
-            specs,
-            is_leaf=lambda x: isinstance(x, P),
+        return jax.jit(make, out_shardings=self._shardings(specs))(
+            self._init_params, self._init_rest
         )
-        return jax.jit(make, out_shardings=shardings)(self._init_params, self._init_rest)
 
     def model(self, state: TrainState) -> nnx.Module:
-        """The NNX model holding the parameters of `state` (the master copy, if any)."""
+        """The NNX model holding the parameters and other state of `state`."""
         return nnx.merge(self.graphdef, self.full_params(state), state.rest)
 
     def full_params(self, state: TrainState) -> Any:
-        """The parameters in their stored dtype and shape: `state.params`, or the
-        f32 master shards of a mixed-precision step unflattened (padding cut off)."""
+        """The parameters in their stored dtype and layout: `state.params`, or the
+        f32 master shards of a mixed-precision step gathered (padding cut off)."""
         if state.master is None:
             return state.params
+        places = self.placements
 
-        def unflatten(master):
-            return jax.tree.unflatten(
-                self._treedef,
-                [jnp.reshape(place(m, self.mesh, P())[: math.prod(s.shape)], s.shape)
-                 for m, s in zip(jax.tree.leaves(master), self._shapes, strict=True)],
-            )  # fmt: skip
+        def body(*leaves):
+            from shardlax import kernels
 
-        replicated = jax.sharding.NamedSharding(self.mesh, P())
-        return jax.jit(unflatten, out_shardings=replicated)(state.master)
+            out = []
+            for m, p in zip(leaves, places, strict=True):
+                if not p.shard_state:
+                    out.append(m)
+                    continue
+                (full,) = kernels.all_gather_bucket([m], [p.local_shape], p.replicated)
+                out.append(full)
+            return out
+
+        leaves = jax.shard_map(
+            body,
+            mesh=self.mesh,
+            in_specs=tuple(p.state_spec for p in places),
+            out_specs=[p.spec for p in places],
+        )(*jax.tree.leaves(state.master))
+        return jax.tree.unflatten(self._treedef, leaves)
 
     # -------------------------------------------------------------- the step
     def _check_batch(self, batch: Any) -> int:
@@ -346,7 +398,7 @@ class Trainer(_Steps):
                 f"got leading dims {sorted(map(str, sizes))}. Stack examples on axis 0."
             )
         b = sizes.pop()
-        axes = self.data_axes
+        axes = self.live or self.data_axes
         if b % self.n:
             raise ValueError(
                 f"{_OWNER}.step: the batch of {b} cannot be split over mesh axes {axes} "
@@ -373,58 +425,67 @@ class Trainer(_Steps):
     ) -> list[Declared]:
         """The collectives one step compiles to, for a batch shaped like `batch`.
 
-        Per step, N = size of the data axes, `P_b` = padded bytes of bucket b
-        (`N * S_b * itemsize`), `n_b` = its unpadded bytes:
+        Per step, for every bucket of parameters replicated over the same batch
+        axes (`N` their size, `P_b` the padded bytes `N * S_b * itemsize`,
+        `n_b` the unpadded bytes), the strategy's reduction
+        (`shardlax.strategies`):
 
-        - dp:    all-reduce `n_b` per bucket (the gradients, once).
-        - zero1: all-reduce `P_b` per bucket, then all-gather `P_b` per bucket.
-        - zero2: reduce-scatter `P_b` per bucket, then all-gather `P_b` per bucket.
-        - fsdp, fsdp+tp: the model's own collectives, forward and backward, which
-          only the model knows: pass them as `model_collectives` (the sum of its
-          layers' `declared_collectives(..., grad=True)`).
-        - all:   1 scalar all-reduce of the loss over the batch axes, and 1 scalar
-          all-reduce per group of identically split leaves of every global norm
-          that `tx` computes (zero1/zero2 with `clip_by_global_norm`: 1; dp: 0,
-          its reduced gradients are replicated; fsdp+tp: one per distinct
-          parameter spec). The norms are counted by tracing the step
-          (`zero.record_norms`).
+        - dp, fsdp, fsdp+tp: all-reduce `n_b`.
+        - zero1: all-reduce `P_b`, then all-gather `P_b`.
+        - zero2: reduce-scatter `P_b`, then all-gather `P_b`.
+
+        Plus, found by tracing the step once: 1 scalar f32 all-reduce of the
+        loss over the batch axes it varies over (none when the model reduced
+        it itself); 1 scalar all-reduce per group of identically split leaves
+        of every global norm `tx` computes; 1 f32 `[2, F]` all-reduce per
+        training-mode `nnx.BatchNorm` call (its statistics). And the model's
+        own collectives (`model_collectives`: FSDP gathers and reduce-scatters
+        over `fsdp`, tensor-parallel collectives over `model`, as the layers'
+        `declared_collectives(..., grad=True)` state them). The layers'
+        all-reduces of parameter gradients over the batch axes are left out of
+        `model_collectives`: inside the Trainer the strategy's buckets do them.
 
         Collectives over axes of size 1 are not declared (they do not compile).
 
         Args:
           batch: a batch (or `jax.ShapeDtypeStruct`s) shaped like the step's.
-          model_collectives: fsdp / fsdp+tp: the model's declared collectives.
-          loss_in_model: fsdp / fsdp+tp: `model_collectives` already include the
-            loss's reduction over the batch (a model whose loss runs inside its
-            own shard_map, such as `TinyLM.declared_collectives`), so it is not
-            declared twice.
+          model_collectives: the model's declared collectives.
+          loss_in_model: `model_collectives` include the loss's reduction over
+            the batch (a model whose loss runs inside its own kernel, such as
+            `TinyLM.declared_collectives`): keep those entries.
         """
         self._check_batch(batch)
-        live = self.live
-        if self._norm_reductions is None:
-            abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+        from shardlax import _flax_layers
+
+        with _flax_layers.recording() as rec:
             jax.eval_shape(self._step, jax.eval_shape(self.init), abstract)
-
-        def dt(b):
-            return hlo_dtype(b.dtype)
-
+        live = set(self.live)
         out = []
-        if live and not (loss_in_model and self.layer_sharded):
-            out.append(Declared("all-reduce", live, "f32", 1, 4, "loss: mean over the batch"))
-        if self.layer_sharded:
-            out += list(model_collectives)
-        elif live and self.strategy == "dp":
-            out += [Declared("all-reduce", live, dt(b), 1, b.bytes, "gradient bucket")
-                    for b in self.buckets]  # fmt: skip
-        elif live:
-            kind = "reduce-scatter" if self.strategy == "zero2" else "all-reduce"
-            for b in self.buckets:
-                rdt, gdt = self._reduce_dtype(b.dtype), self._gather_dtype(b.dtype)
-                rbytes = b.n * b.row * rdt.itemsize
-                out.append(Declared(kind, live, hlo_dtype(rdt), 1, rbytes, "gradient bucket"))
-                gname = gather_hlo_dtype(gdt)
-                gbytes = b.n * b.row * gdt.itemsize
-                out.append(Declared("all-gather", live, gname, 1, gbytes, "parameter bucket"))
+        if self._loss_axes:
+            out.append(
+                Declared("all-reduce", self._loss_axes, "f32", 1, 4, "loss: mean over the batch")
+            )
+        for d in model_collectives:
+            if d.kind == "all-reduce" and set(d.axes) <= live:
+                if not (loss_in_model and d.bytes <= 4 * d.count):
+                    continue  # a parameter gradient: reduced by the strategy's buckets
+            out.append(d)
+        for axes, buckets in self.bucket_groups.items():
+            for b in buckets:
+                rdt = jnp.dtype(self._reduce_dtype(b.dtype))
+                gdt = jnp.dtype(self._gather_dtype(b.dtype))
+                out += self.strategy.declare(b, axes, rdt, gdt)
+        for axes, features, fast in rec.stats:
+            axes = tuple(a for a in axes if self.mesh.shape[a] > 1)
+            if not axes:
+                continue
+            if fast:
+                out.append(Declared("all-reduce", axes, "f32", 1, 2 * features * 4,
+                                    "BatchNorm statistics (mean, mean of squares)"))  # fmt: skip
+            else:
+                out += [Declared("all-reduce", axes, "f32", 1, features * 4,
+                                 f"BatchNorm statistics ({w})") for w in ("mean", "variance")]  # fmt: skip
         for axes, dtype in self._norm_reductions or ():
             item = jnp.dtype(dtype).itemsize
             out.append(Declared("all-reduce", axes, hlo_dtype(dtype), 1, item, "global norm"))
@@ -455,18 +516,18 @@ class Trainer(_Steps):
         return out
 
 
-def _check_no_sharded_layers(model: nnx.Module, strategy: str) -> None:
-    """dp/zero1/zero2 run the model inside their own shard_map: no shardlax.nn layer fits."""
-    for path, module in nnx.iter_modules(model):
-        if isinstance(module, ShardedLayer):
-            where = ".".join(map(str, path)) or "the model itself"
-            raise ValueError(
-                f"{_OWNER}(strategy={strategy!r}): the model contains "
-                f"shardlax.nn.{type(module).__name__} at {where!r}, whose own shard_map cannot "
-                f"run inside the {strategy} step's shard_map. Use strategy='fsdp' (or "
-                f"'fsdp+tp') for models of shardlax.nn layers: on a mesh with fsdp=1 and "
-                f"model=1 that is plain data parallelism. Use flax.nnx layers for {strategy}."
-            )
+def _as_transformation(tx: Any) -> optax.GradientTransformation:
+    """`tx` as a GradientTransformation (an `optax.MultiSteps` is accepted as users pass it)."""
+    if isinstance(tx, optax.MultiSteps):
+        return tx.gradient_transformation()
+    if isinstance(tx, optax.GradientTransformation):
+        return tx
+    if callable(getattr(tx, "init", None)) and callable(getattr(tx, "update", None)):
+        return optax.GradientTransformation(tx.init, tx.update)
+    raise TypeError(
+        f"{_OWNER}(tx={tx!r}): expected an optax.GradientTransformation, got "
+        f"{type(tx).__name__}. Pass e.g. optax.adamw(1e-3)."
+    )
 
 
 def make_train_step(
@@ -478,10 +539,17 @@ def make_train_step(
     """`(state, step)` of a `Trainer(model, tx, loss_fn, **kwargs)`.
 
     Example:
-      >>> state, step = make_train_step(model, optax.adamw(1e-3), loss_fn,
-      ...                               mesh=mesh, strategy="zero2")  # doctest: +SKIP
-      >>> for batch in batches:  # doctest: +SKIP
-      ...     state, metrics = step(state, batch)
+      >>> import jax
+      >>> jax.config.update("jax_num_cpu_devices", 8)  # simulated CPU devices (not on GPU/TPU)
+      >>> import jax.numpy as jnp, optax, shardlax
+      >>> from flax import nnx
+      >>> mesh = shardlax.make_mesh(data=8)
+      >>> model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+      >>> loss_fn = lambda m, b: jnp.mean((m(b["x"]) - b["y"]) ** 2)
+      >>> state, step = shardlax.make_train_step(model, optax.adamw(1e-3), loss_fn,
+      ...                                        mesh=mesh, strategy="zero2")
+      >>> for _ in range(2):
+      ...     state, metrics = step(state, {"x": jnp.ones((16, 4)), "y": jnp.zeros((16, 2))})
     """
     trainer = Trainer(model, tx, loss_fn, **kwargs)
     return trainer.init(), trainer.step
