@@ -76,7 +76,8 @@ class Collective:
     trips: int = 1
     #: the device groups, as positions in the mesh's device order (`mesh.devices.flat`)
     groups: tuple[tuple[int, ...], ...] = ()
-    #: False when a group spans only part of one of `axes` (a sub-axis, or an irregular group)
+    #: False when a group spans only part of one of `axes` (a sub-axis, or an irregular
+    #: group); always True for a collective-permute, whose groups are (source, target) pairs
     whole_axes: bool = True
 
     @property
@@ -212,13 +213,18 @@ def _mesh_groups(dims_text: str, device_ids: str | None, over_text: str) -> list
             continue
         m = _SUB_AXIS.match(item)
         if not m or m.group(1) not in names:
-            raise ValueError(f"audit: cannot read replica-group axis {item!r} of mesh[{dims_text}]")
+            raise ValueError(
+                f"audit.parse_hlo: replica-group axis {item} is not an axis of "
+                f"mesh[{dims_text}]; groups name the axes of their own mesh."
+            )
         i = names.index(m.group(1))
         pre, size = (int(m.group(2)), int(m.group(3))) if m.group(2) else (1, sizes[i])
         if sizes[i] % (pre * size):
             raise ValueError(
-                f"audit: sub-axis {item!r} of axis {names[i]!r} (size {sizes[i]}): "
-                f"({pre}){size} does not divide {sizes[i]}"
+                f"audit.parse_hlo: replica-group sub-axis {item} of axis {names[i]!r} "
+                f"(size {sizes[i]}): a sub-axis (p)k needs p*k = {pre * size} to divide "
+                f"{sizes[i]}. This is not a valid Shardy mesh group; pass the HLO as "
+                f"Compiled.as_text() prints it."
             )
         refs.append((i, pre, size))
     # Cut each axis into factors at every sub-axis boundary (products from the major side).
@@ -240,7 +246,10 @@ def _mesh_groups(dims_text: str, device_ids: str | None, over_text: str) -> list
     n = math.prod(sizes)
     ids = _iota(device_ids) if device_ids else np.arange(n)
     if ids.size != n:
-        raise ValueError(f"audit: device_ids=({device_ids}) has {ids.size} ids, mesh has {n}")
+        raise ValueError(
+            f"audit.parse_hlo: device_ids=({device_ids}) lists {ids.size} devices, but "
+            f"mesh[{dims_text}] has {n}; each mesh position needs one device id."
+        )
     rest = [j for j in range(len(factors)) if j not in over]
     arr = ids.reshape(factors).transpose(rest + over)
     return arr.reshape(-1, math.prod(factors[j] for j in over)).tolist()
@@ -395,7 +404,7 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
                 trips=runs.get(computation, (1, False))[0],
                 op_name=meta.group(1) if meta else "",
                 groups=device_groups,
-                whole_axes=whole,
+                whole_axes=whole or kind == "collective-permute",  # groups are (src, dst) pairs
             )
         )
     return report
@@ -403,25 +412,38 @@ def parse_hlo(hlo_text: str, mesh: Mesh | None = None) -> Report:
 
 def _find_mesh(tree: Any) -> Mesh | None:
     for leaf in jax.tree.leaves(tree):
-        sharding = getattr(leaf, "sharding", None)
+        sharding = leaf if isinstance(leaf, NamedSharding) else getattr(leaf, "sharding", None)
         if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh):
             return sharding.mesh
     return None
 
 
+def _stage(fn: Any) -> jax.stages.Lowered | jax.stages.Compiled | None:
+    """The `jax.stages` object of a lowered/compiled program (nnx.jit's wrap one), else None."""
+    if isinstance(fn, (jax.stages.Compiled, jax.stages.Lowered)):
+        return fn
+    for attr in ("compiled", "lowered"):  # flax.nnx's Compiled / Lowered stages
+        inner = getattr(fn, attr, None)
+        if isinstance(inner, (jax.stages.Compiled, jax.stages.Lowered)):
+            return inner
+    return None
+
+
 def compile_fn(fn: Callable | jax.stages.Lowered | jax.stages.Compiled, *args, **kwargs):
     """`fn` (jitted or not) lowered and compiled for `args`; a `Lowered` compiled; a
-    `Compiled` as it is (neither takes arguments: they already have theirs)."""
-    if isinstance(fn, (jax.stages.Compiled, jax.stages.Lowered)):
+    `Compiled` as it is (neither takes arguments: they already have theirs). The
+    stages of `nnx.jit` are accepted too."""
+    stage = _stage(fn)
+    if stage is not None:
         if args or kwargs:
-            kind = type(fn).__name__
+            kind = type(stage).__name__
             raise TypeError(
                 f"audit: got a jax.stages.{kind} and {len(args) + len(kwargs)} argument(s); a "
                 f"{kind} already holds its arguments' shapes. Pass the {kind} alone "
                 f"(audit.collectives(compiled)), or the function with its arguments "
                 f"(audit.collectives(step, state, batch))."
             )
-        return fn.compile() if isinstance(fn, jax.stages.Lowered) else fn
+        return stage.compile() if isinstance(stage, jax.stages.Lowered) else stage
     if not hasattr(fn, "lower"):
         fn = jax.jit(fn)
     return fn.lower(*args, **kwargs).compile()
