@@ -12,7 +12,7 @@ lives:
 | ``dp``      | all-reduced                              | like the params   |
 | ``zero1``   | all-reduced, then sliced to 1/N          | 1/N per device    |
 | ``zero2``   | reduce-scattered to 1/N                  | 1/N per device    |
-| ``fsdp``    | reduce-scattered over fsdp by the layers; all-reduced over data (hybrid) | like the params |
+| ``fsdp``    | reduce-scattered over fsdp (layers), all-reduced over data | like the params |
 | ``fsdp+tp`` | as fsdp, with tensor-parallel layers     | like the params   |
 
 Parameters the model splits itself (tensor-parallel layers over ``model``,
@@ -467,9 +467,9 @@ class Trainer(_Steps):
                 Declared("all-reduce", self._loss_axes, "f32", 1, 4, "loss: mean over the batch")
             )
         for d in model_collectives:
-            if d.kind == "all-reduce" and set(d.axes) <= live:
-                if not (loss_in_model and d.bytes <= 4 * d.count):
-                    continue  # a parameter gradient: reduced by the strategy's buckets
+            grad_reduction = d.kind == "all-reduce" and set(d.axes) <= live
+            if grad_reduction and not (loss_in_model and d.bytes <= 4 * d.count):
+                continue  # a parameter gradient: reduced by the strategy's buckets
             out.append(d)
         for axes, buckets in self.bucket_groups.items():
             for b in buckets:
@@ -484,8 +484,10 @@ class Trainer(_Steps):
                 out.append(Declared("all-reduce", axes, "f32", 1, 2 * features * 4,
                                     "BatchNorm statistics (mean, mean of squares)"))  # fmt: skip
             else:
-                out += [Declared("all-reduce", axes, "f32", 1, features * 4,
-                                 f"BatchNorm statistics ({w})") for w in ("mean", "variance")]  # fmt: skip
+                out += [
+                    Declared("all-reduce", axes, "f32", 1, features * 4, f"BatchNorm {w}")
+                    for w in ("mean", "variance")
+                ]
         for axes, dtype in self._norm_reductions or ():
             item = jnp.dtype(dtype).itemsize
             out.append(Declared("all-reduce", axes, hlo_dtype(dtype), 1, item, "global norm"))

@@ -5,7 +5,7 @@
 | `dp`      | as the layers store  | all-reduced                              | like params     |
 | `zero1`   | as the layers store  | all-reduced, then sliced to 1/N          | 1/N (flat)      |
 | `zero2`   | as the layers store  | reduce-scattered to 1/N                  | 1/N (flat)      |
-| `fsdp`    | split over fsdp      | reduce-scattered by the layers (+ all-reduce over data: hybrid) | like params |
+| `fsdp`    | split over fsdp      | over fsdp by the layers, then all-reduce | like params     |
 | `fsdp+tp` | split over fsdp, model | as fsdp                                | like params     |
 
 "As the layers store": tensor-parallel `shardlax.nn` layers (and
