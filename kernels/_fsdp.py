@@ -141,15 +141,25 @@ def fsdp_gather(
 
 
 def _tie_to(shards: list, ct: Any, allowed: list) -> tuple[list, list]:
-    """`shard + 0 * (an element of ct)` per shard: same values, computed after `ct` exists.
+    """`shard + z` per shard, `z` a -0.0 computed from `ct`: bit-identical values, but
+    only available once `ct` exists.
 
     XLA merges two identical all-gathers of the same shard (CSE), even across
-    `jax.checkpoint`'s optimization barriers (XLA:CPU removes them first), so a
-    re-gather in the backward would silently become the forward one and keep
-    the gathered parameter alive in between. Adding a zero computed from the
-    cotangent makes the backward gather's operand a value that only exists in
-    the backward. XLA does not fold `x * 0.0` for floats (NaN semantics); a NaN
-    cotangent makes the gradient NaN, as it would anyway.
+    `jax.checkpoint`'s optimization barriers (XLA:CPU removes them first; an
+    explicit `lax.optimization_barrier` on `(shards, ct)` was measured not to
+    stop the merge either), so a re-gather in the backward would silently
+    become the forward one and keep the gathered parameter alive in between,
+    and a forward gather would be hoisted to the start of the program. Adding
+    a zero computed from the cotangent (or the unit's inputs, for the forward
+    gather) makes the gather's operand a value that only exists once they do.
+
+    The zero is data-independent: `z = where(isfinite(c), -(|c| * 0), -0.0)`
+    for one element `c` of `ct` is -0.0 for every `c`, inf and NaN included,
+    and `x + (-0.0)` is exactly `x` for every float `x` (both zeros, infs and
+    NaNs). So an inf or NaN in the inputs or the cotangent reaches nothing it
+    would not reach on one device (the earlier `x + 0 * c` turned every
+    parameter NaN when `c` was inf). XLA cannot fold `z` (`|c| * 0` is NaN for
+    an infinite `c`, so it is not a constant), which is what keeps the order.
 
     The zero varies over the batch axes; a shard is first cast to varying over
     the axes it lacks (`extras`, which the gather would cast it over anyway;
@@ -157,13 +167,15 @@ def _tie_to(shards: list, ct: Any, allowed: list) -> tuple[list, list]:
     not vary over all the zero's axes (`allowed`) is left untied: casting it
     would change its gradient. The zero comes from the first floating leaf of
     `ct` (the cotangent, or the inputs for a forward gather): callers put the
-    activations first.
+    activations first. Integer shards are tied through their bits' xor with 0.
     """
     leaves = [c for c in jax.tree.leaves(ct) if jnp.issubdtype(c.dtype, jnp.floating)]
     if not leaves:
         return shards, [()] * len(shards)
     c = leaves[0]
-    zero = lax.stop_gradient(c[(0,) * c.ndim]).astype(jnp.float32) * 0.0  # zero: f32[]
+    c = lax.stop_gradient(c[(0,) * c.ndim]).astype(jnp.float32)  # c: f32[]
+    neg_zero = jnp.float32(-0.0)
+    zero = jnp.where(jnp.isfinite(c), -(jnp.abs(c) * 0.0), neg_zero)  # zero: f32[] = -0.0
     zero_axes = varying_axes(zero)
     tied, extras = [], []
     for s, ok in zip(shards, allowed, strict=True):
@@ -172,9 +184,17 @@ def _tie_to(shards: list, ct: Any, allowed: list) -> tuple[list, list]:
             extras.append(())
             continue
         extra = tuple(sorted(zero_axes - varying_axes(s)))
-        tied.append(ensure_varying(s, extra) + zero.astype(s.dtype))
+        tied.append(_add_zero(ensure_varying(s, extra), zero))
         extras.append(extra)
     return tied, extras
+
+
+def _add_zero(s: jax.Array, zero: jax.Array) -> jax.Array:
+    """`s + zero` (zero = -0.0): exactly `s`, for floats of any width and for integers."""
+    if jnp.issubdtype(s.dtype, jnp.floating):
+        return s + zero.astype(s.dtype)  # x + (-0.0) == x bit for bit
+    bits = lax.bitcast_convert_type(zero, jnp.uint32) ^ jnp.uint32(0x80000000)  # bits: u32[] = 0
+    return s ^ bits.astype(s.dtype)
 
 
 def fsdp_call(
