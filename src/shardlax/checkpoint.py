@@ -1,0 +1,575 @@
+"""Checkpoints in the logical layout (orbax): save on any mesh, restore on any other.
+
+A training checkpoint holds, per step, four orbax items:
+
+- ``params``: one array per `nnx.Param`, at its global unpadded shape and
+  stored dtype, keyed by its nnx path, in the tree `nnx.state` gives (the
+  format a plain flax user writes with `ocp.StandardCheckpointer`);
+- ``opt_state``: the optax state in the structure of `tx.init(params)`, each
+  leaf that follows a parameter at that parameter's shape;
+- ``rest``: the model's other state (batch statistics, RNG keys and counts);
+- ``meta``: JSON, the step, the format, and the layout it was saved from (for
+  information only: nothing in the arrays depends on the device count or the
+  strategy).
+
+So a run saved under zero2 on 8 devices restores under dp, fsdp or fsdp+tp on
+4, 2 or 1 (`shardlax._logical` converts on device, each device computing only
+its part; orbax writes each shard once and reads into targets that carry the
+restoring trainer's shardings, so no host gathers the model).
+
+Saves are asynchronous (orbax's `CheckpointManager`, keeping the last
+`max_to_keep` steps) and atomic: a step is written to a temporary directory
+and renamed when complete, so a process killed during a save leaves the
+earlier steps intact. Multi-process runs (`jax.distributed`) save and restore
+with every process writing and reading its own shards.
+
+Example:
+  >>> trainer.save(directory, state)  # doctest: +SKIP
+  >>> trainer.wait()  # doctest: +SKIP
+  >>> state = other_trainer.restore(directory)  # another mesh or strategy  # doctest: +SKIP
+  >>> shardlax.checkpoint.save_model(path, model)  # doctest: +SKIP
+  >>> model = shardlax.checkpoint.restore_model(path, model)  # doctest: +SKIP
+
+References:
+  orbax-checkpoint, https://orbax.readthedocs.io (CheckpointManager, StandardCheckpointer).
+  PyTorch Distributed Checkpoint (torch.distributed.checkpoint): load-time resharding.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from shardlax._logical import (
+    Logical,
+    abstract_logical,
+    from_logical,
+    logical_specs,
+    to_logical,
+)
+
+#: File at the root of a training-checkpoint directory (written before any step).
+MARKER = "shardlax_checkpoint.json"
+FORMAT = "shardlax.checkpoint"
+VERSION = 1
+#: Steps a `CheckpointManager` keeps by default (the oldest are deleted).
+DEFAULT_MAX_TO_KEEP = 3
+_ARRAY_ITEMS = ("params", "opt_state", "rest")
+_ITEMS = (*_ARRAY_ITEMS, "meta")
+_ORBAX_FILE = "_CHECKPOINT_METADATA"  # in every directory orbax wrote a checkpoint into
+
+_LOCK = threading.RLock()
+_MANAGERS: dict[str, tuple[ocp.CheckpointManager, int | None]] = {}
+
+
+# ------------------------------------------------------------------ directories
+def _root(directory: Any) -> Path:
+    return Path(os.fspath(directory)).absolute()
+
+
+def _is_training_root(root: Path) -> bool:
+    return (root / MARKER).is_file()
+
+
+def _is_model_checkpoint(root: Path) -> bool:
+    return (root / _ORBAX_FILE).is_file()
+
+
+def _visible(root: Path) -> list[str]:
+    # a marker being written by another process (see _write_marker) does not count
+    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".shardlax"))
+
+
+def _write_marker(root: Path) -> None:
+    """Process 0 marks `root` as a training-checkpoint directory (atomic rename)."""
+    if jax.process_index() != 0 or _is_training_root(root):
+        return
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".shardlax.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION}) + "\n")
+    os.replace(tmp, root / MARKER)
+
+
+def _check_save_root(root: Path, where: str) -> None:
+    if root.exists() and not root.is_dir():
+        raise ValueError(
+            f"{where}(directory={str(root)!r}): this path is a file, not a directory. "
+            f"Pass a new or empty directory, or one an earlier save wrote."
+        )
+    if root.is_dir() and not _is_training_root(root):
+        entries = _visible(root)
+        if entries:
+            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+            raise ValueError(
+                f"{where}(directory={str(root)!r}): the directory is not empty ({shown}) and "
+                f"is not a shardlax training checkpoint (no {MARKER}), so saving there "
+                f"could mix or delete other files. Pass a new or empty directory."
+            )
+
+
+def _manager(root: Path, max_to_keep: int | None, *, create: bool) -> ocp.CheckpointManager:
+    """This process's manager of `root` (one per directory, kept for async saves)."""
+    key = str(root)
+    with _LOCK:
+        found = _MANAGERS.get(key)
+        if found is not None and (not create or found[1] == max_to_keep):
+            return found[0]
+        if found is not None:  # another max_to_keep: finish its saves, replace it
+            found[0].wait_until_finished()
+            found[0].close()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            create=create,
+            enable_async_checkpointing=True,
+            cleanup_tmp_directories=create,
+        )
+        handlers = {name: ocp.StandardCheckpointHandler() for name in _ARRAY_ITEMS}
+        handlers["meta"] = ocp.JsonCheckpointHandler()
+        manager = ocp.CheckpointManager(root, options=options, item_handlers=handlers)
+        _MANAGERS[key] = (manager, max_to_keep if create else (found or (None, None))[1])
+        return manager
+
+
+def wait() -> None:
+    """Block until every checkpoint this process started saving is written (and raise its error)."""
+    with _LOCK:
+        managers = [m for m, _ in _MANAGERS.values()]
+    for m in managers:
+        m.wait_until_finished()
+        m.check_for_errors()
+
+
+def _close_all() -> None:
+    with _LOCK:
+        managers = [m for m, _ in _MANAGERS.values()]
+        _MANAGERS.clear()
+    for m in managers:
+        m.wait_until_finished()
+        m.close()
+
+
+atexit.register(_close_all)
+
+
+def all_steps(directory: Any) -> list[int]:
+    """The steps a training-checkpoint directory holds (complete ones only), ascending."""
+    root = _root(directory)
+    _check_restore_root(root, "shardlax.checkpoint.all_steps")
+    return sorted(_manager(root, None, create=False).all_steps())
+
+
+# ------------------------------------------------------------------ save
+def _scalar(x: Any) -> int:
+    """The value of a replicated scalar, also when it spans processes."""
+    if isinstance(x, jax.Array):
+        x = x.addressable_data(0)
+    return int(np.asarray(x))
+
+
+def save(
+    trainer: Any,
+    directory: Any,
+    state: Any,
+    *,
+    step: int | None = None,
+    max_to_keep: int | None = DEFAULT_MAX_TO_KEEP,
+) -> None:
+    """Start saving `state` of `trainer` as step `step` of `directory`; returns at once.
+
+    The arrays are converted to the logical layout on device and copied to
+    host memory before this returns (so the step may donate `state` next);
+    orbax writes them in the background. `wait()` blocks until written.
+
+    Args:
+      trainer: the `shardlax.Trainer` that made `state`.
+      directory: the checkpoint directory (created; may hold earlier steps).
+      state: a `TrainState` of `trainer`.
+      step: the step number to save as; default `state.step`.
+      max_to_keep: keep this many most recent steps (None: all).
+    """
+    where = "Trainer.save"
+    root = _root(directory)
+    _check_save_root(root, where)
+    if step is None:
+        step = _scalar(state.step)
+    if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+        raise ValueError(f"{where}(step={step!r}): expected a non-negative int step number.")
+    step = int(step)
+    _write_marker(root)
+    manager = _manager(root, max_to_keep, create=True)
+    manager.wait_until_finished()
+    if step in manager.all_steps():
+        raise ValueError(
+            f"{where}(step={step}): {str(root)!r} already holds step {step}; a checkpoint is "
+            f"never overwritten. Pass another step=, or save into a new directory."
+        )
+    logical = to_logical(trainer, state)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "step": step,
+        "state_step": _scalar(logical.step),
+        "saved_from": {
+            "strategy": str(getattr(trainer.strategy, "name", trainer.strategy)),
+            "mesh": {str(k): int(v) for k, v in trainer.mesh.shape.items()},
+            "processes": jax.process_count(),
+        },
+    }
+    args = ocp.args.Composite(
+        params=ocp.args.StandardSave(logical.params),
+        opt_state=ocp.args.StandardSave(logical.opt_state),
+        rest=ocp.args.StandardSave(logical.rest),
+        meta=ocp.args.JsonSave(meta),
+    )
+    manager.save(step, args=args)
+
+
+# ------------------------------------------------------------------ restore
+def _check_restore_root(root: Path, where: str) -> None:
+    if not root.exists():
+        raise FileNotFoundError(
+            f"{where}(directory={str(root)!r}): no such directory, so there is no checkpoint "
+            f"to restore. Pass the directory given to Trainer.save."
+        )
+    if not _is_training_root(root):
+        hint = (
+            " It holds a model checkpoint (save_model or orbax's StandardCheckpointer): "
+            "restore it with shardlax.checkpoint.restore_model(directory, model)."
+            if _is_model_checkpoint(root)
+            else " Pass the directory given to Trainer.save."
+        )
+        raise ValueError(
+            f"{where}(directory={str(root)!r}): not a shardlax training checkpoint (no "
+            f"{MARKER}).{hint}"
+        )
+
+
+def _pick_step(manager: ocp.CheckpointManager, root: Path, step: int | None, where: str) -> int:
+    steps = sorted(manager.all_steps())
+    if not steps:
+        raise ValueError(
+            f"{where}(directory={str(root)!r}): the directory holds no complete checkpoint "
+            f"(a save may have been interrupted before it finished). Nothing was restored."
+        )
+    if step is None:
+        return steps[-1]
+    if step not in steps:
+        raise ValueError(
+            f"{where}(step={step}): {str(root)!r} holds no complete step {step}; it holds "
+            f"steps {steps}. Pass one of them, or step=None for the latest."
+        )
+    return step
+
+
+def _key_str(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def _path_str(item: str, path: tuple[str, ...]) -> str:
+    parts = list(path)
+    if parts and parts[-1] == "value":  # nnx.Variable's value
+        parts = parts[:-1]
+    return ".".join([item, *parts]) if parts else item
+
+
+def _describe(shape: Any, dtype: Any) -> str:
+    return f"{np.dtype(dtype).name}[{','.join(map(str, shape))}]"
+
+
+def _stored_form(x: Any) -> tuple[tuple[int, ...], Any]:
+    """How orbax stores a leaf: PRNG keys as their uint32 key data."""
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
+        return tuple(data.shape), np.dtype(data.dtype)
+    return tuple(x.shape), np.dtype(x.dtype)
+
+
+def _flat_paths(tree: Any, is_leaf=None) -> dict[tuple[str, ...], Any]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
+    return {tuple(_key_str(k) for k in path): x for path, x in leaves}
+
+
+def _mismatches(item: str, stored: Any, target: Any) -> list[str]:
+    """Differences between a checkpoint item's metadata tree and a target tree."""
+
+    def is_meta(x):
+        return hasattr(x, "shape") and hasattr(x, "dtype")
+
+    have = _flat_paths(stored, is_leaf=is_meta)
+    want = _flat_paths(target)
+    out = []
+    for path in sorted(set(have) | set(want)):
+        name = _path_str(item, path)
+        if path not in want:
+            s = have[path]
+            out.append(f"{name}: in the checkpoint ({_describe(s.shape, s.dtype)}), not in "
+                       f"the model")  # fmt: skip
+            continue
+        shape, dtype = _stored_form(want[path])
+        if path not in have:
+            out.append(f"{name}: in the model ({_describe(shape, dtype)}), not in the checkpoint")
+            continue
+        s = have[path]
+        if tuple(s.shape) != shape or np.dtype(s.dtype) != dtype:
+            out.append(f"{name}: checkpoint {_describe(s.shape, s.dtype)}, model "
+                       f"{_describe(shape, dtype)}")  # fmt: skip
+    return out
+
+
+def _raise_mismatch(where: str, root: Path, step: int | None, problems: list[str]) -> None:
+    at = f"{str(root)!r}" + ("" if step is None else f" (step {step})")
+    shown = "\n  ".join(problems[:12])
+    more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
+    raise ValueError(
+        f"{where}: the checkpoint at {at} does not fit the model ({len(problems)} "
+        f"difference(s)); nothing was restored:\n  {shown}{more}\nRestore into a model "
+        f"(and optimizer) with the parameter names, shapes and dtypes it was saved with."
+    )
+
+
+def _target(abstract: Any, specs: Any, mesh: Any) -> Any:
+    return jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(
+            a.shape, a.dtype, sharding=jax.sharding.NamedSharding(mesh, s)
+        ),
+        abstract,
+        specs,
+        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
+    )
+
+
+def _corrupt(where: str, root: Path, step: int, steps: list[int], err: Exception) -> ValueError:
+    others = [s for s in steps if s != step]
+    fix = f"Restore another step ({others})" if others else "Save the run again"
+    return ValueError(
+        f"{where}: step {step} of {str(root)!r} could not be read, the checkpoint is "
+        f"incomplete or damaged ({type(err).__name__}: {str(err)[:300]}). Nothing was "
+        f"restored. {fix}."
+    )
+
+
+def _read_metadata(manager: ocp.CheckpointManager, root: Path, step: int, where: str) -> Any:
+    try:
+        return manager.item_metadata(step)
+    except Exception as err:
+        raise _corrupt(where, root, step, sorted(manager.all_steps()), err) from err
+
+
+def _item_tree(metadata: Any) -> Any:
+    tree = getattr(metadata, "tree", metadata)
+    return {} if tree is None else tree
+
+
+def restore(trainer: Any, directory: Any, step: int | None = None) -> Any:
+    """The `TrainState` saved at `step` (default the latest), laid out for `trainer`.
+
+    Any strategy and mesh may have saved it: orbax reads each leaf straight
+    into the shardings of `trainer`'s logical layout (`logical_specs`), then
+    zero1/zero2 flatten the optimizer leaves on device. Names, shapes and
+    dtypes are checked against the checkpoint first; nothing is restored
+    unless everything fits.
+
+    Args:
+      trainer: the `shardlax.Trainer` to restore for.
+      directory: a directory written by `save`.
+      step: the step to restore; None for the latest complete one.
+
+    Returns:
+      A `TrainState` laid out as `trainer.state_specs()`.
+    """
+    where = "Trainer.restore"
+    root = _root(directory)
+    wait_for(root)
+    _check_restore_root(root, where)
+    manager = _manager(root, None, create=False)
+    manager.reload()
+    step = _pick_step(manager, root, step, where)
+    abstract = abstract_logical(trainer)
+    specs = logical_specs(trainer)
+    metadata = _read_metadata(manager, root, step, where)
+    problems = []
+    for item in _ARRAY_ITEMS:
+        problems += _mismatches(item, _item_tree(metadata[item]), getattr(abstract, item))
+    if problems:
+        _raise_mismatch(where, root, step, problems)
+    targets = {item: _target(getattr(abstract, item), getattr(specs, item), trainer.mesh)
+               for item in _ARRAY_ITEMS}  # fmt: skip
+    args = ocp.args.Composite(
+        **{item: ocp.args.StandardRestore(t) for item, t in targets.items()},
+        meta=ocp.args.JsonRestore(),
+    )
+    try:
+        got = manager.restore(step, args=args)
+    except Exception as err:  # orbax/tensorstore raise many kinds on damaged files
+        raise _corrupt(where, root, step, sorted(manager.all_steps()), err) from err
+    meta = got["meta"] or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(
+            f"{where}: step {step} of {str(root)!r} has no shardlax metadata (format "
+            f"{meta.get('format')!r}); it was not written by shardlax.checkpoint.save."
+        )
+    logical = Logical(
+        params=got["params"],
+        opt_state=got["opt_state"],
+        rest=got["rest"],
+        step=np.int32(meta["state_step"]),
+    )
+    return from_logical(trainer, logical)
+
+
+def wait_for(root: Path) -> None:
+    """Finish this process's pending saves into `root` (a restore reads only complete steps)."""
+    with _LOCK:
+        found = _MANAGERS.get(str(root))
+    if found is not None:
+        found[0].wait_until_finished()
+        found[0].check_for_errors()
+
+
+# ------------------------------------------------------------------ models
+def _abstract_state(state: Any) -> Any:
+    """Restore targets for `state`: its shapes, dtypes and shardings."""
+
+    def target(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(target, state)
+
+
+def save_model(directory: Any, model: nnx.Module, *, force: bool = False) -> None:
+    """Save `nnx.state(model)` (any NNX model, sharded or not) to `directory`; blocks until written.
+
+    The format is exactly what a flax user gets from
+    `ocp.StandardCheckpointer().save(directory, nnx.state(model))`: they can
+    restore it with orbax alone, and `restore_model` reads theirs. Each
+    device writes its own shards; the write is atomic.
+
+    Args:
+      directory: a path that does not exist yet (or, with `force=True`, a
+        model checkpoint to replace).
+      model: the NNX module.
+      force: replace an existing checkpoint at `directory`.
+    """
+    where = "shardlax.checkpoint.save_model"
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"{where}(model=...): expected a flax.nnx.Module, got "
+                        f"{type(model).__name__}.")  # fmt: skip
+    root = _root(directory)
+    if root.exists() and not force:
+        raise ValueError(
+            f"{where}(directory={str(root)!r}): the path exists; a checkpoint is never "
+            f"overwritten silently. Pass a new path, or force=True to replace it."
+        )
+    if root.exists() and force and not _is_model_checkpoint(root):
+        raise ValueError(
+            f"{where}(directory={str(root)!r}, force=True): the path exists and is not a "
+            f"model checkpoint; refusing to replace it. Pass a new path."
+        )
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(root, nnx.state(model), force=force)
+    checkpointer.wait_until_finished()
+    checkpointer.close()
+
+
+def restore_model(directory: Any, model: nnx.Module, *, step: int | None = None) -> nnx.Module:
+    """Load the saved weights (and other state) into `model`, in `model`'s placement.
+
+    `directory` is a model checkpoint (`save_model`, or a plain
+    `ocp.StandardCheckpointer` save of `nnx.state(model)`) or a training
+    checkpoint (`Trainer.save`: its parameters and other state at `step`,
+    default the latest). Every array is read straight into the sharding the
+    model's own arrays have (a plain one-device model gets the whole arrays;
+    a `shardlax.nn` model its shards). Names, shapes and dtypes are checked
+    first; `model` is updated only when everything was read.
+
+    Returns:
+      `model`, updated in place.
+    """
+    where = "shardlax.checkpoint.restore_model"
+    if not isinstance(model, nnx.Module):
+        raise TypeError(f"{where}(model=...): expected a flax.nnx.Module, got "
+                        f"{type(model).__name__}.")  # fmt: skip
+    root = _root(directory)
+    wait_for(root)
+    if not root.exists():
+        raise FileNotFoundError(
+            f"{where}(directory={str(root)!r}): no such directory, so there is no checkpoint "
+            f"to restore. Pass the path given to save_model or Trainer.save."
+        )
+    if _is_training_root(root):
+        _, params, rest = nnx.split(model, nnx.Param, ...)
+        manager = _manager(root, None, create=False)
+        manager.reload()
+        step = _pick_step(manager, root, step, where)
+        metadata = _read_metadata(manager, root, step, where)
+        targets = {"params": _abstract_state(params), "rest": _abstract_state(rest)}
+        problems = []
+        for item, t in targets.items():
+            problems += _mismatches(item, _item_tree(metadata[item]), t)
+        if problems:
+            _raise_mismatch(where, root, step, problems)
+        args = ocp.args.Composite(**{k: ocp.args.StandardRestore(t) for k, t in targets.items()})
+        try:
+            got = manager.restore(step, args=args)
+        except Exception as err:
+            raise _corrupt(where, root, step, sorted(manager.all_steps()), err) from err
+        nnx.update(model, got["params"], got["rest"])
+        return model
+    if not _is_model_checkpoint(root):
+        raise ValueError(
+            f"{where}(directory={str(root)!r}): not a checkpoint (neither a model checkpoint "
+            f"with {_ORBAX_FILE} nor a training checkpoint with {MARKER}). Pass the path "
+            f"given to save_model or Trainer.save."
+        )
+    if step is not None:
+        raise ValueError(
+            f"{where}(step={step}): {str(root)!r} is a model checkpoint, which has one "
+            f"state and no steps. Pass step=None."
+        )
+    state = nnx.state(model)
+    target = _abstract_state(state)
+    checkpointer = ocp.StandardCheckpointer()
+    try:
+        stored = checkpointer.metadata(root)
+    except Exception as err:
+        raise _corrupt(where, root, 0, [], err) from err
+    problems = _mismatches("model", _item_tree(getattr(stored, "item_metadata", stored)), target)
+    if problems:
+        _raise_mismatch(where, root, None, problems)
+    try:
+        got = checkpointer.restore(root, target)
+    except Exception as err:
+        raise _corrupt(where, root, 0, [], err) from err
+    finally:
+        checkpointer.close()
+    nnx.update(model, got)
+    return model
+
+
+__all__ = [
+    "DEFAULT_MAX_TO_KEEP",
+    "Logical",
+    "abstract_logical",
+    "all_steps",
+    "from_logical",
+    "logical_specs",
+    "restore",
+    "restore_model",
+    "save",
+    "save_model",
+    "to_logical",
+    "wait",
+]
