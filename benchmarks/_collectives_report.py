@@ -39,6 +39,8 @@ def markdown(rows: list[dict]) -> str:
         "# Collectives: shardlax.kernels vs jax.lax",
         "",
         f"Machine: {C.machine_line(info)}.",
+        "Baseline: the raw `jax.lax` collective in the same `shard_map` (no GSPMD here: "
+        "a single collective has no sharding choices to propagate).",
         f"One process; n-device runs use the first n devices. {C.SIMULATED_NOTE}",
         "",
         "busbw follows nccl-tests (all-reduce x 2(n-1)/n; all-gather, reduce-scatter, "

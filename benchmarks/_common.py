@@ -18,7 +18,43 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+#: The committed, published results: written only with `--publish` (or an explicit `--out`).
+PUBLISHED = Path(__file__).resolve().parent / "results"
+#: Where a run writes by default: outside the repository, never over the published files.
+DEFAULT_OUT = Path(os.environ.get("TMPDIR", "/tmp")) / "shardlax-benchmarks"
+
+#: The GSPMD baseline every report names: the best a careful user writes.
+GSPMD_BASELINE = (
+    "constrained GSPMD twin: plain nnx/jnp, parameters and batch placed by NamedSharding, "
+    "with_sharding_constraint on the residual stream / activations (as MaxText writes it)"
+)
+
+
+def add_output_args(parser) -> None:
+    """`--out DIR` / `--publish`: where results go (default: outside the repository)."""
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"output directory (default {DEFAULT_OUT})")  # fmt: skip
+    parser.add_argument("--publish", action="store_true",
+                        help=f"write the published results in {PUBLISHED}")  # fmt: skip
+
+
+def output_dir(args) -> Path:
+    """The directory a run writes to; a `--quick` run never writes the published results."""
+    if args.publish and args.out is not None:
+        raise SystemExit("--publish writes benchmarks/results/; drop --out, or drop --publish.")
+    out = PUBLISHED if args.publish else (args.out or DEFAULT_OUT)
+    if getattr(args, "quick", False) and out.resolve() == PUBLISHED.resolve():
+        raise SystemExit(
+            f"--quick never overwrites the published results in {PUBLISHED}: use --out DIR "
+            f"(or the default {DEFAULT_OUT}), or run without --quick to publish."
+        )
+    return out
+
+
+def phase(msg: str) -> None:
+    """Print one progress line, flushed (benchmarks report each phase as it starts)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
 
 SIMULATED_NOTE = (
     "Simulated CPU devices (XLA host platform) share one memory system and the same "

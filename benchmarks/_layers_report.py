@@ -34,6 +34,8 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
     out = [
         "# Layers and train steps: shardlax vs GSPMD vs one device",
         "",
+        f"GSPMD baseline: the {C.GSPMD_BASELINE} (per row below).",
+        "",
         f"Machine: {C.machine_line(info)}. {C.SIMULATED_NOTE}",
         "",
         "Each row is one Adam train step (loss, gradients, update; state donated and carried). "
@@ -81,6 +83,12 @@ def markdown(rows: list[dict], skipped: dict[str, str]) -> str:
          "HLO instructions differing from GSPMD"],
         ratio_rows,
     ))  # fmt: skip
+    out += ["", "## GSPMD baseline of each row", ""]
+    seen_rows: dict[str, str] = {}
+    for r in rows:
+        if r["impl"] == "shardlax":
+            seen_rows.setdefault(r["row"], r.get("gspmd_baseline") or "unconstrained GSPMD")
+    out += [f"- `{name}`: {text}" for name, text in seen_rows.items()]
     out += ["", "## Every candidate", ""]
     full = []
     for name, n in keys:

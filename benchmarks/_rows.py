@@ -18,6 +18,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardlax
+from _common import GSPMD_BASELINE
 from _steps import (
     Candidate,
     ParallelMLP,
@@ -28,6 +29,7 @@ from _steps import (
     Scanned,
     Skip,
     adam,
+    constraint,
     dict_step,
     minimum,
     mlp_param_bytes,
@@ -75,8 +77,11 @@ def row_tp_mlp(cfg: dict, n: int, devices) -> Row:
         return P("model", None) if "kernel" in path else P()
 
     cands = {"shardlax": module_candidate(ParallelMLP(d, f, nnx.Rngs(0), mesh), batch, mesh)}
-    cands |= plain_candidates(PlainMLP(d, f, nnx.Rngs(0)), batch, auto, spec_of, P(), devices)
+    pins = (constraint(auto, P(None, "model")), constraint(auto, P()))
+    plain = PlainMLP(d, f, nnx.Rngs(0), constrain=pins)
+    cands |= plain_candidates(plain, batch, auto, spec_of, P(), devices)
     return Row(
+        baseline=f"{GSPMD_BASELINE}: hidden P(None, 'model'), output P()",
         name="tp_mlp",
         strategy="tensor parallel (Megatron column -> row)",
         mesh=f"model={n}",
@@ -107,11 +112,14 @@ def row_zero2(cfg: dict, n: int, devices) -> Row:
             return P("data", None) if "kernel" in path else P("data")
         return P()
 
+    pins = (constraint(auto, P("data", None)), constraint(auto, P("data", None)))
     cands |= plain_candidates(
-        PlainMLP(d, f, nnx.Rngs(0)), batch, auto, lambda _: P(), P("data"), devices, opt_spec
-    )
+        PlainMLP(d, f, nnx.Rngs(0), constrain=pins), batch, auto, lambda _: P(), P("data"),
+        devices, opt_spec,
+    )  # fmt: skip
     p_bytes = mlp_param_bytes(d, f)
     return Row(
+        baseline=f"{GSPMD_BASELINE}: hidden and output P('data', None)",
         name="zero2",
         strategy="ZeRO-2 (data parallel, sharded gradients and Adam state)",
         mesh=f"data={n}",
@@ -139,6 +147,7 @@ def row_fsdp_deep(cfg: dict, n: int, devices) -> Row:
         )
 
     remat = bool(cfg["remat"])
+    pin = constraint(auto, P("fsdp", None))  # the residual stream [B/fsdp, D]
     if cfg.get("fully_shard"):
         # shardlax.fsdp.fully_shard_scan: the flax scan-over-layers pattern, each
         # layer an FSDP unit; its plain twin is built by the same pattern (same values).
@@ -150,7 +159,7 @@ def row_fsdp_deep(cfg: dict, n: int, devices) -> Row:
             return ResidualLinear(d, init, rngs)
 
         sharded = fully_shard_scan(block, layers, rngs=nnx.Rngs(0), mesh=mesh, remat=remat)
-        plain = PlainStack(block, layers, nnx.Rngs(0), remat=remat)
+        plain = PlainStack(block, layers, nnx.Rngs(0), remat=remat, constrain=pin)
     else:
         try:
             sharded = Scanned(fsdp_linear, layers, nnx.Rngs(0), remat=remat)
@@ -158,7 +167,7 @@ def row_fsdp_deep(cfg: dict, n: int, devices) -> Row:
             raise Skip(f"the shardlax linears take no fsdp_axis yet ({e})") from e
         plain = Scanned(
             lambda rngs: nnx.Linear(d, d, kernel_init=init, rngs=rngs), layers, nnx.Rngs(0),
-            remat=remat,
+            remat=remat, constrain=pin,
         )  # fmt: skip
     x, y = regression_batch(b, d)
     spec = P("fsdp")
@@ -167,6 +176,7 @@ def row_fsdp_deep(cfg: dict, n: int, devices) -> Row:
     cands |= plain_candidates(plain, (x, y), auto, specs_of(sharded), spec, devices)
     fs = ["fsdp"]
     return Row(
+        baseline=f"{GSPMD_BASELINE}: residual stream P('fsdp', None) at every layer",
         name="fully_shard_deep"
         if cfg.get("fully_shard")
         else "fsdp_deep" + ("_remat" if remat else ""),
@@ -212,12 +222,15 @@ def row_fsdp_tp(cfg: dict, n: int, devices) -> Row:
         jax.device_put(y, NamedSharding(mesh, sharded.down.output_spec(2))),
     )
     cands = {"shardlax": module_candidate(sharded, batch, mesh)}
+    pins = (constraint(auto, P("fsdp", "model")), constraint(auto, P("fsdp", None)))
     cands |= plain_candidates(
-        PlainMLP(d, f, nnx.Rngs(0)), (x, y), auto, specs_of(sharded), P("fsdp"), devices
-    )
+        PlainMLP(d, f, nnx.Rngs(0), constrain=pins), (x, y), auto, specs_of(sharded), P("fsdp"),
+        devices,
+    )  # fmt: skip
     m = model_n
     fs = ["fsdp"]
     return Row(
+        baseline=f"{GSPMD_BASELINE}: hidden P('fsdp', 'model'), output P('fsdp', None)",
         name="fsdp_tp",
         strategy="FSDP (reshard after forward) x tensor parallel",
         mesh=f"fsdp={fsdp_n},model={model_n}",
@@ -274,7 +287,12 @@ def row_tinylm(cfg: dict, n: int, devices) -> Row:
     pure = nnx.to_pure_dict(params)
     spec_of = specs_of(model)
 
+    pin = constraint(auto, P("fsdp", None, None))  # the residual stream [B/fsdp, S, D]
+
     def loss_fn(p, tokens, targets):
+        return plain_tinylm_loss(lm_cfg, p, tokens, targets, constrain=pin)
+
+    def single_loss_fn(p, tokens, targets):
         return plain_tinylm_loss(lm_cfg, p, tokens, targets)
 
     host = jax.tree.map(np.asarray, pure)
@@ -285,7 +303,7 @@ def row_tinylm(cfg: dict, n: int, devices) -> Row:
     g_batch = tuple(jax.device_put(v, NamedSharding(auto, batch_spec)) for v in (tokens, targets))
     cands["gspmd"] = Candidate(dict_step(loss_fn, tx, shardings), g_state, g_batch, auto)
     cands["unsharded"] = Candidate(
-        dict_step(loss_fn, tx),
+        dict_step(single_loss_fn, tx),
         on_device((host, tx.init(host)), devices[0]),
         on_device((tokens, targets), devices[0]),
     )
@@ -300,13 +318,17 @@ def row_tinylm(cfg: dict, n: int, devices) -> Row:
                 math.prod(mesh.shape[a] for a in dc.axes), dc.count, dc.why)
         for dc in declared
     ]  # fmt: skip
+    scaled: set[int] = set()
     for dc in per_block:  # listed once by TinyLM; they run once per layer
-        for m in mins:
-            if m["why"] == dc.why and m["kind"] == dc.kind and m["count"] == dc.count:
+        for i, (m, record) in enumerate(zip(mins, declared, strict=True)):
+            if i not in scaled and record == dc:  # the same structured record
+                scaled.add(i)
                 m["count"] *= lm_cfg.n_layers
                 m["why"] += f" (x{lm_cfg.n_layers} layers)"
                 break
     return Row(
+        baseline=f"{GSPMD_BASELINE}: residual stream P('fsdp', None, None) after the "
+        "embedding and every residual add",
         name="tinylm",
         strategy="TinyLM: FSDP x tensor parallel transformer, scanned blocks",
         mesh=f"fsdp={fsdp_n},model={model_n}",

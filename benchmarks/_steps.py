@@ -54,6 +54,8 @@ class Row:
     loop_trips: int = 1
     #: "minimum" (the least the strategy needs) or "declared" (what the model declares)
     reference: str = "minimum"
+    #: how the GSPMD candidate is set up (every report says which baseline it beat)
+    baseline: str = ""
 
 
 def wire_factor(kind: str, n: int) -> float:
@@ -87,6 +89,30 @@ def place(tree, mesh, spec_of: Callable[[str], Any]):
         return jax.device_put(v, NamedSharding(mesh, spec_of(jax.tree_util.keystr(path))))
 
     return jax.tree_util.tree_map_with_path(put, tree)
+
+
+def constraint(mesh, spec) -> Callable:
+    """`x -> with_sharding_constraint(x, NamedSharding(mesh, spec))`: pins an activation.
+
+    The GSPMD twins pin their residual stream / activations this way, as MaxText
+    does: without it, sharding propagation may replicate activations at scale (a
+    TinyLM-like model on 64 devices needed 161 GB temp per device unconstrained,
+    4.1 GB constrained).
+    """
+    sharding = NamedSharding(mesh, spec)
+    return lambda x: jax.lax.with_sharding_constraint(x, sharding)
+
+
+def _pin(constrain, x):
+    return x if constrain is None else constrain(x)
+
+
+def unconstrained(model):
+    """A copy of a plain twin without its activation constraints (for the one-device run)."""
+    model = nnx.clone(model)
+    if hasattr(model, "constrain"):
+        model.constrain = None
+    return model
 
 
 def on_device(tree, device):
@@ -140,10 +166,11 @@ def plain_candidates(plain, batch, gspmd_mesh, param_spec, batch_spec, devices, 
     g_batch = jax.tree.map(
         lambda v: jax.device_put(v, NamedSharding(gspmd_mesh, batch_spec)), batch
     )
+    single_graph = nnx.split(unconstrained(plain))[0]
     return {
         "gspmd": Candidate(optax_step(graphdef, tx, mse, shardings), g_state, g_batch, gspmd_mesh),
         "unsharded": Candidate(
-            optax_step(graphdef, tx, mse),
+            optax_step(single_graph, tx, mse),
             on_device((params, opt_state), devices[0]),
             on_device(batch, devices[0]),
         ),
@@ -183,14 +210,19 @@ def module_candidate(model, batch, mesh) -> Candidate:
 
 
 class PlainMLP(nnx.Module):
-    """`down(gelu(up(x)))` of two `nnx.Linear`: the model of the MLP rows."""
+    """`down(gelu(up(x)))` of two `nnx.Linear`: the model of the MLP rows.
 
-    def __init__(self, d: int, f: int, rngs: nnx.Rngs):
+    `constrain = (pin_hidden, pin_output)` pins the activations (GSPMD twin).
+    """
+
+    def __init__(self, d: int, f: int, rngs: nnx.Rngs, constrain=None):
         self.up = nnx.Linear(d, f, rngs=rngs)
         self.down = nnx.Linear(f, d, rngs=rngs)
+        self.constrain = constrain
 
     def __call__(self, x):
-        return self.down(jax.nn.gelu(self.up(x)))
+        hidden, out = self.constrain or (None, None)
+        return _pin(out, self.down(_pin(hidden, jax.nn.gelu(self.up(x)))))
 
 
 class ParallelMLP(nnx.Module):
@@ -222,7 +254,11 @@ class Scanned(nnx.Module):
     `remat`, each layer is recomputed in the backward (`jax.checkpoint`).
     """
 
-    def __init__(self, make_layer: Callable, layers: int, rngs: nnx.Rngs, remat: bool = True):
+    def __init__(
+        self, make_layer: Callable, layers: int, rngs: nnx.Rngs, remat: bool = True,
+        constrain: Callable | None = None,
+    ):  # fmt: skip
+        self.constrain = constrain
         graphdef, *_ = nnx.split(make_layer(nnx.Rngs(0)))
         states = [nnx.state(make_layer(rngs)) for _ in range(layers)]
         stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
@@ -240,8 +276,11 @@ class Scanned(nnx.Module):
     def __call__(self, x):
         graphdef, state = nnx.split(self.layers)
 
+        pin = self.constrain
+
         def layer(x, layer_state):
-            return x + jax.nn.gelu(nnx.merge(graphdef, layer_state)(x)), None
+            x = _pin(pin, x)
+            return _pin(pin, x + jax.nn.gelu(nnx.merge(graphdef, layer_state)(x))), None
 
         if self.remat:
             layer = jax.checkpoint(layer)
@@ -264,7 +303,12 @@ class PlainStack(nnx.Module):
     (`nnx.split_rngs` + `nnx.vmap`), run by `lax.scan`, each layer under
     `jax.checkpoint` with `remat`."""
 
-    def __init__(self, make_layer: Callable, layers: int, rngs: nnx.Rngs, remat: bool = True):
+    def __init__(
+        self, make_layer: Callable, layers: int, rngs: nnx.Rngs, remat: bool = True,
+        constrain: Callable | None = None,
+    ):  # fmt: skip
+        self.constrain = constrain
+
         @nnx.split_rngs(splits=layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
         def create(rngs):
@@ -276,8 +320,10 @@ class PlainStack(nnx.Module):
     def __call__(self, x):
         graphdef, state = nnx.split(self.layers)
 
+        pin = self.constrain
+
         def layer(x, layer_state):
-            return nnx.merge(graphdef, layer_state)(x), None
+            return _pin(pin, nnx.merge(graphdef, layer_state)(_pin(pin, x))), None
 
         if self.remat:
             layer = jax.checkpoint(layer)
@@ -285,14 +331,16 @@ class PlainStack(nnx.Module):
         return x
 
 
-def plain_tinylm_loss(cfg, params: dict, tokens, targets):
+def plain_tinylm_loss(cfg, params: dict, tokens, targets, constrain: Callable | None = None):
     """TinyLM's loss in plain jnp on its parameter dict, no shard_map, no collectives.
 
     The math of `shardlax.models.TinyLM` (pre-norm blocks of RoPE attention and
     an MLP in a `lax.scan`, tied embedding head, padded vocabulary masked out
     of the softmax). It borrows only collective-free math from
     `shardlax.kernels` (RMSNorm, RoPE, causal attention) so that the twins
-    compute the same function; sharding it is left to GSPMD.
+    compute the same function; sharding it is left to GSPMD. `constrain` pins the
+    residual stream [B, S, D] after the embedding and every residual add (the
+    constrained GSPMD twin).
     """
     from shardlax import kernels as K
 
@@ -301,7 +349,7 @@ def plain_tinylm_loss(cfg, params: dict, tokens, targets):
         return y + layer["bias"] if "bias" in layer else y
 
     table = params["embed"]["embedding"]  # [V_pad, D]
-    x = jnp.take(table, tokens, axis=0)  # [B, S, D]
+    x = _pin(constrain, jnp.take(table, tokens, axis=0))  # [B, S, D]
     b, s, _ = x.shape
     hd = cfg.d_model // cfg.n_heads
 
@@ -312,14 +360,14 @@ def plain_tinylm_loss(cfg, params: dict, tokens, targets):
         k = K.rotary_embedding(lin(h, a["k_proj"]).reshape(b, s, -1, hd), theta=cfg.rope_theta)
         v = lin(h, a["v_proj"]).reshape(b, s, -1, hd)
         o = K.dot_product_attention(q, k, v).reshape(b, s, -1)
-        x = x + lin(o, a["o_proj"])
+        x = _pin(constrain, x + lin(o, a["o_proj"]))
         h = K.rms_norm(x, p["mlp_norm"]["scale"])
         m = p["mlp"]
         if cfg.activation == "swiglu":
             h = jax.nn.silu(lin(h, m["gate"])) * lin(h, m["up"])
         else:
             h = jax.nn.gelu(lin(h, m["up"]))
-        return x + lin(h, m["down"]), None
+        return _pin(constrain, x + lin(h, m["down"])), None
 
     if cfg.remat:
         block = jax.checkpoint(block)

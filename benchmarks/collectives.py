@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import functools
 import time
-from pathlib import Path
 
 import _common as C
 from _collectives_report import COLLECTIVES, HLO_KIND, markdown, plot
@@ -145,6 +144,7 @@ def run(args) -> list[dict]:
         mesh = Mesh(np.array(jax.devices()[:n]), (AXIS,))
         sharding = NamedSharding(mesh, P(AXIS))
         for size in sizes:
+            C.phase(f"{n} devices, {size:,} bytes per device: memcpy ceiling, then each collective")
             elems = size // 4  # f32
             # The ceiling: each of the n devices copies S bytes at once.
             x_full = jax.device_put(jnp.arange(n * elems, dtype=jnp.float32), sharding)
@@ -226,16 +226,18 @@ def main(argv=None) -> None:
     p.add_argument("--iters", type=int, default=ITERS)
     p.add_argument("--warmup", type=int, default=WARMUP)
     p.add_argument("--collectives", nargs="+", default=list(COLLECTIVES), choices=COLLECTIVES)
-    p.add_argument("--out", type=Path, default=C.DEFAULT_OUT, help="output directory")
+    C.add_output_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 and 4 devices")
     p.add_argument("--no-plot", action="store_true")
     args = p.parse_args(argv)
+    args.out = C.output_dir(args)
     if args.quick:
         args.devices, args.min_size, args.max_size = [2, 4], 64 * 1024, 128 * 1024
         args.iters, args.warmup = 3, 1
     C.setup_devices(max(args.devices))
     t0 = time.perf_counter()
     rows = run(args)
+    C.phase(f"write {args.out}")
     args.out.mkdir(parents=True, exist_ok=True)
     C.write_jsonl(args.out / "collectives.jsonl", rows)
     (args.out / "collectives.md").write_text(markdown(rows))

@@ -81,7 +81,6 @@ import argparse
 import statistics
 import time
 import traceback
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -163,6 +162,7 @@ def measure(row: Row, args) -> list[dict]:
     # Cold compiles, interleaved: caches cleared before each, so no candidate
     # profits from another's traced or compiled pieces; medians over rounds.
     compiles: dict[str, list[tuple]] = {impl: [] for impl in row.candidates}
+    C.phase(f"{row.name} n={row.config['n']}: {args.compile_repeats} cold compile(s) each")
     for _ in range(args.compile_repeats):
         for impl, cand in row.candidates.items():
             jax.clear_caches()
@@ -188,6 +188,7 @@ def measure(row: Row, args) -> list[dict]:
             "loss": loss,
         }
         hlo[impl] = C.hlo_instructions(c.as_text())
+    C.phase(f"{row.name} n={row.config['n']}: {args.repeats} interleaved timed rounds")
     times = C.interleaved(runners, args.repeats, args.warmup)
     mins = row.minimum
     min_bytes = sum(m["bytes"] * m["count"] for m in mins)
@@ -209,6 +210,7 @@ def measure(row: Row, args) -> list[dict]:
             "minimum": mins,
             "minimum_tensors": sum(m["count"] for m in mins),
             "reference": row.reference,
+            "gspmd_baseline": row.baseline,
             "minimum_bytes": min_bytes,
             "minimum_wire_bytes": min_wire,
             "loop_trips": row.loop_trips,
@@ -255,13 +257,14 @@ def main(argv=None) -> None:
     p.add_argument("--warmup", type=int, default=WARMUP)
     p.add_argument("--set", nargs="*", default=[], metavar="ROW.KEY=INT",
                    help="override a size, e.g. tp_mlp.batch=512")  # fmt: skip
-    p.add_argument("--out", type=Path, default=C.DEFAULT_OUT, help="output directory")
+    C.add_output_args(p)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, 2 repeats")
     p.add_argument("--no-plot", action="store_true")
     p.add_argument("--strict", action="store_true", help="stop at the first failing row")
     p.add_argument("--compile-repeats", type=int, default=COMPILE_REPEATS,
                    help="cold compiles per candidate (median)")  # fmt: skip
     args = p.parse_args(argv)
+    args.out = C.output_dir(args)
     if args.quick:
         args.repeats, args.warmup, args.compile_repeats = 2, 1, 1
     if args.devices is None:
@@ -283,6 +286,7 @@ def main(argv=None) -> None:
                 print(f"{name:10s} skipped: {skipped[name]}")
                 continue
             try:
+                C.phase(f"{name} n={n}: build the three candidates")
                 row = builder(sizes[name], n, jax.devices()[:n])
                 rows += measure(row, args)
             except Skip as e:
@@ -294,6 +298,7 @@ def main(argv=None) -> None:
                 skipped[f"{name} (n={n})"] = f"failed: {type(e).__name__}: {e}"
                 traceback.print_exc()
                 print(f"{name:10s} n={n} FAILED: {type(e).__name__}: {e}")
+    C.phase(f"write {args.out}")
     args.out.mkdir(parents=True, exist_ok=True)
     C.write_jsonl(args.out / "layers.jsonl", rows)
     (args.out / "layers.md").write_text(markdown(rows, skipped))

@@ -50,6 +50,34 @@ def _run(script: str, out: Path, *extra: str) -> list[dict]:
     return rows
 
 
+def _common():
+    sys.path.insert(0, str(BENCH))
+    try:
+        import _common
+    finally:
+        sys.path.remove(str(BENCH))
+    return _common
+
+
+def test_results_go_outside_the_repository_unless_published():
+    import argparse
+
+    C = _common()
+    parser = argparse.ArgumentParser()
+    C.add_output_args(parser)
+    parser.add_argument("--quick", action="store_true")
+    default = C.output_dir(parser.parse_args([]))
+    assert default == C.DEFAULT_OUT and ROOT not in default.resolve().parents
+    assert C.output_dir(parser.parse_args(["--publish"])) == BENCH / "results"
+    assert C.output_dir(parser.parse_args(["--out", "/tmp/x", "--quick"])) == Path("/tmp/x")
+    with pytest.raises(SystemExit, match="--quick never overwrites the published results"):
+        C.output_dir(parser.parse_args(["--publish", "--quick"]))
+    with pytest.raises(SystemExit, match="--quick never overwrites"):
+        C.output_dir(parser.parse_args(["--quick", "--out", str(BENCH / "results")]))
+    with pytest.raises(SystemExit, match="--publish writes benchmarks/results/; drop --out"):
+        C.output_dir(parser.parse_args(["--publish", "--out", "/tmp/x"]))
+
+
 @pytest.mark.slow
 def test_collectives_quick(tmp_path):
     rows = _run("collectives.py", tmp_path)
@@ -85,6 +113,10 @@ def test_layers_quick(tmp_path):
         s = by[name, "shardlax"]
         assert s["ratio_vs_gspmd"] > 0 and s["compile_ratio_vs_unsharded"] > 0
         assert by[name, "unsharded"]["collectives"]["tensors"] == 0
+    for r in rows:
+        if r["impl"] == "shardlax":  # every report says which GSPMD baseline it beat
+            assert "with_sharding_constraint" in r["gspmd_baseline"], r["row"]
+    assert "GSPMD baseline" in (tmp_path / "layers.md").read_text()
     tp = by["tp_mlp", "shardlax"]
     assert tp["collectives"]["kinds"] == {"all-reduce": 1}
     assert tp["collectives"]["bytes"] == tp["minimum_bytes"]
