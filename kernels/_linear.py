@@ -195,7 +195,7 @@ def parallel_einsum(
     The bias is reshaped as `nnx.Einsum` does it: kernel letters that survive
     in the output keep their (local) kernel size, the others become 1.
     """
-    xs, ks, out = _letters(einsum_str)
+    _, ks, out = _letters(einsum_str)
     kwargs = {}
     if preferred_element_type is not None:
         kwargs["preferred_element_type"] = preferred_element_type

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.nnx.nn.linear import default_bias_init, default_kernel_init
+from flax.nnx.variablelib import VariableMetadata
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -17,9 +18,119 @@ from jax.sharding import PartitionSpec as P
 from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.audit import Declared
-from shardlax.mesh import check_divisible
-from shardlax.nn._base import AUTO, ShardedLayer, nbytes, param_value, sharded_param
+from shardlax.mesh import check_divisible, is_manual
+from shardlax.nn._base import (
+    AUTO,
+    ShardedLayer,
+    nbytes,
+    param_value,
+    run_shard_map,
+    sharded_param,
+)
 from shardlax.precision import MixedPrecision
+
+
+class Parts(tuple):
+    """The parts of a fused projection (`Colwise(parts=k)`), each split over the model axis.
+
+    A tuple: unpack it (`k, v = self.kv_proj(x)`). It refuses to become one
+    array (so `jnp.split(self.kv_proj(x), 2, -1)` raises instead of silently
+    splitting the stacked parts on the wrong dim).
+    """
+
+    owner: str = "ColumnParallelLinear(parts=k)"
+
+    def __jax_array__(self):
+        k = len(self)
+        names = ", ".join(f"y{i}" for i in range(k))
+        raise TypeError(
+            f"{self.owner} returns its {k} parts already split, each sharded over the "
+            f"model axis on its own; it is not one array. Unpack it: write `{names} = "
+            f"proj(x)` instead of `{names} = jnp.split(proj(x), {k}, axis=-1)`. (A "
+            f"contiguous [..., {k}F] output split by jnp.split would move data between "
+            f"devices behind your back.)"
+        )
+
+
+#: Metadata keys that name a placement: shardlax decides placement itself.
+_PLACEMENT_KEYS = ("sharding", "out_sharding", "sharding_names", "mesh")
+
+
+def metadata_param(
+    init: Any, key: jax.Array, shape: Sequence[int], dtype: Any, mesh: Any, spec: P,
+    metadata: Any = None,
+) -> nnx.Param:  # fmt: skip
+    """`sharded_param` plus flax's `kernel_metadata`-style extra metadata.
+
+    `init` may be an `nnx.with_partitioning(...)` initializer (its logical
+    sharding names are kept as metadata; the placement is shardlax's).
+    Placement keys in `metadata` (`sharding`, `out_sharding`, `mesh`) are
+    dropped: the layer's spec decides where the parameter lives.
+    """
+    meta = dict(metadata or {})
+    for k in _PLACEMENT_KEYS:
+        meta.pop(k, None)
+    value = init(key, tuple(shape), dtype)
+    if isinstance(value, VariableMetadata):  # nnx.with_partitioning: value + metadata
+        extra = {k: v for k, v in value.metadata.items() if k not in _PLACEMENT_KEYS}
+        meta = {**extra, **meta}
+        value = value.raw_value
+    value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
+    return nnx.Param(value, out_sharding=spec, mesh=mesh, **meta)
+
+
+#: The last shared input per (mesh, axis, layout, manual): (x, trace, value, spec).
+_SHARED: dict[tuple, tuple[Any, Any, Any, P]] = {}
+
+
+def shared_model_input(
+    layer: ShardedLayer, source: Any, x: jax.Array, x_spec: P
+) -> tuple[Any, P, Any]:
+    """`x` typed varying over the model axis once for every column layer that reads it.
+
+    `source` is the activation as the caller passed it (before `_place`,
+    which makes a new value per call): readers of the same `source` share.
+    Returns `(arg, spec, unwrap)`: pass `arg` to the layer's shard_map with
+    `spec` and call `unwrap` on it inside the body. Column layers that read
+    the same traced activation (same object, same trace: q, k and v of one
+    attention; gate and up) get the same `arg`, so autodiff sums their partial
+    input gradients locally and one `kernels.share_input` cast turns the sum
+    into the only all-reduce of dx.
+
+    Top level (global arrays): `arg` is `x` with a leading model dim,
+    `[N, ...]` laid out `P(model, *x_spec)` (each device's slice is its own
+    copy of x: no data moves), made by a shard_map of its own. Manual mode
+    (inside a shard_map over the mesh): `arg` is the local shard cast to
+    varying.
+    """
+    axis = layer.axis_name
+    if layer.model_size == 1:
+        return x, x_spec, _identity
+    manual = is_manual(layer.mesh)
+    key = (layer.mesh, axis, tuple(x_spec), manual)
+    cacheable = isinstance(source, jax.core.Tracer)
+    if cacheable:
+        hit = _SHARED.get(key)
+        if hit is not None and hit[0] is source and hit[1] == nnx.tracers.TraceState():
+            return hit[2], hit[3], _identity if manual else _first
+    if manual:
+        arg, spec = kernels.share_input(x, axis), x_spec
+    else:
+        spec = P(axis, *x_spec)
+        arg = run_shard_map(
+            lambda x: kernels.share_input(x, axis)[None], layer.mesh, (x,), (x_spec,), spec
+        )
+    if cacheable:
+        _SHARED[key] = (source, nnx.tracers.TraceState(), arg, spec)
+    return arg, spec, _identity if manual else _first
+
+
+def _identity(x):
+    return x
+
+
+def _first(x):
+    return x[0]
 
 
 class _LinearBase(ShardedLayer):
@@ -165,6 +276,8 @@ class ColumnParallelLinear(_LinearBase):
         reshard_after_forward: bool = True,
         mixed_precision: MixedPrecision | None = None,
         sequence_parallel: bool = False,
+        parts: int = 1,
+        shared_input: bool = False,
     ):
         self._setup_mesh(mesh, axis_name, batch_axes)
         self._setup_fsdp(fsdp_axis, reshard_after_forward, mixed_precision)
@@ -172,7 +285,29 @@ class ColumnParallelLinear(_LinearBase):
             sequence_parallel, "gather_output=True" if gather_output else None
         )
         owner = type(self).__name__
-        check_divisible(owner, "out_features", out_features, axis_name, self.model_size)
+        if not isinstance(parts, int) or isinstance(parts, bool) or parts < 1:
+            raise ValueError(
+                f"{owner}(parts={parts!r}): parts is the number of projections fused in the "
+                f"kernel's output dim (2 for [k | v]); it must be a positive int."
+            )
+        if parts > 1 and (gather_output or sequence_parallel):
+            raise ValueError(
+                f"{owner}(parts={parts}, gather_output={gather_output}, sequence_parallel="
+                f"{sequence_parallel}): a fused projection returns its parts split over the "
+                f"model axis; it cannot also gather its output or take a sequence-parallel "
+                f"input. Pass gather_output=False and sequence_parallel=False."
+            )
+        if parts > 1 and out_features % parts:
+            raise ValueError(
+                f"{owner}(out_features={out_features}, parts={parts}): the fused output dim "
+                f"holds {parts} equal parts, so {parts} must divide {out_features}."
+            )
+        check_divisible(
+            owner, "out_features" if parts == 1 else f"out_features/parts={parts}",
+            out_features // parts, axis_name, self.model_size,
+        )  # fmt: skip
+        self.parts = parts
+        self.shared_input = bool(shared_input) and not self.sequence_parallel
         shape = (in_features, out_features)
         # kernel [D, F]: P('fsdp', 'model'); bias [F]: P(('model', 'fsdp'))
         self.kernel_spec = self._fsdp_spec(
@@ -219,13 +354,22 @@ class ColumnParallelLinear(_LinearBase):
             self._check_inputs(inputs, self.in_features, "in_features")
             self._check_sequence(inputs)
             x_spec = self.input_spec(inputs.ndim)
-            inputs = self._place(inputs, x_spec)
+            source, inputs = inputs, self._place(inputs, x_spec)
             kernel, bias = self.kernel[...], param_value(self.bias)
+            arg, arg_spec, unwrap = inputs, x_spec, _identity
+            if self.shared_input or self.parts > 1:
+                arg, arg_spec, unwrap = shared_model_input(self, source, inputs, x_spec)
 
             def use(params, x):
                 kernel, bias = params
                 dtype = self._compute_dtype()
                 x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=dtype)
+                if self.parts > 1:
+                    return Parts(kernels.fused_column_matmul(
+                        x, kernel, bias, parts=self.parts, axis_name=self.axis_name,
+                        precision=self.precision, dot_general=self.dot_general,
+                        preferred_element_type=self.preferred_element_type,
+                    ))  # fmt: skip
                 if self.sequence_parallel:
                     return kernels.sequence_parallel_column_matmul(
                         x, kernel, bias, axis_name=self.axis_name, precision=self.precision,
@@ -244,14 +388,17 @@ class ColumnParallelLinear(_LinearBase):
                 )
 
             def body(x, kernel, bias):
-                return self._fsdp_apply(use, (kernel, bias), self._param_dims, x)
+                y = self._fsdp_apply(use, (kernel, bias), self._param_dims, unwrap(x))
+                return tuple(y) if self.parts > 1 else y
 
-            return self._shard_map(
+            out_spec = self.output_spec(inputs.ndim)
+            y = self._shard_map(
                 body,
-                (inputs, kernel, bias),
-                (x_spec, self.kernel_spec, self.bias_spec),
-                self.output_spec(inputs.ndim),
+                (arg, kernel, bias),
+                (arg_spec, self.kernel_spec, self.bias_spec),
+                (out_spec,) * self.parts if self.parts > 1 else out_spec,
             )
+            return Parts(y) if self.parts > 1 else y
 
     def declared_collectives(
         self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
@@ -282,10 +429,21 @@ class ColumnParallelLinear(_LinearBase):
         if self.gather_output:
             y_bytes = nbytes((*lead, self.out_features), dtype)
             out += self._declare("all-gather", (self.axis_name,), dtype, y_bytes, "gather_output")
+        if self.parts > 1:  # the fused kernel (and bias) gathered; their gradients scattered
+            pd = self.param_dtype
+            w = [((self.in_features, self.out_features), "W")]
+            w += [((self.out_features,), "b")] if self.use_bias else []
+            for shape, name in w:
+                out += self._declare("all-gather", (self.axis_name,), pd, nbytes(shape, pd),
+                                     f"parts: gather {name}")  # fmt: skip
+                if grad:
+                    out += self._declare("reduce-scatter", (self.axis_name,), pd,
+                                         nbytes(shape, pd), f"parts: d{name}")  # fmt: skip
         if grad:
             if input_grad and not self.sequence_parallel:
                 dx_bytes = nbytes(local, dtype)
-                out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, "dx")
+                why = "dx (once per shared input)" if self.shared_input else "dx"
+                out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, why)
             if self.gather_output:
                 out += self._declare("reduce-scatter", (self.axis_name,), dtype,
                                      nbytes((*lead, self.out_features), dtype),
