@@ -174,7 +174,7 @@ class _Steps:
         for i, (g, p) in enumerate(zip(grads, self.placements, strict=True)):
             if not p.replicated:
                 out[i] = g * jnp.asarray(scale, g.dtype)
-        for axes, buckets in self.bucket_groups.items():
+        for (axes, _), buckets in self.bucket_groups.items():
             for b in buckets:
                 rdt = self._reduce_dtype(b.dtype)
                 parts = [kernels.ensure_varying(grads[i].astype(rdt), axes) for i in b.leaves]
@@ -187,7 +187,7 @@ class _Steps:
         out = list(new)
         if not self.strategy.shard_state:
             return out
-        for axes, buckets in self.bucket_groups.items():
+        for (axes, _), buckets in self.bucket_groups.items():
             for b in buckets:
                 gdt = self._gather_dtype(b.dtype)
                 row = [new[i].astype(gdt) for i in b.leaves]

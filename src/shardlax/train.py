@@ -220,10 +220,13 @@ class Trainer(_Steps):
     # ------------------------------------------------------------------ layout
     def _plan_buckets(self, bucket_bytes):
         """Buckets per group of parameters replicated over the same batch axes."""
-        groups: dict[tuple[str, ...], list[int]] = {}
+        # one group per (replicated axes, axes the parameter is split over): a bucket
+        # mixes only leaves of one vma type, so its slices keep their own
+        groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[int]] = {}
         for i, p in enumerate(self.placements):
             if p.replicated:
-                groups.setdefault(p.replicated, []).append(i)
+                split = tuple(sorted(placement.spec_axes(p.spec)))
+                groups.setdefault((p.replicated, split), []).append(i)
         if bucket_bytes is not None and (
             isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1
         ):
@@ -232,12 +235,12 @@ class Trainer(_Steps):
                 f"None for one bucket per dtype. For example bucket_bytes=25 * 2**20."
             )
         out = {}
-        for axes, idx in groups.items():
-            n = axes_size(self.mesh, axes)
+        for key, idx in groups.items():
+            n = axes_size(self.mesh, key[0])
             local = [jax.ShapeDtypeStruct(self.placements[i].local_shape, self._shapes[i].dtype)
                      for i in idx]  # fmt: skip
             planned = zero.plan_buckets(local, n, bucket_bytes)
-            out[axes] = tuple(
+            out[key] = tuple(
                 zero.Bucket(tuple(idx[j] for j in b.leaves), b.shapes, b.dtype, b.n)
                 for b in planned
             )
@@ -471,7 +474,7 @@ class Trainer(_Steps):
             if grad_reduction and not (loss_in_model and d.bytes <= 4 * d.count):
                 continue  # a parameter gradient: reduced by the strategy's buckets
             out.append(d)
-        for axes, buckets in self.bucket_groups.items():
+        for (axes, _), buckets in self.bucket_groups.items():
             for b in buckets:
                 rdt = jnp.dtype(self._reduce_dtype(b.dtype))
                 gdt = jnp.dtype(self._gather_dtype(b.dtype))

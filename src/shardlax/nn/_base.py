@@ -131,8 +131,30 @@ class ShardedLayer(nnx.Module):
             return P(last)
         return P(self._batch_entry(), *([None] * (ndim - 2)), last)
 
+    def _global_view(self, inputs: Any) -> Any:
+        """What a shape check should look at: `inputs`, or in manual mode its global shape.
+
+        In manual mode (`shardlax.mesh.is_manual`, the Trainer's step) a layer
+        receives the local shard of its input; its global shape is the local
+        one times the sizes of the axes of the layer's input spec
+        (`input_spec` / `hidden_spec`) on each dim.
+        """
+        if not hasattr(inputs, "shape") or not is_manual(self.mesh):
+            return inputs
+        spec_fn = getattr(self, "input_spec", None) or getattr(self, "hidden_spec", None)
+        if spec_fn is None or inputs.ndim < 1:
+            return inputs
+        spec = list(spec_fn(inputs.ndim))
+        spec += [None] * (inputs.ndim - len(spec))
+        shape = []
+        for d, entry in zip(inputs.shape, spec, strict=True):
+            axes = () if entry is None else ((entry,) if isinstance(entry, str) else entry)
+            shape.append(d * axes_size(self.mesh, axes))
+        return jax.ShapeDtypeStruct(tuple(shape), inputs.dtype)
+
     def _check_inputs(self, inputs: jax.Array, features: int, argument: str) -> None:
         owner = type(self).__name__
+        inputs = self._global_view(inputs)
         if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
             raise TypeError(
                 f"{owner}: inputs must be an array, got {type(inputs).__name__}. "

@@ -34,6 +34,7 @@ class SequenceLayer(ShardedLayer):
     def _check_hidden(self, inputs: jax.Array, features: int | None, argument: str) -> None:
         """Array, rank >= 2, last dim, batch divisible and, under SP, sequence divisible."""
         owner = type(self).__name__
+        inputs = self._global_view(inputs)
         if features is not None:
             self._check_inputs(inputs, features, argument)
         elif not hasattr(inputs, "shape"):
