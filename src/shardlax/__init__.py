@@ -19,6 +19,11 @@ from shardlax._axes import FSDP as FSDP
 from shardlax._axes import MODEL as MODEL
 from shardlax.fsdp import fully_shard as fully_shard
 from shardlax.mesh import make_mesh as make_mesh
+from shardlax.parallelize import Colwise as Colwise
+from shardlax.parallelize import Replicate as Replicate
+from shardlax.parallelize import Rowwise as Rowwise
+from shardlax.parallelize import VocabParallel as VocabParallel
+from shardlax.parallelize import parallelize as parallelize
 from shardlax.precision import MixedPrecision as MixedPrecision
 from shardlax.train import Trainer as Trainer
 from shardlax.train import TrainState as TrainState
@@ -32,9 +37,13 @@ __all__ = [
     "DATA",
     "FSDP",
     "MODEL",
+    "Colwise",
     "MixedPrecision",
+    "Replicate",
+    "Rowwise",
     "TrainState",
     "Trainer",
+    "VocabParallel",
     "audit",
     "fsdp",
     "fully_shard",
@@ -42,6 +51,7 @@ __all__ = [
     "make_mesh",
     "make_train_step",
     "nn",
+    "parallelize",
     "precision",
     "train",
     "zero",

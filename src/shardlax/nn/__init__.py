@@ -2,6 +2,7 @@
 
 from ._attention import ParallelAttention as ParallelAttention
 from ._dropout import Dropout as Dropout
+from ._einsum import ParallelEinsum as ParallelEinsum
 from ._embed import ParallelEmbed as ParallelEmbed
 from ._linear import ColumnParallelLinear as ColumnParallelLinear
 from ._linear import RowParallelLinear as RowParallelLinear
@@ -13,6 +14,7 @@ __all__ = [
     "ColumnParallelLinear",
     "Dropout",
     "ParallelAttention",
+    "ParallelEinsum",
     "ParallelEmbed",
     "ParallelMLP",
     "RMSNorm",
