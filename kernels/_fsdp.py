@@ -278,3 +278,47 @@ def fsdp_call(
 
     call.defvjp(call_fwd, call_bwd)
     return call(shards, args)
+
+
+def global_batch_moments(
+    x_shard: jax.Array,
+    reduction_axes: Sequence[int],
+    batch_axes: Sequence[str] | str,
+    *,
+    use_fast_variance: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """Mean and variance of the *global* batch over `reduction_axes` (BatchNorm statistics).
+
+    Math: every device holds an equal share of the batch, so the global mean
+    is the mean over `batch_axes` of the local means: `mu = pmean(mean(x))`;
+    fast variance (flax's default): `var = max(0, pmean(mean(x^2)) - mu^2)`,
+    else `var = pmean(mean((x - mu)^2))`. Equal to `nnx.BatchNorm` on the
+    whole batch on one device (flax's `axis_name` path computes the same).
+
+    Shardings: x_shard [B/n, ..., F] varying over `batch_axes` (n = their
+    size); returns (mu, var), each [F] (the kept dims), invariant.
+
+    Collectives: forward 1 all-reduce over `batch_axes` of the stacked
+    [2, F] means (2 all-reduces of [F] with `use_fast_variance=False`);
+    backward the transposes, 1 all-reduce of the same size each (the
+    cotangent of an invariant statistic used by every device's batch is
+    summed over them).
+    """
+    axes = tuple(a for a in _as_tuple(batch_axes) if a in varying_axes(x_shard))
+    n = 1
+    for a in axes:
+        n *= lax.axis_size(a)
+
+    def pmean(v):
+        return all_reduce(v, axes) / n if axes else v
+
+    red = tuple(reduction_axes)
+    if use_fast_variance:
+        both = pmean(jnp.stack([x_shard.mean(red), jnp.square(x_shard).mean(red)]))
+        mu, mu2 = both[0], both[1]
+        return mu, jnp.maximum(0.0, mu2 - jnp.square(mu))
+    mu = pmean(x_shard.mean(red))
+    keep = [d for d in range(x_shard.ndim) if d not in red]
+    shape = [x_shard.shape[d] if d in keep else 1 for d in range(x_shard.ndim)]
+    var = pmean(jnp.square(x_shard - mu.reshape(shape)).mean(red))
+    return mu, var

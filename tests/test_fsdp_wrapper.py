@@ -228,15 +228,27 @@ def test_error_fully_shard_axis_missing():
         fully_shard(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), mesh=mesh)
 
 
-def test_error_fully_shard_indivisible_parameter():
+def test_fully_shard_keeps_indivisible_parameters_whole():
+    """A (10,) bias on 4 devices: kept whole (replicated), its gradient all-reduced over
+    the batch axes (DeepSpeed's persistence threshold); the (8, 10) kernel is split."""
     mesh = utils.mesh(1, 4, 1)
-    with pytest.raises(
-        ValueError,
-        match=r"fully_shard\(Linear\): parameter 'bias' of shape \(10,\) cannot be sharded over "
-        r"mesh axis 'fsdp' \(size 4\): 4 divides none of its dims, and fully_shard does not "
-        r"pad\. Choose sizes divisible by 4",
-    ):
-        fully_shard(nnx.Linear(6, 10, rngs=nnx.Rngs(0)), mesh=mesh)
+    make = lambda: nnx.Linear(8, 10, rngs=nnx.Rngs(0))
+    ref, sharded = make(), make()
+    _randomize(ref, 1)
+    _randomize(sharded, 1)
+    wrapped = fully_shard(sharded, mesh=mesh)
+    assert wrapped.param_paths() == ("bias", "kernel")
+    assert wrapped.dims == (None, 0)
+    assert wrapped.param_specs == (P(None), P("fsdp", None))
+    assert wrapped.module.bias[...].shape == (10,)  # logical shapes unchanged
+    x = jax.random.normal(jax.random.key(2), (8, 8))
+    _check(ref, wrapped, x)
+    fn = nnx.jit(nnx.grad(_loss))
+    report = audit.collectives(fn, wrapped, x, mesh=mesh)
+    declared = wrapped.declared_collectives()
+    assert [d.kind for d in declared if d.why == "bias"] == ["all-reduce"]
+    cmp = audit.compare(declared, report)
+    assert cmp.ok, cmp.table()
 
 
 def test_error_fully_shard_batch_not_dividing():
@@ -244,8 +256,9 @@ def test_error_fully_shard_batch_not_dividing():
     wrapped = fully_shard(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), mesh=mesh)
     with pytest.raises(
         ValueError,
-        match=r"FSDPModule\(Linear\): input 0 has shape \(6, 4\); its leading dim \(the batch\) "
-        r"cannot be sharded over mesh axes \('data', 'fsdp'\) \(size 4\): 4 does not divide 6",
+        match=r"FSDPModule\(Linear\): input of shape \(6, 4\) has a leading dim \(the batch\) "
+        r"of 6, which cannot be sharded over mesh axes \('data', 'fsdp'\) \(size 4\): 4 does "
+        r"not divide 6\. Use a batch size divisible by 4",
     ):
         wrapped(jnp.ones((6, 4)))
 

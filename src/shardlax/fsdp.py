@@ -37,19 +37,21 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlax import kernels
+from shardlax import _fsdp_state, kernels
 from shardlax._axes import BATCH_AXES, FSDP
 from shardlax.audit import Declared, hlo_dtype
-from shardlax.mesh import check_axis, live_axes, present_axes, resolve_mesh
+from shardlax.mesh import axes_size, check_axis, is_manual, live_axes, present_axes, resolve_mesh
 from shardlax.nn._base import ShardedLayer, gather_hlo_dtype
 from shardlax.precision import MixedPrecision
 
@@ -62,6 +64,16 @@ def _path_str(path: Sequence[Any]) -> str:
             continue
         parts.append(str(name))
     return ".".join(parts)
+
+
+def _path_key(path: Sequence[Any]) -> tuple:
+    """A parameter's path as a tuple of names (attribute names and list indices)."""
+    out = []
+    for k in path:
+        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
+        if name != "value":
+            out.append(name)
+    return tuple(out)
 
 
 def shard_dim(shape: Sequence[int], n: int) -> int | None:
@@ -79,7 +91,12 @@ class FSDPModule(nnx.Module):
       module: the wrapped module; its `nnx.Param`s are stored 1/N per device.
       mesh, axis, batch_axes, reshard_after_forward, policy: as given.
       dims: for each parameter (in `jax.tree.leaves` order of
-        `nnx.state(module, nnx.Param)`), the dim split over `axis`.
+        `nnx.state(module, nnx.Param)`), the dim split over `axis`; `None`
+        for a parameter kept whole (no dim divisible by N) or owned by a
+        nested unit.
+      param_specs: the PartitionSpec each parameter is stored with.
+      owned: for each parameter, True when this unit gathers it (False: a
+        nested `FSDPModule` owns it and gathers it itself).
     """
 
     def __init__(
@@ -136,119 +153,239 @@ class FSDPModule(nnx.Module):
         self.policy = policy
         self.scan = bool(scan)
         self.remat = bool(remat)
+        self.forward_methods = ("__call__",)
+
+        # nested units: their parameters keep their specs and are gathered by them
+        units = {}
+        for path, m in nnx.iter_graph(module):
+            if isinstance(m, FSDPModule) and not any(path[: len(q)] == q for q in units):
+                if m.mesh != self.mesh or m.axis != axis or m.batch_axes != batch_axes:
+                    raise ValueError(
+                        f"{owner}: the nested unit at {'.'.join(map(str, path))!r} was built "
+                        f"with mesh axes {tuple(m.mesh.shape.items())}, axis={m.axis!r}, "
+                        f"batch_axes={m.batch_axes}, this one with "
+                        f"{tuple(self.mesh.shape.items())}, axis={axis!r}, batch_axes="
+                        f"{batch_axes}. Nested fully_shard calls must use the same mesh and axes."
+                    )
+                units[tuple(path)] = m
+        if units and self.scan:
+            raise ValueError(
+                f"{owner}(scan=True): the stacked layers cannot contain fully_shard units."
+            )
 
         params = nnx.state(module, nnx.Param)
-        dims, specs = [], []
+        dims, specs, owned = [], [], []
         lead = 1 if self.scan else 0  # a stacked layer dim is never split
         for path, x in jax.tree_util.tree_flatten_with_path(params)[0]:
+            key = _path_key(path)
+            unit = next(((q, u) for q, u in units.items() if key[: len(q)] == q), None)
+            if unit is not None:
+                q, u = unit
+                specs.append(u.spec_of(key[len(q) + 1 :]))  # skip the unit's 'module'
+                dims.append(None)
+                owned.append(False)
+                continue
             if self.scan and x.ndim == 0:
                 raise ValueError(
                     f"{owner}(scan=True): parameter {_path_str(path)!r} is a scalar, so it has "
                     f"no leading layer dim. Build the stack with nnx.vmap (see fully_shard_scan)."
                 )
             d = shard_dim(x.shape[lead:], n) if n > 1 else None
-            if n > 1 and d is None:
-                raise ValueError(
-                    f"{owner}: parameter {_path_str(path)!r} of shape {tuple(x.shape)} cannot be "
-                    f"sharded over mesh axis {axis!r} (size {n}): {n} divides none of its dims, "
-                    f"and fully_shard does not pad. Choose sizes divisible by {n}, a mesh whose "
-                    f"{axis!r} size divides one of {tuple(x.shape)}, or fully_shard the "
-                    f"submodules that can be sharded and leave this one out."
-                )
-            dims.append(d)  # the dim of one layer's parameter
+            dims.append(d)  # the dim of one layer's parameter; None: kept whole
             spec = [None] * x.ndim
             if d is not None:
                 spec[lead + d] = axis
             specs.append(P(*spec))
+            owned.append(True)
         self.dims = tuple(dims)
         self.param_specs = tuple(specs)
+        self.owned = tuple(owned)
         leaves, treedef = jax.tree.flatten(params)
         placed = [
-            jax.device_put(x, NamedSharding(self.mesh, s))
-            for x, s in zip(leaves, specs, strict=True)
+            x if not o else jax.device_put(x, NamedSharding(self.mesh, s))
+            for x, s, o in zip(leaves, specs, owned, strict=True)
         ]
         nnx.update(module, jax.tree.unflatten(treedef, placed))
         self.module = module
 
-    def _batch_spec(self, ndim: int) -> P:
-        live = live_axes(self.mesh, self.batch_axes)
-        if ndim == 0 or not live:
-            return P()
-        return P(live if len(live) > 1 else live[0])
+    def spec_of(self, key: tuple) -> P:
+        """The stored spec of the parameter at `key` (a path under `module`)."""
+        params = nnx.state(self.module, nnx.Param)
+        for (path, _), spec in zip(
+            jax.tree_util.tree_flatten_with_path(params)[0], self.param_specs, strict=True
+        ):
+            if _path_key(path) == tuple(key):
+                return spec
+        raise KeyError(key)
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only when normal lookup fails: forward methods of the wrapped module
+        # (e.g. `fully_shard(embedder).attend`) run through the unit, parameters gathered.
+        module = self.__dict__.get("module")
+        if module is None or name.startswith("__"):
+            raise AttributeError(name)
+        attr = getattr(module, name)
+        if callable(attr) and (
+            not name.startswith("_") or name in self.__dict__.get("forward_methods", ())
+        ):
+            return functools.partial(self._run, name)
+        return attr
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run("__call__", *args, **kwargs)
+
+    def _run(self, method: str, *args: Any, **kwargs: Any) -> Any:
         owner = f"FSDPModule({type(self.module).__name__})"
-        with jax.named_scope(owner):
-            graphdef, params, rest = nnx.split(self.module, nnx.Param, ...)
-            p_leaves, p_tree = jax.tree.flatten(params)
-            r_leaves, r_tree = jax.tree.flatten(rest)
-            a_leaves, a_tree = jax.tree.flatten((args, kwargs))
-            nb = 1
-            for a in live_axes(self.mesh, self.batch_axes):
-                nb *= self.mesh.shape[a]
-            a_specs = []
-            for i, a in enumerate(a_leaves):
-                if not hasattr(a, "shape") or a.ndim == 0:
-                    raise TypeError(
-                        f"{owner}: input {i} is {type(a).__name__} "
-                        f"{getattr(a, 'shape', '')}; every input must be an array whose "
-                        f"leading dim is the batch. Close over constants instead."
-                    )
-                if a.shape[0] % nb:
-                    raise ValueError(
-                        f"{owner}: input {i} has shape {tuple(a.shape)}; its leading dim (the "
-                        f"batch) cannot be sharded over mesh axes {self.batch_axes} (size {nb}): "
-                        f"{nb} does not divide {a.shape[0]}. Use a batch size divisible by {nb}."
-                    )
-                a_specs.append(self._batch_spec(a.ndim))
-            a_leaves = [
-                jax.device_put(a, NamedSharding(self.mesh, s))
-                for a, s in zip(a_leaves, a_specs, strict=True)
+        with jax.named_scope(f"{owner}.{method}" if method != "__call__" else owner):
+            return self._run_unit(owner, method, args, kwargs)
+
+    def _run_unit(self, owner: str, method: str, args: tuple, kwargs: dict) -> Any:
+        manual = is_manual(self.mesh)
+        live = live_axes(self.mesh, self.batch_axes)
+        batch_entry = (live if len(live) > 1 else live[0]) if live else None
+        nb = axes_size(self.mesh, live)
+        graphdef, params, rest = nnx.split(self.module, nnx.Param, ...)
+        p_leaves, p_tree = jax.tree.flatten(params)
+        r_leaves, r_tree = jax.tree.flatten(rest)
+        r_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(rest)[0]]
+        # call arguments: graph nodes (nnx.Rngs, modules) travel as replicated state and
+        # come back updated; arrays whose leading dim is the batch are split over the
+        # batch axes, other arrays replicated; anything else is static.
+        leaves, a_tree = jax.tree.flatten(
+            (args, kwargs), is_leaf=lambda x: isinstance(x, nnx.Pytree | nnx.Variable)
+        )
+        kinds, arrays, nodes, statics = [], [], [], []
+        batch = next(
+            (x.shape[0] for x in leaves if _is_array(x) and x.ndim >= 1), None
+        )  # the batch size: the leading dim of the first array argument
+        for x in leaves:
+            if isinstance(x, nnx.Pytree | nnx.Variable):
+                kinds.append("node")
+                nodes.append(nnx.split(x))
+            elif _is_array(x):
+                kinds.append("array")
+                arrays.append(x)
+            else:
+                kinds.append("static")
+                statics.append(x)
+        if batch is not None and not manual and batch % nb:
+            raise ValueError(
+                f"{owner}: input of shape {next(tuple(x.shape) for x in arrays if x.ndim)} "
+                f"has a leading dim (the batch) of {batch}, which cannot be sharded over mesh "
+                f"axes {self.batch_axes} (size {nb}): {nb} does not divide {batch}. Use a "
+                f"batch size divisible by {nb}."
+            )
+        local_batch = None if batch is None else (batch if manual else batch // nb)
+        a_specs = tuple(
+            P(batch_entry) if x.ndim >= 1 and x.shape[0] == batch and live else P() for x in arrays
+        )
+        n_defs = [d for d, _ in nodes]
+        n_states = [s for _, s in nodes]
+        n_leaves, n_tree = jax.tree.flatten(n_states)
+        policy = self.policy
+        owned = self.owned
+        unit_batch = _fsdp_state.UnitBatch(owner, live, nb, local_batch)
+
+        def gather(shards):
+            dims = [d for d, o in zip(self.dims, owned, strict=True) if o]
+            return _gather_all(shards, dims, axis=self.axis, live=live, policy=policy)
+
+        def fn(own_full, inputs):
+            a_vals, r_vals, n_vals, other = inputs  # activations first: fsdp_call ties to them
+            own_it, other_it = iter(own_full), iter(other)
+            p_full = [next(own_it) if o else next(other_it) for o in owned]
+            m = nnx.merge(
+                graphdef,
+                jax.tree.unflatten(p_tree, p_full),
+                jax.tree.unflatten(r_tree, list(r_vals)),
+            )
+            call_nodes = [
+                nnx.merge(d, s)
+                for d, s in zip(n_defs, jax.tree.unflatten(n_tree, list(n_vals)), strict=True)
             ]
-            policy = self.policy
-            live = live_axes(self.mesh, self.batch_axes)
+            arr_it, node_it, stat_it = iter(a_vals), iter(call_nodes), iter(statics)
+            pick = {"array": arr_it, "node": node_it, "static": stat_it}
+            call_args, call_kwargs = jax.tree.unflatten(a_tree, [next(pick[k]) for k in kinds])
+            if policy is not None and policy.param_dtype is not None:
+                call_args, call_kwargs = _cast_floats((call_args, call_kwargs), policy.param_dtype)
+            with _fsdp_state.global_batch_layers([m, *call_nodes], unit_batch):
+                out = getattr(m, method)(*call_args, **call_kwargs)
+            if policy is not None and policy.output_dtype is not None:
+                out = _cast_floats(out, policy.output_dtype)
+            new_rest = jax.tree.leaves(nnx.state(m, nnx.Not(nnx.Param)))
+            new_nodes = jax.tree.leaves([nnx.state(c) for c in call_nodes])
+            return out, tuple(new_rest), tuple(new_nodes)
 
-            def gather(shards):
-                return _gather_all(shards, self.dims, axis=self.axis, live=live, policy=policy)
+        reshard = self.reshard_after_forward and self.axis_size > 1
 
-            def fn(p_full, inputs):
-                a_vals, r_vals = inputs  # activations first: fsdp_call ties gathers to them
-                m = nnx.merge(
-                    graphdef,
-                    jax.tree.unflatten(p_tree, list(p_full)),
-                    jax.tree.unflatten(r_tree, list(r_vals)),
+        def body(p_vals, r_vals, n_vals, a_vals):
+            own = tuple(p for p, o in zip(p_vals, owned, strict=True) if o)
+            other = tuple(p for p, o in zip(p_vals, owned, strict=True) if not o)
+            inputs = (tuple(a_vals), tuple(r_vals), tuple(n_vals), other)
+            if not self.scan:
+                out, new_r, new_n = kernels.fsdp_call(
+                    fn, own, inputs, gather=gather, reshard_after_forward=reshard
                 )
-                call_args, call_kwargs = jax.tree.unflatten(a_tree, list(a_vals))
-                if policy is not None and policy.param_dtype is not None:
-                    call_args, call_kwargs = _cast_floats(
-                        (call_args, call_kwargs), policy.param_dtype
-                    )
-                out = m(*call_args, **call_kwargs)
-                if policy is not None and policy.output_dtype is not None:
-                    out = _cast_floats(out, policy.output_dtype)
-                return out
-
-            reshard = self.reshard_after_forward and self.axis_size > 1
-
-            def body(p_shards, r_vals, a_vals):
-                if not self.scan:
-                    return kernels.fsdp_call(
-                        fn,
-                        tuple(p_shards),
-                        (tuple(a_vals), tuple(r_vals)),
-                        gather=gather,
-                        reshard_after_forward=reshard,
-                    )
-                return _scan_layers(
-                    fn, gather, p_shards, r_vals, a_vals, remat=self.remat, reshard=reshard
+            else:
+                out = _scan_layers(
+                    fn, gather, own, r_vals, a_vals, remat=self.remat, reshard=reshard
                 )
+                new_r, new_n = tuple(r_vals), tuple(n_vals)
+            new_r = _check_state(owner, "state", r_paths, r_vals, new_r)
+            new_n = _check_state(owner, "argument state", None, n_vals, new_n)
+            return out, new_r, new_n
 
-            return jax.shard_map(
+        inputs = (tuple(p_leaves), tuple(r_leaves), tuple(n_leaves), tuple(arrays))
+        if manual:
+            out, new_r, new_n = body(*inputs)
+        else:
+            in_specs = (
+                self.param_specs,
+                tuple(P() for _ in r_leaves),
+                tuple(P() for _ in n_leaves),
+                a_specs,
+            )
+            inputs = (
+                inputs[0],
+                tuple(_replicate(x, self.mesh) for x in r_leaves),
+                tuple(_replicate(x, self.mesh) for x in n_leaves),
+                tuple(
+                    jax.device_put(a, NamedSharding(self.mesh, s))
+                    for a, s in zip(arrays, a_specs, strict=True)
+                ),
+            )
+            probe: list = []
+
+            def probe_body(*xs):
+                probe.append(jax.tree.map(lambda o: (o.shape, kernels.varying_axes(o)), body(*xs)))
+                return ()
+
+            jax.eval_shape(
+                jax.shard_map(probe_body, mesh=self.mesh, in_specs=in_specs, out_specs=()),
+                *inputs,
+            )
+            out_types, _, _ = probe[0]
+            out_specs = jax.tree.map(
+                lambda t: _out_spec(owner, method, t, live, batch_entry, local_batch),
+                out_types,
+                is_leaf=lambda t: (
+                    isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], frozenset)
+                ),
+            )
+            out, new_r, new_n = jax.shard_map(
                 body,
                 mesh=self.mesh,
-                in_specs=(self.param_specs, tuple(P() for _ in r_leaves), tuple(a_specs)),
-                out_specs=self._batch_spec(1),
-            )(tuple(p_leaves), tuple(r_leaves), tuple(a_leaves))
+                in_specs=in_specs,
+                out_specs=(out_specs, tuple(P() for _ in r_leaves), tuple(P() for _ in n_leaves)),
+            )(*inputs)
+        nnx.update(self.module, jax.tree.unflatten(r_tree, list(new_r)))
+        for (_, x), state in zip(
+            [(k, x) for k, x in zip(kinds, leaves, strict=True) if k == "node"],
+            jax.tree.unflatten(n_tree, list(new_n)),
+            strict=True,
+        ):
+            nnx.update(x, state)
+        return out
 
     def param_paths(self) -> tuple[str, ...]:
         """The dotted path of every parameter, in the order of `dims`."""
@@ -271,9 +408,12 @@ class FSDPModule(nnx.Module):
 
         Each gathered parameter: 1 all-gather over the fsdp axis (forward),
         1 reduce-scatter (backward), 1 all-reduce of its shard over the other
-        live batch axes (backward). The loss and anything outside the unit are
-        not included. With `scan`, the collectives are those of one layer,
-        inside the scan loops (the HLO holds each once; it runs once per layer).
+        live batch axes (backward). A parameter kept whole: 1 all-reduce of
+        its gradient over the live batch axes (backward). Parameters of nested
+        units are declared by those units (`unit.declared_collectives`). The
+        loss and anything outside the unit are not included. With `scan`, the
+        collectives are those of one layer, inside the scan loops (the HLO
+        holds each once; it runs once per layer).
         """
         if self.axis_size == 1:
             return []
@@ -285,24 +425,97 @@ class FSDPModule(nnx.Module):
                 f"FSDPModule.declared_collectives(regathered={sorted(unknown)}): no such "
                 f"parameter. The parameters are {paths}."
             )
-        others = tuple(a for a in live_axes(self.mesh, self.batch_axes) if a != self.axis)
+        live = live_axes(self.mesh, self.batch_axes)
+        others = tuple(a for a in live if a != self.axis)
         out = []
-        for path, x in zip(paths, params, strict=True):
+        for path, x, d, o in zip(paths, params, self.dims, self.owned, strict=True):
+            if not o:
+                continue
             stored = x.dtype
             gdt = stored if self.policy is None else self.policy.gather_dtype(stored)
             rdt = stored if self.policy is None else self.policy.grad_reduce_dtype(stored)
-            gname = gather_hlo_dtype(gdt)
             size = x.size // x.shape[0] if self.scan else x.size  # one layer's, in a scan
+            rbytes, rname = size * jnp.dtype(rdt).itemsize, hlo_dtype(rdt)
+            if d is None:  # kept whole: its gradient is all-reduced over the batch axes
+                if grad:
+                    out.append(Declared("all-reduce", live, rname, 1, rbytes, path))
+                continue
+            gname = gather_hlo_dtype(gdt)
             full = size * jnp.dtype(gdt).itemsize
             gathers = 1 + (grad and self.reshard_after_forward and path in regathered)
             out.append(Declared("all-gather", (self.axis,), gname, gathers, gathers * full, path))
             if grad:
-                rbytes, rname = size * jnp.dtype(rdt).itemsize, hlo_dtype(rdt)
                 out.append(Declared("reduce-scatter", (self.axis,), rname, 1, rbytes, path))
                 if others:
                     shard = rbytes // self.axis_size
                     out.append(Declared("all-reduce", others, rname, 1, shard, path))
         return out
+
+
+def register_fsdp_forward_method(unit: FSDPModule, name: str) -> None:
+    """Run `unit.<name>(...)` through the unit (parameters gathered), like FSDP2's API.
+
+    Public methods of the wrapped module already are (`fully_shard(embedder)
+    .attend(x)`); register a private one (`_decode`) with this.
+    """
+    if not isinstance(unit, FSDPModule):
+        raise TypeError(
+            f"register_fsdp_forward_method(unit={type(unit).__name__}): expected the "
+            f"FSDPModule that fully_shard returned."
+        )
+    if not callable(getattr(unit.module, name, None)):
+        raise ValueError(
+            f"register_fsdp_forward_method(name={name!r}): {type(unit.module).__name__} has no "
+            f"method {name!r}."
+        )
+    unit.forward_methods = (*unit.forward_methods, name)
+
+
+def _is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray) or (
+        hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, np.generic)
+    )
+
+
+def _is_probe_leaf(t: Any) -> bool:
+    return isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], frozenset)
+
+
+def _replicate(x: Any, mesh: Mesh) -> Any:
+    return jax.device_put(x, NamedSharding(mesh, P()))
+
+
+def _out_spec(owner, method, t, live, batch_entry, local_batch) -> P:
+    shape, varying = t
+    if not (varying & set(live)):
+        return P()  # the same on every device: replicated
+    if len(shape) >= 1 and shape[0] == local_batch and set(live) <= varying:
+        return P(batch_entry)  # per example: the devices' shards concatenated
+    raise ValueError(
+        f"{owner}.{method}: an output of per-device shape {tuple(shape)} depends on this "
+        f"device's batch shard but is not per example (its leading dim is not the per-device "
+        f"batch {local_batch}), e.g. a mean or sum over the batch: its global value is not "
+        f"determined by one device's. Return per-example values (leading dim = batch) and "
+        f"reduce them outside the unit."
+    )
+
+
+def _check_state(owner, what, paths, old, new):
+    """Updated non-parameter state must be the same on every device (it is stored replicated)."""
+    out = []
+    for i, (o, n) in enumerate(zip(old, new, strict=True)):
+        if n is o or not kernels.varying_axes(n) - kernels.varying_axes(o):
+            out.append(n)
+            continue
+        name = paths[i] if paths else f"leaf {i}"
+        raise ValueError(
+            f"{owner}: the forward updates {what} {name!r} from this device's batch shard "
+            f"(it varies over mesh axes {sorted(kernels.varying_axes(n))}); one device would "
+            f"compute it from the whole batch, and the unit stores it replicated. nnx.BatchNorm "
+            f"and nnx.Dropout are handled by the unit; compute other state from the global batch "
+            f"(e.g. shardlax.kernels collectives) or update it outside the unit."
+        )
+    return tuple(out)
 
 
 def _scan_layers(fn, gather, p_shards, r_vals, a_vals, *, remat: bool, reshard: bool):
@@ -324,12 +537,13 @@ def _scan_layers(fn, gather, p_shards, r_vals, a_vals, *, remat: bool, reshard: 
 
     def step(h, xs):
         p_layer, r_layer = xs
+        inputs = ((h,), tuple(r_layer), (), ())
         if remat:
-            out = fn(gather(p_layer), ((h,), r_layer))
+            out = fn(gather(p_layer), inputs)[0]
         else:
             out = kernels.fsdp_call(
-                fn, tuple(p_layer), ((h,), r_layer), gather=gather, reshard_after_forward=reshard
-            )
+                fn, tuple(p_layer), inputs, gather=gather, reshard_after_forward=reshard
+            )[0]
         return out, None
 
     if remat:

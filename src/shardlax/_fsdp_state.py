@@ -1,0 +1,166 @@
+"""Stateful flax layers inside a `fully_shard` unit: computed as on the whole batch.
+
+Inside a unit's `shard_map` each device sees its batch shard. Two flax layers
+would then silently compute per shard what one device computes on the whole
+batch; while the unit runs they are swapped (on the unit's private merged
+copy only) for subclasses that compute the global quantity:
+
+- `nnx.BatchNorm` in training mode: mean and variance of the global batch
+  (`kernels.global_batch_moments`: one all-reduce over the batch axes), so
+  the output and the running averages equal the unwrapped module's.
+- `nnx.Dropout`: the mask of the *global* array (`kernels.sharding_invariant_dropout`,
+  each device computing its own slice from `axis_index` offsets) from the
+  key the one-device module draws, so masks are bit-identical to it and the
+  rng counters advance as on one device.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx import rnglib
+from flax.nnx.nn import normalization
+from flax.nnx.nn.stochastic import first_from
+
+from shardlax import kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitBatch:
+    """How the batch is laid out inside a unit: `local` examples per device, split over `axes`."""
+
+    owner: str
+    axes: tuple[str, ...]  # live batch axes
+    size: int  # product of their sizes
+    local: int | None  # per-device batch size, None if unknown
+
+    @property
+    def entry(self):
+        return self.axes if len(self.axes) > 1 else self.axes[0]
+
+
+_CURRENT: list[UnitBatch] = []
+
+
+def _batch() -> UnitBatch:
+    return _CURRENT[-1]
+
+
+class _UnitBatchNorm(nnx.BatchNorm):
+    def __call__(self, x, use_running_average=None, *, mask=None):
+        use_running_average = first_from(
+            use_running_average,
+            self.use_running_average,
+            error_msg="No `use_running_average` argument was provided to BatchNorm.",
+        )
+        batch = _batch()
+        if use_running_average or not batch.axes:
+            return nnx.BatchNorm.__call__(self, x, use_running_average, mask=mask)
+        if mask is not None or self.axis_name is not None:
+            raise ValueError(
+                f"{batch.owner}: nnx.BatchNorm(axis_name={self.axis_name!r}) called with "
+                f"mask={'given' if mask is not None else None} inside a fully_shard unit: the "
+                f"unit computes global-batch statistics itself (over mesh axes {batch.axes}) "
+                f"and supports neither a mask nor an axis_name of the user. Build the "
+                f"BatchNorm with axis_name=None and call it without mask."
+            )
+        feature_axes = normalization._canonicalize_axes(x.ndim, self.axis)
+        reduction_axes = tuple(i for i in range(x.ndim) if i not in feature_axes)
+        scale = self.scale[...] if self.scale is not None else None
+        bias = self.bias[...] if self.bias is not None else None
+        x, mean, var, scale, bias = self.promote_dtype(
+            (x, self.mean[...], self.var[...], scale, bias), dtype=self.dtype
+        )
+        dtype = jnp.promote_types(
+            jnp.result_type(x) if self.dtype is None else self.dtype, jnp.float32
+        )
+        mean, var = kernels.global_batch_moments(
+            jnp.asarray(x, dtype),
+            reduction_axes,
+            batch.axes,
+            use_fast_variance=self.use_fast_variance,
+        )
+        self.mean[...] = jax.lax.stop_gradient(
+            self.momentum * self.mean[...] + (1 - self.momentum) * mean
+        )
+        self.var[...] = jax.lax.stop_gradient(
+            self.momentum * self.var[...] + (1 - self.momentum) * var
+        )
+        return normalization._normalize(
+            x, mean, var, scale, bias, reduction_axes, feature_axes, self.dtype, self.epsilon
+        )
+
+
+class _UnitDropout(nnx.Dropout):
+    def __call__(self, inputs, *, deterministic=None, rngs=None):
+        deterministic = first_from(
+            deterministic,
+            self.deterministic,
+            error_msg="No `deterministic` argument was provided to Dropout.",
+        )
+        if self.rate == 0.0 or deterministic or self.rate == 1.0:
+            return nnx.Dropout.__call__(self, inputs, deterministic=deterministic, rngs=rngs)
+        rngs = first_from(
+            rngs,
+            self.rngs,
+            error_msg="`deterministic` is False, but no `rngs` argument was provided to Dropout.",
+        )
+        if isinstance(rngs, rnglib.Rngs):
+            key = rngs[self.rng_collection]()
+        elif isinstance(rngs, rnglib.RngStream):
+            key = rngs()
+        elif isinstance(rngs, jax.Array):
+            key = rngs
+        else:
+            raise TypeError(f"rngs must be a Rngs, RngStream or jax.Array, got {type(rngs)}.")
+        batch = _batch()
+        split = [a for a in batch.axes if a in kernels.varying_axes(inputs)]
+        if split and (inputs.ndim == 0 or inputs.shape[0] != batch.local):
+            raise ValueError(
+                f"{batch.owner}: nnx.Dropout inside the unit got inputs of shape "
+                f"{tuple(inputs.shape)} that depend on the batch shard but whose leading dim "
+                f"is not the per-device batch ({batch.local}); the unit cannot tell which "
+                f"slice of the global mask they are. Apply dropout to arrays whose leading "
+                f"dim is the batch."
+            )
+        global_shape = list(inputs.shape)
+        spec = [None] * inputs.ndim
+        if split:
+            global_shape[0] *= batch.size
+            spec[0] = batch.entry
+        key_data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
+        return kernels.sharding_invariant_dropout(
+            inputs,
+            key_data,
+            rate=self.rate,
+            global_shape=global_shape,
+            spec=spec,
+            broadcast_dims=tuple(self.broadcast_dims),
+        )
+
+
+_SWAPS = {nnx.BatchNorm: _UnitBatchNorm, nnx.Dropout: _UnitDropout}
+
+
+@contextlib.contextmanager
+def global_batch_layers(roots, batch: UnitBatch) -> Iterator[None]:
+    """While active, BatchNorm / Dropout modules under `roots` compute on the global batch."""
+    swapped = []
+    for root in roots:
+        for _, node in nnx.iter_graph(root):
+            new = _SWAPS.get(type(node))
+            if new is not None:
+                swapped.append((node, type(node)))
+                object.__setattr__(node, "__class__", new)
+    _CURRENT.append(batch)
+    try:
+        yield
+    finally:
+        _CURRENT.pop()
+        for node, cls in swapped:
+            object.__setattr__(node, "__class__", cls)
