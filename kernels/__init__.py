@@ -30,6 +30,7 @@ from ._embed import vocab_parallel_embed as vocab_parallel_embed
 from ._embed import vocab_parallel_logits as vocab_parallel_logits
 from ._fsdp import fsdp_call as fsdp_call
 from ._fsdp import fsdp_gather as fsdp_gather
+from ._fsdp import global_batch_moments as global_batch_moments
 from ._linear import column_parallel_matmul as column_parallel_matmul
 from ._linear import fused_column_matmul as fused_column_matmul
 from ._linear import matmul_last as matmul_last
@@ -75,6 +76,7 @@ __all__ = [
     "gather_bits",
     "gather_bits_dtype",
     "gather_sequence",
+    "global_batch_moments",
     "global_mean",
     "global_uniform_bits",
     "head_parallel_attention",
