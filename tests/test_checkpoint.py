@@ -9,6 +9,7 @@ except through those.
 from __future__ import annotations
 
 import json
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -204,6 +205,38 @@ def test_manager_keeps_the_last_steps_and_restores_any(tmp_path):
         ValueError, match=r"already holds step 4; a checkpoint is never overwritten"
     ):
         checkpoint.save(trainer, tmp_path, state, step=4)
+    # a directory deleted behind this process's back is a new one
+    shutil.rmtree(tmp_path)
+    checkpoint.save(trainer, tmp_path, state, step=4)
+    assert checkpoint.all_steps(tmp_path) == [4]
+
+
+class Bare(nnx.Module):
+    """Parameters only: no other state (an empty `rest`)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.l1 = nnx.Linear(D, HEAD, rngs=rngs)
+
+    def __call__(self, x):
+        return self.l1(x)
+
+
+def test_empty_items_round_trip(tmp_path):
+    """No non-parameter state and plain sgd (no optimizer arrays): nothing empty is written."""
+    mesh = utils.mesh(2)
+    trainer = train.Trainer(Bare(nnx.Rngs(0)), optax.sgd(0.1), loss_fn, mesh=mesh, strategy="zero2")
+    state = trainer.init()
+    state.params = jax.tree.map(lambda x: x + 1.0, state.params)
+    checkpoint.save(trainer, tmp_path, state, step=3)
+    restored = checkpoint.restore(trainer, tmp_path)
+    assert jax.tree.leaves(restored.rest) == [] and jax.tree.leaves(restored.opt_state) == []
+    assert_bitwise(host(restored.params), host(state.params), "params")
+    model = checkpoint.restore_model(tmp_path, Bare(nnx.Rngs(1)))
+    assert_bitwise(params_of(model), host(state.params), "model")
+    adam = train.Trainer(Bare(nnx.Rngs(0)), optax.adam(0.1), loss_fn, mesh=mesh, strategy="zero2")
+    with pytest.raises(ValueError, match=r"opt_state\.0\.mu\.l1\.kernel: in the model "
+                                         r"\(float32\[8,5\]\), not in the checkpoint"):  # fmt: skip
+        checkpoint.restore(adam, tmp_path)
 
 
 # ------------------------------------------------------------------ bad input

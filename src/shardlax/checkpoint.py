@@ -139,6 +139,15 @@ def _manager(root: Path, max_to_keep: int | None, *, create: bool) -> ocp.Checkp
         return manager
 
 
+def _forget(root: Path) -> None:
+    """Drop this process's manager of `root` (after finishing its saves)."""
+    with _LOCK:
+        found = _MANAGERS.pop(str(root), None)
+    if found is not None:
+        found[0].wait_until_finished()
+        found[0].close()
+
+
 def wait() -> None:
     """Block until every checkpoint this process started saving is written (and raise its error)."""
     with _LOCK:
@@ -204,9 +213,12 @@ def save(
     if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
         raise ValueError(f"{where}(step={step!r}): expected a non-negative int step number.")
     step = int(step)
+    if not _is_training_root(root):  # new, or deleted since this process last saved there
+        _forget(root)
     _write_marker(root)
     manager = _manager(root, max_to_keep, create=True)
     manager.wait_until_finished()
+    manager.reload()
     if step in manager.all_steps():
         raise ValueError(
             f"{where}(step={step}): {str(root)!r} already holds step {step}; a checkpoint is "
@@ -224,13 +236,12 @@ def save(
             "processes": jax.process_count(),
         },
     }
-    args = ocp.args.Composite(
-        params=ocp.args.StandardSave(logical.params),
-        opt_state=ocp.args.StandardSave(logical.opt_state),
-        rest=ocp.args.StandardSave(logical.rest),
-        meta=ocp.args.JsonSave(meta),
-    )
-    manager.save(step, args=args)
+    # orbax refuses an item without arrays (a model with no other state, plain sgd):
+    # such an item is not written, and restores as the restoring trainer's empty tree
+    items = {item: ocp.args.StandardSave(getattr(logical, item)) for item in _ARRAY_ITEMS
+             if jax.tree.leaves(getattr(logical, item))}  # fmt: skip
+    meta["items"] = sorted(items)
+    manager.save(step, args=ocp.args.Composite(**items, meta=ocp.args.JsonSave(meta)))
 
 
 # ------------------------------------------------------------------ restore
@@ -350,14 +361,43 @@ def _target(abstract: Any, specs: Any, mesh: Any) -> Any:
     )
 
 
-def _corrupt(where: str, root: Path, step: int, steps: list[int], err: Exception) -> ValueError:
+def _corrupt(
+    where: str, root: Path, step: int | None, steps: list[int], err: Exception
+) -> ValueError:
     others = [s for s in steps if s != step]
-    fix = f"Restore another step ({others})" if others else "Save the run again"
+    fix = f"Restore another step ({others})" if others else "Save it again"
+    what = f"step {step} of {str(root)!r}" if step is not None else f"{str(root)!r}"
     return ValueError(
-        f"{where}: step {step} of {str(root)!r} could not be read, the checkpoint is "
-        f"incomplete or damaged ({type(err).__name__}: {str(err)[:300]}). Nothing was "
-        f"restored. {fix}."
+        f"{where}: {what} could not be read, the checkpoint is incomplete or damaged "
+        f"({type(err).__name__}: {str(err)[:300]}). Nothing was restored. {fix}."
     )
+
+
+def _item_metadata(metadata: Any, item: str) -> Any:
+    try:
+        found = metadata[item]
+    except (KeyError, TypeError):
+        return {}
+    return _item_tree(found)
+
+
+def _checked_restore(manager, root, step, where, metadata, targets, *, meta: bool) -> dict:
+    """Check every item against the checkpoint's metadata, then read them all (or raise)."""
+    problems = []
+    for item, t in targets.items():
+        problems += _mismatches(item, _item_metadata(metadata, item), t)
+    if problems:
+        _raise_mismatch(where, root, step, problems)
+    # items without arrays were not written (see save): they restore as the empty target
+    full = {k: t for k, t in targets.items() if jax.tree.leaves(t)}
+    args = {k: ocp.args.StandardRestore(t) for k, t in full.items()}
+    if meta:
+        args["meta"] = ocp.args.JsonRestore()
+    try:
+        got = dict(manager.restore(step, args=ocp.args.Composite(**args)))
+    except Exception as err:  # orbax/tensorstore raise many kinds on damaged files
+        raise _corrupt(where, root, step, sorted(manager.all_steps()), err) from err
+    return {**targets, **{k: got[k] for k in args}}
 
 
 def _read_metadata(manager: ocp.CheckpointManager, root: Path, step: int, where: str) -> Any:
@@ -392,6 +432,8 @@ def restore(trainer: Any, directory: Any, step: int | None = None) -> Any:
     where = "Trainer.restore"
     root = _root(directory)
     wait_for(root)
+    if not _is_training_root(root):
+        _forget(root)
     _check_restore_root(root, where)
     manager = _manager(root, None, create=False)
     manager.reload()
@@ -399,21 +441,9 @@ def restore(trainer: Any, directory: Any, step: int | None = None) -> Any:
     abstract = abstract_logical(trainer)
     specs = logical_specs(trainer)
     metadata = _read_metadata(manager, root, step, where)
-    problems = []
-    for item in _ARRAY_ITEMS:
-        problems += _mismatches(item, _item_tree(metadata[item]), getattr(abstract, item))
-    if problems:
-        _raise_mismatch(where, root, step, problems)
     targets = {item: _target(getattr(abstract, item), getattr(specs, item), trainer.mesh)
                for item in _ARRAY_ITEMS}  # fmt: skip
-    args = ocp.args.Composite(
-        **{item: ocp.args.StandardRestore(t) for item, t in targets.items()},
-        meta=ocp.args.JsonRestore(),
-    )
-    try:
-        got = manager.restore(step, args=args)
-    except Exception as err:  # orbax/tensorstore raise many kinds on damaged files
-        raise _corrupt(where, root, step, sorted(manager.all_steps()), err) from err
+    got = _checked_restore(manager, root, step, where, metadata, targets, meta=True)
     meta = got["meta"] or {}
     if meta.get("format") != FORMAT:
         raise ValueError(
@@ -449,8 +479,10 @@ def _abstract_state(state: Any) -> Any:
     return jax.tree.map(target, state)
 
 
-def save_model(directory: Any, model: nnx.Module, *, force: bool = False) -> None:
+def save_model(directory: Any, model: nnx.Pytree, *, force: bool = False) -> None:
     """Save `nnx.state(model)` (any NNX model, sharded or not) to `directory`; blocks until written.
+
+    Any NNX object works the same way, e.g. an `nnx.Optimizer` beside its model.
 
     The format is exactly what a flax user gets from
     `ocp.StandardCheckpointer().save(directory, nnx.state(model))`: they can
@@ -464,8 +496,8 @@ def save_model(directory: Any, model: nnx.Module, *, force: bool = False) -> Non
       force: replace an existing checkpoint at `directory`.
     """
     where = "shardlax.checkpoint.save_model"
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"{where}(model=...): expected a flax.nnx.Module, got "
+    if not isinstance(model, nnx.Pytree):
+        raise TypeError(f"{where}(model=...): expected a flax.nnx.Module (or nnx.Optimizer), got "
                         f"{type(model).__name__}.")  # fmt: skip
     root = _root(directory)
     if root.exists() and not force:
@@ -484,7 +516,7 @@ def save_model(directory: Any, model: nnx.Module, *, force: bool = False) -> Non
     checkpointer.close()
 
 
-def restore_model(directory: Any, model: nnx.Module, *, step: int | None = None) -> nnx.Module:
+def restore_model(directory: Any, model: nnx.Pytree, *, step: int | None = None) -> nnx.Pytree:
     """Load the saved weights (and other state) into `model`, in `model`'s placement.
 
     `directory` is a model checkpoint (`save_model`, or a plain
@@ -499,8 +531,8 @@ def restore_model(directory: Any, model: nnx.Module, *, step: int | None = None)
       `model`, updated in place.
     """
     where = "shardlax.checkpoint.restore_model"
-    if not isinstance(model, nnx.Module):
-        raise TypeError(f"{where}(model=...): expected a flax.nnx.Module, got "
+    if not isinstance(model, nnx.Pytree):
+        raise TypeError(f"{where}(model=...): expected a flax.nnx.Module (or nnx.Optimizer), got "
                         f"{type(model).__name__}.")  # fmt: skip
     root = _root(directory)
     wait_for(root)
@@ -516,16 +548,7 @@ def restore_model(directory: Any, model: nnx.Module, *, step: int | None = None)
         step = _pick_step(manager, root, step, where)
         metadata = _read_metadata(manager, root, step, where)
         targets = {"params": _abstract_state(params), "rest": _abstract_state(rest)}
-        problems = []
-        for item, t in targets.items():
-            problems += _mismatches(item, _item_tree(metadata[item]), t)
-        if problems:
-            _raise_mismatch(where, root, step, problems)
-        args = ocp.args.Composite(**{k: ocp.args.StandardRestore(t) for k, t in targets.items()})
-        try:
-            got = manager.restore(step, args=args)
-        except Exception as err:
-            raise _corrupt(where, root, step, sorted(manager.all_steps()), err) from err
+        got = _checked_restore(manager, root, step, where, metadata, targets, meta=False)
         nnx.update(model, got["params"], got["rest"])
         return model
     if not _is_model_checkpoint(root):
@@ -545,14 +568,14 @@ def restore_model(directory: Any, model: nnx.Module, *, step: int | None = None)
     try:
         stored = checkpointer.metadata(root)
     except Exception as err:
-        raise _corrupt(where, root, 0, [], err) from err
+        raise _corrupt(where, root, None, [], err) from err
     problems = _mismatches("model", _item_tree(getattr(stored, "item_metadata", stored)), target)
     if problems:
         _raise_mismatch(where, root, None, problems)
     try:
         got = checkpointer.restore(root, target)
     except Exception as err:
-        raise _corrupt(where, root, 0, [], err) from err
+        raise _corrupt(where, root, None, [], err) from err
     finally:
         checkpointer.close()
     nnx.update(model, got)
