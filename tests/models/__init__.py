@@ -47,6 +47,7 @@ class Reference(NamedTuple):
     params: nnx.State  #: final `nnx.Param` state (numpy leaves)
     rest: nnx.State  #: final non-parameter state (batch stats, rng keys/counts, counters)
     opt_state: Any  #: final optimizer state (numpy leaves)
+    first_grads: nnx.State  #: the gradients of the first step (numpy leaves)
 
 
 def batches(make_batch: Callable, batch_size: int, n_steps: int, seed: int = 0) -> list:
@@ -93,12 +94,13 @@ def one_device_reference(
         def step(model, optimizer, batch):
             loss, grads = nnx.value_and_grad(loss_fn)(model, batch)
             optimizer.update(model, grads)
-            return loss, optax.tree.norm(grads)
+            return loss, optax.tree.norm(grads), grads
 
-        losses, norms = [], []
+        losses, norms, first = [], [], None
         for batch in batches:
             batch = jax.tree.map(lambda x: jax.device_put(np.asarray(x), device), batch)
-            loss, norm = step(model, optimizer, batch)
+            loss, norm, grads = step(model, optimizer, batch)
+            first = grads if first is None else first
             losses.append(float(loss))
             norms.append(float(norm))
         return Reference(
@@ -107,6 +109,7 @@ def one_device_reference(
             params=host(nnx.state(model, nnx.Param)),
             rest=host(nnx.state(model, nnx.Not(nnx.Param))),
             opt_state=host(nnx.state(optimizer, nnx.optimizer.OptState)),
+            first_grads=host(first),
         )
 
 

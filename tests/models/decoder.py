@@ -11,8 +11,8 @@ Two projection styles:
   `jnp.split` (what a `parallelize` rewrite must see through).
 
 The MLP activation is GELU (Gemma) for einsum and SiLU (Llama) for linear
-unless `activation=` says otherwise. Tokens of length 8 over a vocabulary of 32; the loss is next-token
-cross-entropy over every position.
+unless `activation=` says otherwise. Tokens of length 8 over a vocabulary of
+32; the loss is next-token cross-entropy over every position.
 """
 
 from __future__ import annotations
