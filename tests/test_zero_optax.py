@@ -283,3 +283,13 @@ def test_trainer_refuses_shape_dependent_transforms(name, strategy):
     # dp runs optax on the whole arrays: accepted
     shardlax.Trainer(nnx.clone(model), make(), CORPUS["mlp"][2], mesh=utils.mesh(data=N),
                      strategy="dp")  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["cnn", "decoder", "vit"])
+def test_check_on_corpus_parameter_trees(name):
+    """The check reads nnx.State trees of real models (abstract: nothing is initialised)."""
+    abstract = nnx.eval_shape(CORPUS[name][0])
+    params = nnx.state(abstract, nnx.Param)
+    _optax_check.check_flat_shard_exact(ACCEPTED["adam+clip_by_global_norm"](), params, 8)
+    with pytest.raises(ValueError, match=r"optax\.add_decayed_weights is not exact"):
+        _optax_check.check_flat_shard_exact(REFUSED["adamw_ndim_mask"][0](), params, 8)
