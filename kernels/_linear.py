@@ -247,7 +247,9 @@ def fused_column_matmul(
     i = axis_index(axis_name)
 
     def shares(w: jax.Array) -> jax.Array:
-        w = all_gather(w, axis_name, axis=w.ndim - 1)  # w: [..., kF]
+        # typed varying: each device keeps its own slices of it, and the transpose of a
+        # varying all-gather is the reduce-scatter of dW (an invariant one would psum it)
+        w = all_gather(w, axis_name, axis=w.ndim - 1, invariant=False)  # w: [..., kF]
         width = w.shape[-1] // parts // n
         w = w.reshape(*w.shape[:-1], parts, n * width)  # w: [..., k, F]
         return lax.dynamic_slice_in_dim(w, i * width, width, axis=w.ndim - 1)  # [..., k, F/N]
