@@ -272,6 +272,28 @@ def test_missing_empty_and_foreign_directories_are_refused(tmp_path):
         checkpoint.restore(trainer, empty)
 
 
+def test_bad_arguments_are_refused_before_anything_is_written(tmp_path):
+    trainer = trainer_for("dp", (2, 1, 1))
+    state = trainer.init()
+    with pytest.raises(ValueError, match=r"Trainer.save\(step=-1\): expected a non-negative int"):
+        checkpoint.save(trainer, tmp_path / "a", state, step=-1)
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match=r"this path is a file, not a directory"):
+        checkpoint.save(trainer, tmp_path / "file", state)
+    with pytest.raises(TypeError, match=r"save_model\(model=...\): expected a flax.nnx.Module"):
+        checkpoint.save_model(tmp_path / "m", "weights")
+    with pytest.raises(ValueError, match=r"force=True\): the path exists and is not a model"):
+        checkpoint.save_model(tmp_path / "file", Net(rngs=nnx.Rngs(0)), force=True)
+    checkpoint.save_model(tmp_path / "m", Net(rngs=nnx.Rngs(0)))
+    with pytest.raises(
+        ValueError, match=r"is a model checkpoint, which has one state and no steps"
+    ):
+        checkpoint.restore_model(tmp_path / "m", Net(rngs=nnx.Rngs(0)), step=3)
+    with pytest.raises(ValueError, match=r"It holds a model checkpoint .*restore_model"):
+        checkpoint.restore(trainer, tmp_path / "m")
+
+
 def test_damaged_checkpoint_is_a_clear_error_and_earlier_steps_survive(tmp_path):
     trainer = trainer_for("zero2", (2, 1, 1))
     state = trainer.init()
