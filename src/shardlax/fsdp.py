@@ -225,11 +225,16 @@ class FSDPModule(nnx.Module):
         if module is None or name.startswith("__"):
             raise AttributeError(name)
         attr = getattr(module, name)
-        if callable(attr) and (
-            not name.startswith("_") or name in self.__dict__.get("forward_methods", ())
-        ):
+        if not callable(attr):
+            return attr
+        if not name.startswith("_") or name in self.__dict__.get("forward_methods", ()):
             return functools.partial(self._run, name)
-        return attr
+        raise AttributeError(
+            f"FSDPModule({type(module).__name__}).{name}: a private method of the wrapped "
+            f"module does not run through the unit (its parameters would not be gathered). "
+            f"Call register_fsdp_forward_method(unit, {name!r}) first, or call "
+            f"unit.module.{name} on unsharded parameters."
+        )
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._run("__call__", *args, **kwargs)
@@ -310,6 +315,14 @@ class FSDPModule(nnx.Module):
                 call_args, call_kwargs = _cast_floats((call_args, call_kwargs), policy.param_dtype)
             with _fsdp_state.global_batch_layers([m, *call_nodes], unit_batch):
                 out = getattr(m, method)(*call_args, **call_kwargs)
+            for i, leaf in enumerate(jax.tree.leaves(out)):
+                if not isinstance(leaf, jax.Array):
+                    raise TypeError(
+                        f"{owner}.{method}: output {i} is a {type(leaf).__name__}, not an "
+                        f"array; inside the unit it is computed per device (a shape there is "
+                        f"the per-device batch), so the unit cannot return it exactly. Return "
+                        f"arrays, or compute the value outside the unit."
+                    )
             if policy is not None and policy.output_dtype is not None:
                 out = _cast_floats(out, policy.output_dtype)
             new_rest = jax.tree.leaves(nnx.state(m, nnx.Not(nnx.Param)))
