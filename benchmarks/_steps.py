@@ -334,50 +334,12 @@ class PlainStack(nnx.Module):
 def plain_tinylm_loss(cfg, params: dict, tokens, targets, constrain: Callable | None = None):
     """TinyLM's loss in plain jnp on its parameter dict, no shard_map, no collectives.
 
-    The math of `shardlax.models.TinyLM` (pre-norm blocks of RoPE attention and
-    an MLP in a `lax.scan`, tied embedding head, padded vocabulary masked out
-    of the softmax). It borrows only collective-free math from
-    `shardlax.kernels` (RMSNorm, RoPE, causal attention) so that the twins
-    compute the same function; sharding it is left to GSPMD. `constrain` pins the
-    residual stream [B, S, D] after the embedding and every residual add (the
-    constrained GSPMD twin).
+    One copy of that math, shared with `shardlax.plan`: `shardlax._gspmd.tinylm_loss`.
+    `constrain` pins the residual stream [B, S, D] (the constrained GSPMD twin).
     """
-    from shardlax import kernels as K
+    from shardlax._gspmd import tinylm_loss
 
-    def lin(x, layer):
-        y = x @ layer["kernel"]
-        return y + layer["bias"] if "bias" in layer else y
-
-    table = params["embed"]["embedding"]  # [V_pad, D]
-    x = _pin(constrain, jnp.take(table, tokens, axis=0))  # [B, S, D]
-    b, s, _ = x.shape
-    hd = cfg.d_model // cfg.n_heads
-
-    def block(x, p):
-        h = K.rms_norm(x, p["attn_norm"]["scale"])
-        a = p["attn"]
-        q = K.rotary_embedding(lin(h, a["q_proj"]).reshape(b, s, -1, hd), theta=cfg.rope_theta)
-        k = K.rotary_embedding(lin(h, a["k_proj"]).reshape(b, s, -1, hd), theta=cfg.rope_theta)
-        v = lin(h, a["v_proj"]).reshape(b, s, -1, hd)
-        o = K.dot_product_attention(q, k, v).reshape(b, s, -1)
-        x = _pin(constrain, x + lin(o, a["o_proj"]))
-        h = K.rms_norm(x, p["mlp_norm"]["scale"])
-        m = p["mlp"]
-        if cfg.activation == "swiglu":
-            h = jax.nn.silu(lin(h, m["gate"])) * lin(h, m["up"])
-        else:
-            h = jax.nn.gelu(lin(h, m["up"]))
-        return _pin(constrain, x + lin(h, m["down"])), None
-
-    if cfg.remat:
-        block = jax.checkpoint(block)
-    x, _ = jax.lax.scan(block, x, params["blocks"])
-    x = K.rms_norm(x, params["final_norm"]["scale"])
-    head = table.T if cfg.tie_embeddings else params["head"]["kernel"]  # [D, V_pad]
-    logits = x @ head
-    logits = jnp.where(jnp.arange(logits.shape[-1]) < cfg.vocab, logits, -jnp.inf)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.mean(jnp.take_along_axis(logp, targets[..., None], axis=-1))
+    return tinylm_loss(cfg, params, tokens, targets, constrain=constrain)
 
 
 def dict_step(loss_fn: Callable, tx, out_shardings=None) -> Callable:

@@ -120,3 +120,22 @@ def test_layers_quick(tmp_path):
     tp = by["tp_mlp", "shardlax"]
     assert tp["collectives"]["kinds"] == {"all-reduce": 1}
     assert tp["collectives"]["bytes"] == tp["minimum_bytes"]
+
+
+@pytest.mark.slow
+def test_scaleout_quick(tmp_path):
+    """One abstract study (`shardlax.plan` in its own process) on 8 devices, reported."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "scaleout.py"), "--quick", "--devices", "8",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    (row,) = [json.loads(line) for line in (tmp_path / "scaleout.jsonl").read_text().splitlines()]
+    assert row["devices"] == 8 and row["preset"] == "tiny"
+    assert row["shardlax"]["wire_bytes"] > 0 and row["gspmd"]["wire_bytes"] > 0
+    assert 1.0 <= row["goals"]["arguments_vs_ideal"] < 1.05
+    md = (tmp_path / "scaleout.md").read_text()
+    assert md.startswith("# ") and "| ---" in md and "GSPMD baseline" in md
