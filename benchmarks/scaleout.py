@@ -71,7 +71,9 @@ def markdown(rows: list[dict], info: dict) -> str:
     out = [
         "# Scale-out by simulation: TinyLM train steps on simulated meshes",
         "",
-        f"Machine: {C.machine_line(info)} (one process per configuration). Every figure is "
+        f"Machine: {info['platform']}, {info['cpu_count']} CPUs, jax {info['jax']}, Python "
+        f"{info['python']}; each configuration in its own process with as many simulated CPU "
+        "devices as its mesh. Every figure is "
         "per device, read from a program compiled abstractly (`shardlax.plan`: "
         "`nnx.eval_shape`, `jax.eval_shape`, `ShapeDtypeStruct` batch, "
         "`compile().memory_analysis()`, `shardlax.audit`); nothing is allocated.",
