@@ -378,24 +378,6 @@ def test_compiled_with_arguments_is_a_clear_error():
         audit.collectives(compiled, *args)
 
 
-def test_declared_records_are_structured():
-    d = audit.Declared("all-gather", ("fsdp",), "f32", 1, 64, "gather W", role=audit.Role.PARAM_GATHER,
-                       phase=audit.Phase.FORWARD, module="mlp", param="down.kernel")  # fmt: skip
-    assert d.key == (audit.Role.PARAM_GATHER, audit.Phase.FORWARD, "mlp", "down.kernel", "")
-    other = audit.Declared(
-        "all-reduce", ("model",), "f32", 1, 64, "gather W", role=audit.Role.ACTIVATION
-    )
-    # the same display text, different purposes: filters see the fields, not `why`
-    assert audit.select([d, other], role=audit.Role.PARAM_GATHER) == [d]
-    assert audit.drop([d, other], {"module": "mlp", "param": "down.kernel"}) == [other]
-    with pytest.raises(TypeError, match=r"Declared\(role='param-gather'\): expected a shardlax"):
-        audit.Declared("all-gather", ("fsdp",), "f32", role="param-gather")
-    with pytest.raises(TypeError, match=r"Declared.matches\(who=...\): not a field"):
-        d.matches(who="mlp")
-    with pytest.raises(ValueError, match=r"Declared\(kind='all-sum'\): expected one of"):
-        audit.Declared("all-sum", ("fsdp",), "f32")
-
-
 def test_device_ids_of_the_wrong_length_is_a_clear_error():
     line = (
         "%ar = f32[4]{0} all-reduce(%p), replica_groups=mesh['x'=4], device_ids=([2,4]T(1,0)) "
