@@ -10,6 +10,9 @@ on host 0 (see the README): there `jax.distributed.initialize()` reads the
 coordinator address, process count and process id from the cluster's
 environment (SLURM, Kubernetes, Cloud TPU) and the accelerator platform
 provides the devices, so no device-count request is made.
+
+It also holds what the command line shares with the demos: the clock of the
+phase lines and the error a bad flag raises.
 """
 
 from __future__ import annotations
@@ -22,6 +25,38 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
+
+
+def _process_age() -> float:
+    """Seconds since this process started (Linux /proc), else 0 (then: since this import)."""
+    try:
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        return max(0.0, time.clock_gettime(time.CLOCK_BOOTTIME) - started)
+    except (OSError, ValueError, IndexError, AttributeError):
+        return 0.0
+
+
+#: the demo's clock: phase lines show seconds since the process started (`python -m
+#: shardlax` imports the package, and so jax and flax, before this module runs)
+START = time.perf_counter() - _process_age()
+
+
+def elapsed() -> float:
+    """Seconds since the process started."""
+    return time.perf_counter() - START
+
+
+class FlagError(ValueError):
+    """A demo flag whose value cannot work; the message names flag, value, rule and fix."""
+
+
+def phase(message: str) -> None:
+    """One progress line on process 0: seconds since the process started, then what happens."""
+    import jax
+
+    if jax.process_index() == 0:
+        print(f"[{elapsed():6.1f} s] {message}", flush=True)
 
 
 def free_port() -> int:

@@ -27,6 +27,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 
 import jax
@@ -86,6 +87,47 @@ class TinyLMConfig:
     vocab_multiple: int = 8
     rope_theta: float = 10000.0
     use_bias: bool = False
+
+    def __post_init__(self):
+        positive = ("vocab", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "vocab_multiple")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(
+                    f"TinyLMConfig({name}={value!r}): expected a positive int. Pass e.g. "
+                    f"{name}={getattr(TinyLMConfig, name)}."
+                )
+        kv = self.n_kv_heads
+        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1):
+            raise ValueError(
+                f"TinyLMConfig(n_kv_heads={kv!r}): expected a positive int or None (None: as "
+                f"many as n_heads={self.n_heads})."
+            )
+        if kv is not None and self.n_heads % kv:
+            raise ValueError(
+                f"TinyLMConfig(n_heads={self.n_heads}, n_kv_heads={kv}): grouped-query "
+                f"attention needs n_kv_heads to divide n_heads. Choose n_kv_heads among the "
+                f"divisors of {self.n_heads}."
+            )
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            good = -(-self.d_model // (2 * self.n_heads)) * 2 * self.n_heads
+            raise ValueError(
+                f"TinyLMConfig(d_model={self.d_model}, n_heads={self.n_heads}): each head gets "
+                f"d_model // n_heads features, which must be a whole, even number (rotary "
+                f"embeddings rotate pairs). Choose e.g. d_model={good}."
+            )
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"TinyLMConfig(dropout={self.dropout!r}): expected a rate in [0, 1).")
+        if self.activation not in ("swiglu", "gelu"):
+            raise ValueError(
+                f"TinyLMConfig(activation={self.activation!r}): expected one of ('swiglu', 'gelu')."
+            )
+        theta = self.rope_theta
+        if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
+            raise ValueError(
+                f"TinyLMConfig(rope_theta={theta!r}): expected a positive, finite rotary base, "
+                f"e.g. 10000.0."
+            )
 
     @property
     def padded_vocab(self) -> int:
