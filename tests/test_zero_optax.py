@@ -19,6 +19,8 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import shardlax
 from shardlax import _optax_check
@@ -175,7 +177,10 @@ def test_global_norm_of_nonzero_padding_is_refused():
     shift = optax.GradientTransformation(
         lambda p: optax.EmptyState(), lambda u, s, p=None: (jax.tree.map(lambda x: x + 1.0, u), s)
     )
-    with pytest.raises(ValueError, match=r"global norm .* nonzero values on the padding"):
+    with pytest.raises(
+        ValueError,
+        match=r"global norm or a reduction in its chain sees non-neutral values on the padding",
+    ):
         _optax_check.check_flat_shard_exact(
             optax.chain(shift, optax.clip_by_global_norm(1.0)), PARAMS, N
         )
@@ -293,3 +298,76 @@ def test_check_on_corpus_parameter_trees(name):
     _optax_check.check_flat_shard_exact(ACCEPTED["adam+clip_by_global_norm"](), params, 8)
     with pytest.raises(ValueError, match=r"optax\.add_decayed_weights is not exact"):
         _optax_check.check_flat_shard_exact(REFUSED["adamw_ndim_mask"][0](), params, 8)
+
+
+# ------------------------------------------ exact reductions (exact_update)
+EXACT = {
+    "lamb": lambda: optax.lamb(1e-2),
+    "scale_by_trust_ratio": lambda: optax.chain(
+        optax.scale_by_adam(), optax.scale_by_trust_ratio(), optax.scale(-1e-2)
+    ),
+    "apply_if_finite": lambda: optax.apply_if_finite(
+        optax.chain(optax.clip_by_global_norm(0.1), optax.adam(1e-2)), 3
+    ),
+}
+
+
+def _run_exact_update(tx, params, grads, mesh):
+    """`exact_update` in a shard_map over 'data': each device updates its flat shards."""
+    flat = {k: _flat_pad(v, N) for k, v in params.items()}
+    state = tx.init(flat)
+    state_specs = jax.tree.map(lambda x: P("data") if x.ndim else P(), state)
+    update = _optax_check.exact_update(tx, "data")
+
+    def body(p, s, gs):
+        for g in gs:
+            u, s = update(g, s, p)
+            p = optax.apply_updates(p, u)
+        return p
+
+    def put(tree, specs):
+        if isinstance(specs, P):
+            specs = jax.tree.map(lambda _: specs, tree)
+        return jax.tree.map(lambda x, s: jax.device_put(x, NamedSharding(mesh, s)), tree, specs,
+                            is_leaf=lambda x: isinstance(x, P))  # fmt: skip
+
+    flat_grads = [{k: _flat_pad(v, N) for k, v in g.items()} for g in grads]
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P("data"), state_specs, P("data")),
+                               out_specs=P("data")))  # fmt: skip
+    args = (put(flat, P("data")), put(state, state_specs),
+            [put(g, P("data")) for g in flat_grads])  # fmt: skip
+    out = fn(*args)
+    unflat = {k: np.asarray(out[k])[: math.prod(s)].reshape(s) for k, s in SHAPES.items()}
+    return unflat, shardlax.audit.collectives(fn, *args, mesh=mesh)
+
+
+@pytest.mark.parametrize("name", sorted(EXACT))
+def test_exact_reductions_are_accepted_and_exact(name):
+    """With exact_reductions=True (the step runs exact_update), LAMB / trust ratio /
+    apply_if_finite are accepted and, on 4 devices, equal the logical update;
+    one scalar all-reduce per completed reduction (and per global norm)."""
+    utils.need_devices(N)
+    tx = EXACT[name]()
+    _optax_check.check_flat_shard_exact(tx, PARAMS, N, exact_reductions=True)
+    with pytest.raises(ValueError, match="is not exact"):
+        _optax_check.check_flat_shard_exact(tx, PARAMS, N)  # plain tx.update: refused
+    params, grads = _data(2, inf_at=(5, 9) if name == "apply_if_finite" else None)
+    mesh = shardlax.make_mesh(data=N, axis_types="auto")
+    got, report = _run_exact_update(tx, params, grads, mesh)
+    ref = jax.jit(lambda p, g: _logical(tx, p, g))(params, grads)
+    for k in SHAPES:
+        utils.assert_close(got[k], ref[k], jnp.float32, f"{name}: {k}")
+    reduces = [c for c in report if c.kind == "all-reduce"]
+    # scalars only (XLA may combine several into one tuple all-reduce)
+    assert reduces and all(c.axes == ("data",) and c.result_bytes <= 4 * c.operands
+                           for c in reduces), report  # fmt: skip
+    assert {c.kind for c in report} == {"all-reduce"}, report
+
+
+def test_exact_reductions_still_refuse_means_and_masks():
+    """A per-leaf *mean* (clip_by_block_rms divides by the shard's size) and an ndim
+    mask stay refused: completing the sum does not fix the divisor or the mask."""
+    for name in ("clip_by_block_rms", "adamw_ndim_mask"):
+        with pytest.raises(ValueError, match="different program on the flat shards"):
+            _optax_check.check_flat_shard_exact(REFUSED[name][0](), PARAMS, N,
+                                                exact_reductions=True)  # fmt: skip

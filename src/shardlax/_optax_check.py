@@ -39,6 +39,15 @@ Anything else raises a `ValueError` naming the optax transform (read from the
 offending operation's source location) and the fixes: `strategy='dp'` or
 `'fsdp'`, or an elementwise formulation (a mask given as a pytree of booleans
 built from the full parameters).
+
+Exact instead of refused: a step that runs `exact_update(tx, data_axes)` in
+place of `tx.update` completes every sum / all / any over a whole per-element
+value (a per-parameter norm, an all-finite test) across the shards with one
+scalar all-reduce (`kernels.all_reduce`). With `exact_reductions=True` the
+check accepts those reductions (LAMB, `scale_by_trust_ratio`,
+`apply_if_finite`), provided the rest holds: a per-leaf *mean*
+(`clip_by_block_rms`, Adafactor) divides by the shard's size, a literal that
+differs between the two programs, and stays refused, as do `ndim` masks.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import contextlib
 import functools
 import math
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -55,7 +65,7 @@ import jax.numpy as jnp
 import optax
 from jax.extend import core as jex_core
 
-from shardlax import kernels
+from shardlax import kernels, zero
 
 #: Primitives that act element by element (and `select_n`, whose predicate is
 #: elementwise too). Anything not here that touches per-element data is refused.
@@ -68,6 +78,7 @@ ELEMENTWISE = frozenset({
     "pow", "real", "reduce_precision", "rem", "round", "rsqrt", "select_n", "shift_left",
     "shift_right_arithmetic", "shift_right_logical", "sign", "sin", "sinh", "sqrt", "square",
     "stop_gradient", "sub", "tan", "tanh", "xor", "zeta",
+    "pcast", "pvary",  # vma casts inside shard_map: the identity on values
 })  # fmt: skip
 #: Primitives that only change the rank (same elements, same order).
 RESHAPES = frozenset({"reshape", "squeeze", "expand_dims"})
@@ -75,7 +86,7 @@ RESHAPES = frozenset({"reshape", "squeeze", "expand_dims"})
 CALLS = frozenset({"jit", "pjit", "closed_call", "core_call", "remat", "checkpoint",
                    "custom_jvp_call", "custom_vjp_call", "custom_vjp_call_jaxpr"})  # fmt: skip
 #: Parameters that carry shapes (erased when the two programs are compared).
-SHAPE_PARAMS = frozenset({"shape", "broadcast_dimensions", "new_sizes", "dimensions",
+SHAPE_PARAMS = frozenset({"shape", "axes", "broadcast_dimensions", "new_sizes", "dimensions",
                           "sharding", "out_sharding", "in_shardings", "out_shardings",
                           "in_layouts", "out_layouts", "donated_invars", "ctx_mesh",
                           "jaxpr", "call_jaxpr", "fun_jaxpr", "jvp_jaxpr_fun",
@@ -153,7 +164,7 @@ def _inner(eqn) -> tuple[Any, list[Any]]:
     raise NotExact(f"{eqn.primitive.name} without an inner jaxpr", eqn)
 
 
-def _check(jaxpr, kinds: list[str], norm_ok: bool = True) -> list[str]:
+def _check(jaxpr, kinds: list[str], norm_ok: bool = True, reduce_ok: bool = False) -> list[str]:
     """Elementwise check of `jaxpr` given each invar's kind; returns the outvars' kinds.
 
     Kinds: 'elem' (per-element data of a leaf), 'uniform' (one value for every
@@ -174,13 +185,13 @@ def _check(jaxpr, kinds: list[str], norm_ok: bool = True) -> list[str]:
     for eqn in jaxpr.eqns:
         name = eqn.primitive.name
         ins = [of(a) for a in eqn.invars]
-        out = _eqn_kinds(eqn, name, ins, norm_ok)
+        out = _eqn_kinds(eqn, name, ins, norm_ok, reduce_ok)
         for v, k in zip(eqn.outvars, out, strict=True):
             kind[v] = k
     return [of(v) for v in jaxpr.outvars]
 
 
-def _eqn_kinds(eqn, name: str, ins: list[str], norm_ok: bool) -> list[str]:
+def _eqn_kinds(eqn, name: str, ins: list[str], norm_ok: bool, reduce_ok: bool) -> list[str]:
     n_out = len(eqn.outvars)
     if name in CALLS:
         if eqn.params.get("name") == _NORM_NAME:
@@ -191,7 +202,7 @@ def _eqn_kinds(eqn, name: str, ins: list[str], norm_ok: bool) -> list[str]:
         if len(inner.invars) != len(ins):
             raise NotExact(f"a {name} call whose operands do not match its jaxpr", eqn)
         try:
-            return _check(inner, ins, norm_ok)
+            return _check(inner, ins, norm_ok, reduce_ok)
         except NotExact as e:
             e.eqns.append(eqn)
             raise
@@ -208,7 +219,7 @@ def _eqn_kinds(eqn, name: str, ins: list[str], norm_ok: bool) -> list[str]:
             raise NotExact("a lax.cond whose predicate depends on per-element data", eqn)
         outs = None
         for branch in eqn.params["branches"]:
-            ks = _check(branch.jaxpr, ops, norm_ok)
+            ks = _check(branch.jaxpr, ops, norm_ok, reduce_ok)
             outs = ks if outs is None else [_join(a, b) for a, b in zip(outs, ks, strict=True)]
         return outs
     if name in ELEMENTWISE:
@@ -219,6 +230,8 @@ def _eqn_kinds(eqn, name: str, ins: list[str], norm_ok: bool) -> list[str]:
             if k == "elem" and tuple(a.aval.shape) != tuple(shape):
                 raise NotExact("per-element data broadcast against another shape", eqn)
         return ["elem"] * n_out
+    if reduce_ok and _is_full_reduction(eqn):
+        return ["uniform"]  # made exact by an all-reduce over the shards (exact_update)
     if name == "broadcast_in_dim" or name in RESHAPES:
         src, dst = eqn.invars[0], eqn.outvars[0]
         if _size(src) == _size(dst):
@@ -236,6 +249,19 @@ def _eqn_kinds(eqn, name: str, ins: list[str], norm_ok: bool) -> list[str]:
         "threefry2x32": "random numbers drawn per element",
     }.get(name, f"the non-elementwise operation {name!r} on per-element data")
     raise NotExact(what, eqn)
+
+
+#: Reductions `exact_update` completes across the shards, and the value the
+#: padding must hold so that it changes nothing.
+REDUCTIONS = {"reduce_sum": 0, "reduce_and": True, "reduce_or": False}
+
+
+def _is_full_reduction(eqn) -> bool:
+    """A sum / all / any over every dim of one value (a per-leaf or per-tree total)."""
+    if eqn.primitive.name not in REDUCTIONS or len(eqn.invars) != 1:
+        return False
+    src = eqn.invars[0]
+    return tuple(sorted(eqn.params.get("axes", ()))) == tuple(range(len(src.aval.shape)))
 
 
 def _join(a: str, b: str) -> str:
@@ -340,6 +366,108 @@ def _name_of(eqn) -> str | None:
     return None
 
 
+# -------------------------------------------------------- exact reductions
+def _interpret(jaxpr, consts, args, kinds, on_reduce, on_norm=None):
+    """Evaluate `jaxpr`, passing every full reduction of per-element data to `on_reduce`.
+
+    `on_reduce(name, operand, local_result)` returns the value to use instead
+    of `local_result` (the reduction over all shards, or a probe's record);
+    `on_norm(operands)`, if given, replaces each marked global norm. Calls that
+    touch per-element data are evaluated inline; a `cond` on per-element data
+    evaluates every branch inline and selects (`lax.select_n`), so no value is
+    traced in a nested scope and the selected values are the branch's.
+    """
+    env: dict[Any, Any] = {}
+    kind: dict[Any, str] = {}
+
+    def read(v):
+        return v.val if isinstance(v, jex_core.Literal) else env[v]
+
+    def kread(v):
+        return "uniform" if isinstance(v, jex_core.Literal) else kind[v]
+
+    for v, c in zip(jaxpr.constvars, consts, strict=True):
+        env[v], kind[v] = c, ("uniform" if _size(v) <= 1 else "other")
+    for v, a, k in zip(jaxpr.invars, args, kinds, strict=True):
+        env[v], kind[v] = a, k
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        invals, ins = [read(v) for v in eqn.invars], [kread(v) for v in eqn.invars]
+        elem = "elem" in ins
+        if name in CALLS and eqn.params.get("name") == _NORM_NAME and on_norm is not None:
+            outs, ks = [on_norm(invals)], ["uniform"]
+        elif elem and name in CALLS and eqn.params.get("name") != _NORM_NAME:
+            inner, inner_consts = _inner(eqn)
+            outs, ks = _interpret(inner, inner_consts, invals, ins, on_reduce, on_norm)
+        elif elem and name == "cond":
+            index, *ops = invals
+            ks = _eqn_kinds(eqn, name, ins, True, True)
+            cases = [_interpret(b.jaxpr, b.consts, ops, ins[1:], on_reduce, on_norm)[0]
+                     for b in eqn.params["branches"]]  # fmt: skip
+            outs = [jax.lax.select_n(index, *vals) for vals in zip(*cases, strict=True)]
+        elif elem and _is_full_reduction(eqn):
+            local = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            outs, ks = [on_reduce(name, invals[0], local)], ["uniform"]
+        else:
+            with eqn.ctx.manager:
+                outs = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
+            outs = outs if eqn.primitive.multiple_results else [outs]
+            ks = _eqn_kinds(eqn, name, ins, True, True)
+        for v, x, k in zip(eqn.outvars, outs, ks, strict=True):
+            env[v], kind[v] = x, k
+    return [read(v) for v in jaxpr.outvars], [kread(v) for v in jaxpr.outvars]
+
+
+def _call_exact(tx, updates, state, params, on_reduce, on_norm=None):
+    """`tx.update(updates, state, params)` with its full reductions passed to `on_reduce`."""
+    closed, out_shape = jax.make_jaxpr(tx.update, return_shape=True)(updates, state, params)
+    args = jax.tree.leaves((updates, state, params))
+    kinds = _flat_kinds(args)
+    outs, _ = _interpret(closed.jaxpr, closed.consts, args, kinds, on_reduce, on_norm)
+    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
+
+
+def exact_update(tx: Any, axes: str | Sequence[str]):
+    """`tx.update` for ZeRO's flat shards, with per-leaf and tree reductions made exact.
+
+    Call it inside the step's `shard_map`, on this device's flat shards, in place
+    of `tx.update`, for a `tx` that `check_flat_shard_exact(...,
+    exact_reductions=True)` accepted. Each sum / all / any over every element
+    of a per-element value (LAMB's and `clip_by_block_rms`'s per-parameter
+    norms, `apply_if_finite`'s all-finite test) is computed on the shard and
+    completed over `axes` by one scalar all-reduce (`kernels.all_reduce`; an
+    all/any as an int32 sum of the failing elements). The padding holds the
+    neutral value (checked by the build-time probe). optax's global norm stays
+    `zero.global_norm_hook`'s (one all-reduce, recorded by `zero.record_norms`).
+
+    Collectives: one scalar all-reduce over `axes` per such reduction per step
+    (LAMB: two per parameter); none for elementwise transforms.
+    """
+    tx = normalize_tx(tx)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+
+    def all_reduce(name, operand, local):
+        del operand
+        if name == "reduce_sum":
+            out = kernels.all_reduce(local, axes)
+        elif name == "reduce_and":
+            out = kernels.all_reduce(jnp.logical_not(local).astype(jnp.int32), axes) == 0
+        else:
+            out = kernels.all_reduce(local.astype(jnp.int32), axes) > 0
+        return kernels.ensure_varying(out, tuple(kernels.varying_axes(local)))
+
+    def update(updates, state, params=None):
+        # a fresh marked norm per trace, so zero.record_norms sees every norm
+        @functools.partial(jax.jit, static_argnames=("ord", "squared"))
+        def _shardlax_global_norm(tree, ord=None, squared=False):
+            return zero._norm(tree, ord=ord, squared=squared)
+
+        with _marked_norm(_shardlax_global_norm):
+            return _call_exact(tx, updates, state, params, all_reduce)
+
+    return update
+
+
 # ------------------------------------------------------------------ the check
 def _trace(tx, params):
     state = jax.eval_shape(tx.init, params)
@@ -348,7 +476,14 @@ def _trace(tx, params):
 
 
 def _kinds(args_flat) -> list[str]:
+    """Logical arrays: per-element data unless one element."""
     return ["elem" if math.prod(x.shape) > 1 else "uniform" for x in args_flat]
+
+
+def _flat_kinds(args_flat) -> list[str]:
+    """Flat shards: every 1-D leaf is per-element data, even of one element (a shard of
+    a larger parameter); only rank-0 state (step counts) is uniform."""
+    return ["elem" if len(x.shape) else "uniform" for x in args_flat]
 
 
 def _refuse(owner, strategy, tx_name, reason, n, leaves, fix_extra=""):
@@ -382,6 +517,7 @@ def check_flat_shard_exact(
     *,
     strategy: str = "zero2",
     norm_hook: bool = True,
+    exact_reductions: bool = False,
 ) -> None:
     """Raise unless `tx.update` on ZeRO's flat per-device shards equals it on the arrays.
 
@@ -395,6 +531,10 @@ def check_flat_shard_exact(
       norm_hook: the step traces `tx.update` under `shardlax.zero.global_norm_hook`
         (`Trainer(optax_norm_hook=True)`), so optax's global norm is exact. If
         False the norm is a reduction like any other and is refused.
+      exact_reductions: the step runs `exact_update(tx, data_axes)` instead of
+        `tx.update`, so sums / all / any over whole per-element values (LAMB,
+        `clip_by_block_rms`, `apply_if_finite`, `scale_by_trust_ratio`) are
+        completed across the shards and accepted (if the padding is neutral).
 
     Raises:
       ValueError: naming the transform, why it is not exact and the fixes.
@@ -416,10 +556,11 @@ def check_flat_shard_exact(
                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]})", n, leaves)  # fmt: skip
 
     (j_log, s_log), (j_flat, s_flat) = program(logical, "logical"), program(flat, "flat shard")
-    for j, params, state in ((j_log, logical, s_log), (j_flat, flat, s_flat)):
+    for j, params, state, kinds in ((j_log, logical, s_log, _kinds),
+                                    (j_flat, flat, s_flat, _flat_kinds)):  # fmt: skip
         args = jax.tree.leaves((params, state, params))
         try:
-            _check(j.jaxpr, _kinds(args), norm_hook)
+            _check(j.jaxpr, kinds(args), norm_hook, exact_reductions)
         except NotExact as e:
             extra = "" if norm_hook else ", or keep optax_norm_hook=True"
             _refuse(owner, strategy, _transform_name(*e.eqns), e.reason, n, leaves, extra)
@@ -434,7 +575,7 @@ def check_flat_shard_exact(
             "differently on 1-D shards)"
         )
         _refuse(owner, strategy, who, reason, n, leaves, _MASK_HINT)
-    _check_padding(tx, treedef, leaves, owner, strategy, n)
+    _check_padding(tx, treedef, leaves, owner, strategy, n, exact_reductions)
 
 
 def _eqns(jaxpr, i: int) -> list:
@@ -449,37 +590,57 @@ def _eqns(jaxpr, i: int) -> list:
     return [None]
 
 
-def _check_padding(tx, treedef, leaves, owner, strategy, n, steps: int = 3) -> None:
-    """The marked global norms see only zeros on a padding element over `steps` steps."""
+#: The value a probe substitutes for a completed reduction or a global norm: the
+#: padding must stay neutral whatever the real elements contribute.
+_GENERIC = 0.7
+
+
+def _check_padding(tx, treedef, leaves, owner, strategy, n, exact, steps: int = 3) -> None:
+    """The global norms (and, if `exact`, the completed reductions) see only neutral
+    values on a padding element over `steps` steps.
+
+    The padding element runs alone (zero gradient, zero parameter, state from
+    `tx.init`); each norm / completed reduction returns a generic value (what
+    the real elements would contribute), and its operand on the padding must be
+    neutral (0 for sums and norms, True for all, False for any).
+    """
     seen: list[jax.Array] = []
 
-    def recording_norm(tree, ord=None, squared=False):
-        seen.append(sum(jnp.sum(jnp.abs(x)) for x in jax.tree.leaves(tree)))
-        return _shardlax_global_norm(tree, ord=ord, squared=squared)
+    def recording_norm(operands):
+        seen.append(sum(jnp.sum(jnp.abs(x)).astype(jnp.float32) for x in operands))
+        return jnp.asarray(_GENERIC, jnp.float32)  # what the real shards would contribute
+
+    def record_reduction(name, operand, local):
+        if not exact:  # refused by the elementwise check; here only the norms count
+            return local
+        bad = {"reduce_sum": jnp.abs(operand), "reduce_and": jnp.logical_not(operand)}.get(
+            name, operand
+        )
+        seen.append(jnp.sum(bad.astype(jnp.float32)))
+        generic = {"reduce_sum": _GENERIC, "reduce_and": True}.get(name, False)
+        return jnp.full(local.shape, generic, local.dtype)
 
     pad = jax.tree.unflatten(treedef, [jnp.zeros((1,), x.dtype) for x in leaves])
 
     def run(params):
         zeros = jax.tree.map(jnp.zeros_like, params)
         state = tx.init(params)
-        total = jnp.zeros((), jnp.float32)
-        with _marked_norm(recording_norm):
-            for _ in range(steps):
-                seen.clear()
-                updates, state = tx.update(zeros, state, params)
-                params = optax.apply_updates(params, updates)
-                for s in seen:
-                    total = total + s.astype(jnp.float32)
-        return total
+        for _ in range(steps):
+            with _marked_norm():
+                updates, state = _call_exact(
+                    tx, zeros, state, params, record_reduction, recording_norm
+                )
+            params = optax.apply_updates(params, updates)
+        return sum(seen, jnp.zeros((), jnp.float32))
 
     with jax.numpy_dtype_promotion("standard"):
         total = float(jax.jit(run)(pad))
     if total != 0.0:
         reason = (
-            "a global norm in its chain sees nonzero values on the padding of the flat shards "
-            "(the padding of an update is not zero)"
+            "a global norm or a reduction in its chain sees non-neutral values on the padding "
+            "of the flat shards (e.g. the padding of an update is not zero)"
         )
         _refuse(owner, strategy, "tx", reason, n, leaves)
 
 
-__all__ = ["check_flat_shard_exact", "normalize_tx"]
+__all__ = ["check_flat_shard_exact", "exact_update", "normalize_tx"]
