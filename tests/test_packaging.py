@@ -63,3 +63,11 @@ def test_ci_cleans_up_and_has_no_plot_extra():
     assert re.search(r"trap 'rm -rf \"\$WORK\"' EXIT", ci)
     assert "plot" not in _pyproject()["project"].get("optional-dependencies", {})
     assert _pyproject()["project"]["license"] == "Apache-2.0"
+
+
+def test_every_subpackage_is_packaged():
+    """A plain install ships every folder of src/shardlax that has an __init__.py."""
+    listed = set(_pyproject()["tool"]["setuptools"]["packages"])
+    src = ROOT / "src"
+    found = {".".join(p.parent.relative_to(src).parts) for p in src.rglob("__init__.py")}
+    assert found | {"shardlax.kernels"} == listed, sorted(found ^ listed)
