@@ -280,3 +280,24 @@ def test_error_python_output():
         r"it is computed per device",
     ):
         nnx.jit(lambda m, x: m(x))(unit, jnp.ones((B, D)))
+
+
+@pytest.mark.parametrize("nested", [False, True], ids=["block", "nested"])
+def test_declared_collectives_derived_from_example_inputs(nested):
+    """No hand-written `regathered=`: the unit traces its gradient and counts the
+    all-gathers left after dead-code removal; equal to the compiled program."""
+    mesh = utils.mesh(2, 2, 1)
+    if nested:
+        unit = fully_shard(LM(nnx.Rngs(0), lambda b: fully_shard(b, mesh=mesh)), mesh=mesh)
+        x = _ids()
+    else:
+        unit = fully_shard(Block(nnx.Rngs(0)), mesh=mesh)
+        x = jax.random.normal(jax.random.key(1), (B, D))
+    fn = nnx.jit(nnx.value_and_grad(_loss))
+    report = audit.collectives(fn, unit, x, mesh=mesh)
+    declared = unit.declared_collectives(x)
+    declared.append(audit.Declared("all-reduce", ("data", "fsdp"), "f32", 1, 4, "loss"))
+    comparison = audit.compare(declared, report)
+    assert comparison.ok, comparison.table()
+    regathers = sum(d.count - 1 for d in declared if d.kind == "all-gather")
+    assert regathers >= 1  # a kernel feeding a later layer's gradient is gathered again

@@ -406,11 +406,20 @@ class FSDPModule(nnx.Module):
         return tuple(_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
 
     def declared_collectives(
-        self, *, grad: bool = True, regathered: Sequence[str] = ()
+        self, *args: Any, grad: bool = True, regathered: Sequence[str] | None = None, **kwargs: Any
     ) -> list[Declared]:
         """The FSDP collectives of one call (and its backward, with `grad`).
 
+        With example call arguments (`unit.declared_collectives(x)`) the
+        re-gathered parameters are derived, not listed by hand: the gradient
+        of `sum(outputs)` with respect to the parameters and the floating
+        inputs is traced (abstractly, nothing runs), dead code is removed as
+        XLA does, and the all-gathers left are counted per parameter; nested
+        units' declarations are included (each from the same trace).
+
         Args:
+          *args, **kwargs: example arguments of a call (arrays or
+            `jax.ShapeDtypeStruct`s), to derive `regathered`.
           grad: include the backward.
           regathered: with `reshard_after_forward`, the paths (see
             `param_paths`) of the parameters whose *value* the backward uses,
@@ -430,6 +439,18 @@ class FSDPModule(nnx.Module):
         """
         if self.axis_size == 1:
             return []
+        if regathered is None and (args or kwargs):
+            if self.scan:
+                raise ValueError(
+                    "FSDPModule(scan=True).declared_collectives: pass regathered= by hand; "
+                    "the derivation does not look inside scan loops."
+                )
+            derived = self._derive_regathered(args, kwargs) if grad else {}
+            out = self.declared_collectives(grad=grad, regathered=derived.get(id(self), ()))
+            for unit in _inner_units(self):
+                out += unit.declared_collectives(grad=grad, regathered=derived.get(id(unit), ()))
+            return out
+        regathered = () if regathered is None else tuple(regathered)
         params = jax.tree.leaves(nnx.state(self.module, nnx.Param))
         paths = self.param_paths()
         unknown = set(regathered) - set(paths)
@@ -463,6 +484,70 @@ class FSDPModule(nnx.Module):
                     shard = rbytes // self.axis_size
                     out.append(Declared("all-reduce", others, rname, 1, shard, path))
         return out
+
+    def _derive_regathered(self, args: tuple, kwargs: dict) -> dict[int, tuple[str, ...]]:
+        """{id(unit): paths its backward gathers again}, from the DCE'd gradient jaxpr."""
+        from jax._src import core as jax_core
+        from jax._src.interpreters import partial_eval as pe
+
+        if not self.reshard_after_forward:
+            return {}
+        graphdef, params, rest = nnx.split(self, nnx.Param, ...)
+        leaves, tree = jax.tree.flatten((args, kwargs))
+        is_float = [_is_array(x) and jnp.issubdtype(x.dtype, jnp.floating) for x in leaves]
+        floats = [x for x, f in zip(leaves, is_float, strict=True) if f]
+
+        def loss(params, floats):
+            it = iter(floats)
+            full = [next(it) if f else x for x, f in zip(leaves, is_float, strict=True)]
+            call_args, call_kwargs = jax.tree.unflatten(tree, full)
+            out = nnx.merge(graphdef, params, rest)(*call_args, **call_kwargs)
+            return sum(
+                jnp.sum(o.astype(jnp.float32))
+                for o in jax.tree.leaves(out)
+                if jnp.issubdtype(o.dtype, jnp.floating)
+            )
+
+        closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, floats)
+        jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+
+        def walk(j):
+            for e in j.eqns:
+                if e.primitive.name == "all_gather" and self.axis in _as_names(
+                    e.params.get("axis_name")
+                ):
+                    yield tuple(e.invars[0].aval.shape)
+                for sub in jax_core.jaxprs_in_params(e.params):
+                    yield from walk(sub)
+
+        counts: dict[tuple, int] = {}
+        for shape in walk(jaxpr):
+            counts[shape] = counts.get(shape, 0) + 1
+        groups: dict[tuple, list] = {}  # local shard shape -> [(unit, path)] gathered once each
+        for unit in (self, *_inner_units(self)):
+            p_leaves = jax.tree.leaves(nnx.state(unit.module, nnx.Param))
+            for path, x, d, o in zip(
+                unit.param_paths(), p_leaves, unit.dims, unit.owned, strict=True
+            ):
+                if o and d is not None:
+                    local = list(x.shape)
+                    local[d] //= unit.axis_size
+                    groups.setdefault(tuple(local), []).append((unit, path))
+        out: dict[int, list] = {}
+        for shape, members in groups.items():
+            extra = max(0, counts.get(shape, 0) - len(members))  # gathered again
+            for unit, path in members[:extra]:
+                out.setdefault(id(unit), []).append(path)
+        return {k: tuple(v) for k, v in out.items()}
+
+
+def _as_names(axis_name: Any) -> tuple:
+    return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+
+def _inner_units(unit: FSDPModule) -> list[FSDPModule]:
+    """The FSDP units nested in `unit.module`, at any depth."""
+    return [m for _, m in nnx.iter_graph(unit.module) if isinstance(m, FSDPModule)]
 
 
 def register_fsdp_forward_method(unit: FSDPModule, name: str) -> None:
