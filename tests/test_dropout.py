@@ -89,10 +89,10 @@ def test_passthrough_and_errors():
         shardlax.nn.Dropout(1.5, mesh=mesh)
     with pytest.raises(ValueError, match=r"Dropout: no `deterministic` given"):
         shardlax.nn.Dropout(0.5, mesh=mesh, deterministic=None)(x)
-    with pytest.raises(
-        TypeError, match=r"Dropout: `deterministic` is False but no rngs were given"
-    ):
-        shardlax.nn.Dropout(0.5, mesh=mesh)(x)
+    with pytest.raises(ValueError, match=r"Dropout: `deterministic` is False, but no `rngs`"):
+        shardlax.nn.Dropout(0.5, mesh=mesh)(x)  # ValueError, as nnx.Dropout
+    with pytest.raises(TypeError, match=r"Dropout: `deterministic` is False but no rngs were"):
+        shardlax.nn.Dropout(0.5, mesh=mesh)(x, rngs=3)
     with pytest.raises(ValueError, match=r"Dropout\(sequence_parallel=True\): inputs.shape\[1\]=6"):
         shardlax.nn.Dropout(0.5, mesh=mesh, sequence_parallel=True)(
             jnp.ones((4, 6, 2)), rngs=jax.random.key(0)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import rnglib
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
@@ -69,6 +69,20 @@ class Dropout(SequenceLayer):
             raise TypeError(
                 f"Dropout(rngs={type(rngs).__name__}): expected nnx.Rngs, nnx.RngStream or None."
             )
+        if self.rngs is not None:
+            # the stream's key and count live replicated on the mesh, where a jitted
+            # step returns them: the second nnx.jit call then hits the cache
+            for var in (self.rngs.key, self.rngs.count):
+                var.set_value(jax.device_put(var[...], NamedSharding(self.mesh, P())))
+
+    def set_view(self, deterministic: bool | None = None):
+        """Used by `nnx.view(model, deterministic=...)`, as `nnx.Dropout.set_view`.
+
+        Args:
+          deterministic: if True, disables dropout masking.
+        """
+        if deterministic is not None:
+            self.deterministic = deterministic
 
     def __call__(
         self,
@@ -91,6 +105,12 @@ class Dropout(SequenceLayer):
             if self.rate == 1.0:
                 return jnp.zeros_like(inputs)
             rngs = self.rngs if rngs is None else rngs
+            if rngs is None:  # ValueError, as nnx.Dropout (flax's first_from)
+                raise ValueError(
+                    f"{owner}: `deterministic` is False, but no `rngs` argument was provided "
+                    f"to Dropout as either a __call__ argument or class attribute. Pass "
+                    f"rngs=nnx.Rngs(dropout=0) to the constructor or a key to the call."
+                )
             if isinstance(rngs, rnglib.Rngs):
                 key = rngs[self.rng_collection]()
             elif isinstance(rngs, rnglib.RngStream):
