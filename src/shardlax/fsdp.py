@@ -19,10 +19,38 @@ Memory per device: parameters |P|/N, plus one unit's gathered parameters while
 it runs, plus activations.
 
 Which dim is split: dim 0 when N divides it (as FSDP2 does), else the first
-dim N divides. A parameter none of whose dims N divides is an error (no
-padding: a padded parameter would change its global shape, which the
-optimizer and checkpoints see); wrap a smaller submodule instead, or choose
-sizes divisible by N.
+dim N divides. A parameter none of whose dims N divides (a (10,) bias on 8
+devices) is kept whole on every device, as DeepSpeed's persistence threshold
+keeps small parameters: no gather, and its gradient is all-reduced over the
+batch axes (1 all-reduce of its bytes). Nothing is padded, so logical shapes
+stay those of the module for the user, the optimizer and checkpoints.
+
+What a unit does with a call (FSDP2's contract, made exact):
+  - arguments: arrays whose leading dim is the batch (that of the first array
+    argument) are split over the batch axes; other arrays are replicated;
+    `nnx.Rngs` / modules travel as replicated state and come back updated;
+    anything else (flags, Python scalars) is static.
+  - outputs: per-example arrays (leading dim the per-device batch, depending
+    on the batch shard) are concatenated over the batch axes; arrays that do
+    not depend on the batch shard are returned replicated; anything else (a
+    mean over the batch shard, a Python value) is a clear error.
+  - state: every non-parameter Variable the forward updates comes back into
+    the module. It is stored replicated, so an update computed from one
+    device's batch shard is a clear error; `nnx.BatchNorm` (training) uses
+    global-batch statistics (`kernels.global_batch_moments`, one all-reduce
+    over the batch axes forward and one backward) and `nnx.Dropout` draws the
+    mask of the global array (`kernels.sharding_invariant_dropout`):
+    bit-identical to the unwrapped module on one device, rng counters
+    advancing as there.
+  - nesting: `fully_shard` blocks, then the root: the root gathers only the
+    parameters no inner unit owns; inner units run as per-device code inside
+    the root's `shard_map`.
+  - methods: public methods of the wrapped module run through the unit
+    (`fully_shard(embedder).attend(h)`); `register_fsdp_forward_method` adds
+    private ones.
+  - manual mode: called inside a `shard_map` over every live axis of its mesh
+    (`shardlax.mesh.is_manual`), the unit runs its body on the local shards it
+    is given (parameters as local shards of `param_specs`).
 
 Example:
   >>> mesh = shardlax.make_mesh(fsdp=8)  # doctest: +SKIP
@@ -750,10 +778,11 @@ def fully_shard(
 
     Args:
       module: any `nnx.Module` (nnx.Linear, nnx.Embed, nnx.LayerNorm, a block)
-        whose call takes arrays with the batch as leading dim and returns
-        arrays with the batch as leading dim. Its parameters are re-placed in
-        place (sharded over `axis`); other state (e.g. batch statistics) is
-        replicated and read-only inside the unit.
+        or a whole model containing units. Its
+        parameters are re-placed in place (sharded over `axis`, or kept whole
+        when N divides none of their dims); other state is replicated and its
+        updates come back (see the module docstring for arguments, outputs,
+        state, nesting and methods).
       mesh: the mesh; default the one set with `jax.set_mesh`.
       axis: the fsdp mesh axis (default ``'fsdp'``).
       reshard_after_forward: free the gathered parameters after the forward
