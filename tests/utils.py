@@ -55,3 +55,37 @@ def assert_sharding(x, mesh, spec) -> None:
     """`x` is laid out as `spec` on `mesh` (equivalence, so size-1 axes may be dropped)."""
     want = jax.sharding.NamedSharding(mesh, spec)
     assert x.sharding.is_equivalent_to(want, x.ndim), f"{x.sharding} is not {want}"
+
+
+class count_compiles:
+    """Context: counts XLA compilations of jitted functions named `name` (jax.log_compiles).
+
+    `jit(f)._cache_size()` also counts C++ dispatch entries that share one
+    compiled program, so tests count compilations instead.
+    """
+
+    def __init__(self, name: str):
+        self.name = name
+        self.count = 0
+
+    def __enter__(self):
+        import logging
+
+        outer = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record):
+                msg = record.getMessage()
+                if msg.startswith("Finished XLA compilation of") and f"jit({outer.name})" in msg:
+                    outer.count += 1
+
+        self._handler = _Handler()
+        self._logger = logging.getLogger("jax._src.dispatch")
+        self._logger.addHandler(self._handler)
+        self._ctx = jax.log_compiles(True)
+        self._ctx.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._ctx.__exit__(*exc)
+        self._logger.removeHandler(self._handler)

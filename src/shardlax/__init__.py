@@ -6,10 +6,12 @@ tested against single-device math.
 """
 
 from shardlax import audit as audit
+from shardlax import checkpoint as checkpoint
 from shardlax import fsdp as fsdp
 from shardlax import kernels as kernels
 from shardlax import nn as nn
 from shardlax import precision as precision
+from shardlax import strategies as strategies
 from shardlax import train as train
 from shardlax import zero as zero
 from shardlax._axes import AXES as AXES
@@ -45,6 +47,7 @@ __all__ = [
     "Trainer",
     "VocabParallel",
     "audit",
+    "checkpoint",
     "fsdp",
     "fully_shard",
     "kernels",
@@ -53,6 +56,7 @@ __all__ = [
     "nn",
     "parallelize",
     "precision",
+    "strategies",
     "train",
     "zero",
 ]

@@ -90,7 +90,8 @@ class _Steps:
 
     # ------------------------------------------------------------ gradients
     def _loss_of(self, leaves, rest, batch):
-        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, leaves), rest)
+        # copy=True: fresh Variables at this trace level, so the forward may update them
+        model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, leaves), rest, copy=True)
         _flax_layers.adapt(model, self.live, sync_batch_stats=self.sync_batch_stats)
         loss = self.loss_fn(model, batch)
         if not hasattr(loss, "shape") or loss.shape != ():
@@ -146,7 +147,7 @@ class _Steps:
             leaves = [kernels.ensure_varying(x, p.replicated)
                       for x, p in zip(leaves, places, strict=True)]  # fmt: skip
         loss, grads, new_rest = self._local_grads(leaves, rest, batch)
-        self._check_rest(new_rest)
+        new_rest = self._reduce_rest(new_rest)
         over = tuple(a for a in self.live if a in kernels.varying_axes(loss))
         self._loss_axes = over
         n = math.prod(self.mesh.shape[a] for a in over)
@@ -211,19 +212,43 @@ class _Steps:
         # updates keep each leaf's dtype (optax may promote a bf16 leaf)
         return [x.astype(q.dtype) for x, q in zip(new, params, strict=True)], opt_state
 
-    def _check_rest(self, new_rest):
-        """Every updated Variable must be the same on the devices that store one copy."""
+    def _reduce_rest(self, new_rest):
+        """Every updated Variable must be one value on the devices that store one copy.
+
+        A value that differs between devices over batch axes (computed from
+        each device's own examples) is averaged over them with
+        `state_reduction='mean'`, else it is an error.
+        """
         specs = jax.tree.leaves(self.state_specs().rest, is_leaf=lambda x: isinstance(x, jax.P))
-        flat = jax.tree_util.tree_flatten_with_path(new_rest)[0]
+        flat, treedef = jax.tree_util.tree_flatten_with_path(new_rest)
+        self._state_reductions = []
+        out = []
         for (path, x), spec in zip(flat, specs, strict=True):
             extra = kernels.varying_axes(x) - set(spec_axes(spec))
-            if extra:
-                where = path_str(path)
-                raise ValueError(
-                    f"Trainer: the forward updates the nnx.Variable {where!r} (local shape "
-                    f"{tuple(x.shape)}) with values that differ between devices over mesh axes "
-                    f"{sorted(extra)}: each device computed it from its own batch shard, where "
-                    f"one device would compute it from the whole batch. Reduce it over the batch "
-                    f"(nnx.BatchNorm is synchronised automatically), or keep per-example values "
-                    f"out of module state (return them from loss_fn's computation instead)."
-                )
+            if not extra:
+                out.append(x)
+                continue
+            where = path_str(path)
+            batch_only = extra <= set(self.live)
+            floating = jnp.issubdtype(x.dtype, jnp.floating)
+            if self.state_reduction == "mean" and batch_only and floating:
+                axes = tuple(a for a in self.live if a in extra)
+                n = math.prod(self.mesh.shape[a] for a in axes)
+                out.append(kernels.all_reduce(x, axes) / jnp.asarray(n, x.dtype))
+                self._state_reductions.append((axes, where, x.size * x.dtype.itemsize, x.dtype))
+                continue
+            hint = (
+                "Pass Trainer(state_reduction='mean') if it is a mean over the batch (a running "
+                "mean of activations), "
+                if batch_only and floating
+                else ""
+            )
+            raise ValueError(
+                f"Trainer: the forward updates the nnx.Variable {where!r} (local shape "
+                f"{tuple(x.shape)}) with values that differ between devices over mesh axes "
+                f"{sorted(extra)}: each device computed it from its own batch shard, where one "
+                f"device would compute it from the whole batch. {hint}reduce it over the batch "
+                f"in the model (nnx.BatchNorm is synchronised automatically), or keep "
+                f"per-example values out of module state."
+            )
+        return jax.tree_util.tree_unflatten(treedef, out)

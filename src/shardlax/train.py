@@ -135,6 +135,7 @@ class Trainer(_Steps):
         optax_norm_hook: bool = True,
         mixed_precision: MixedPrecision | None = None,
         sync_batch_stats: bool = True,
+        state_reduction: str | None = None,
         _cast_params: bool = True,
     ):
         self.strategy = strategies.get(strategy, _OWNER)
@@ -172,6 +173,14 @@ class Trainer(_Steps):
         self.accum_steps = accum_steps
         self.optax_norm_hook = optax_norm_hook
         self.sync_batch_stats = bool(sync_batch_stats)
+        if state_reduction not in (None, "mean"):
+            raise ValueError(
+                f"{_OWNER}(state_reduction={state_reduction!r}): expected None (a Variable the "
+                f"forward sets from per-device data is an error) or 'mean' (average it over "
+                f"the batch axes: exact for updates linear in batch means, such as a running "
+                f"mean)."
+            )
+        self.state_reduction = state_reduction
         if mixed_precision is not None:
             if not isinstance(mixed_precision, MixedPrecision):
                 raise TypeError(
@@ -208,6 +217,7 @@ class Trainer(_Steps):
         self.buckets = tuple(b for bs in self.bucket_groups.values() for b in bs)
         self._norm_reductions: list[tuple[tuple[str, ...], Any]] | None = None
         self._loss_axes: tuple[str, ...] = ()
+        self._state_reductions: list[tuple[tuple[str, ...], str, int, Any]] = []
         self._init_params = params
         self._init_rest = rest
         shardings = self._shardings(self.state_specs())
@@ -389,6 +399,33 @@ class Trainer(_Steps):
         )(*jax.tree.leaves(state.master))
         return jax.tree.unflatten(self._treedef, leaves)
 
+    # ---------------------------------------------------------- checkpoints
+    def save(self, directory, state: TrainState, *, step: int | None = None,
+             max_to_keep: int | None = None) -> None:  # fmt: skip
+        """Start saving `state` (async; the logical layout of `shardlax.checkpoint`).
+
+        Returns once the arrays are on the host: the next (donating) `step`
+        is safe. `wait()` blocks until the files are written. `max_to_keep`
+        default: `shardlax.checkpoint.DEFAULT_MAX_TO_KEEP`.
+        """
+        from shardlax import checkpoint
+
+        keep = checkpoint.DEFAULT_MAX_TO_KEEP if max_to_keep is None else max_to_keep
+        checkpoint.save(self, directory, state, step=step, max_to_keep=keep)
+
+    def restore(self, directory, step: int | None = None) -> TrainState:
+        """The state saved at `step` (default: the latest) by any strategy and mesh, laid out
+        for this trainer (each device reads its own shards)."""
+        from shardlax import checkpoint
+
+        return checkpoint.restore(self, directory, step)
+
+    def wait(self) -> None:
+        """Block until every save this process started is written."""
+        from shardlax import checkpoint
+
+        checkpoint.wait()
+
     # -------------------------------------------------------------- the step
     def _check_batch(self, batch: Any) -> int:
         leaves = jax.tree.leaves(batch)
@@ -491,6 +528,9 @@ class Trainer(_Steps):
                     Declared("all-reduce", axes, "f32", 1, features * 4, f"BatchNorm {w}")
                     for w in ("mean", "variance")
                 ]
+        for axes, where, nbytes, dtype in self._state_reductions:
+            out.append(Declared("all-reduce", axes, hlo_dtype(dtype), 1, nbytes,
+                                f"state {where}: mean over the batch"))  # fmt: skip
         for axes, dtype in self._norm_reductions or ():
             item = jnp.dtype(dtype).itemsize
             out.append(Declared("all-reduce", axes, hlo_dtype(dtype), 1, item, "global norm"))

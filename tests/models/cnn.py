@@ -26,9 +26,12 @@ class CNN(nnx.Module):
         rngs: nnx.Rngs,
     ):
         c = channels
-        self.conv1 = nnx.Conv(CHANNELS_IN, c, kernel_size=(3, 3), rngs=rngs)
+        # no conv bias before a BatchNorm (as flax's ResNet example writes it): the mean
+        # subtraction cancels it, its true gradient is exactly 0, and Adam would turn the
+        # f32 rounding of that 0 (which depends on the summation order) into full steps
+        self.conv1 = nnx.Conv(CHANNELS_IN, c, kernel_size=(3, 3), use_bias=False, rngs=rngs)
         self.bn1 = nnx.BatchNorm(c, use_running_average=False, momentum=0.9, rngs=rngs)
-        self.conv2 = nnx.Conv(c, 2 * c, kernel_size=(3, 3), strides=2, rngs=rngs)
+        self.conv2 = nnx.Conv(c, 2 * c, kernel_size=(3, 3), strides=2, use_bias=False, rngs=rngs)
         self.bn2 = nnx.BatchNorm(2 * c, use_running_average=False, momentum=0.9, rngs=rngs)
         self.dropout = nnx.Dropout(dropout_rate, rngs=rngs)
         half = SIZE // 2
