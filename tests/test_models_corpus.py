@@ -96,7 +96,7 @@ def test_cnn_batchnorm_normalises_over_the_batch():
     """In training mode bn1 output has batch mean ~0 per channel; eval uses running stats."""
     model = CORPUS["cnn"][0](dropout_rate=0.0)
     x = CORPUS["cnn"][1](jax.random.key(0), 8)["image"]
-    y = model.bn1(model.conv1(x))
+    y = nnx.jit(lambda m, x: m.bn1(m.conv1(x)))(model, x)
     np.testing.assert_allclose(np.mean(np.asarray(y), axis=(0, 1, 2)), 0.0, atol=1e-5)
     model.eval()
     assert model.bn1.use_running_average and model.dropout.deterministic
@@ -145,7 +145,8 @@ def test_decoder_is_causal():
     model = decoder.make()
     tokens = decoder.make_batch(jax.random.key(0), 2)["inputs"]
     changed = tokens.at[:, 5].set((tokens[:, 5] + 1) % decoder.VOCAB)
-    a, b = np.asarray(model(tokens)), np.asarray(model(changed))
+    forward = nnx.jit(lambda m, t: m(t))
+    a, b = np.asarray(forward(model, tokens)), np.asarray(forward(model, changed))
     np.testing.assert_array_equal(a[:, :5], b[:, :5])
     assert not np.allclose(a[:, 5:], b[:, 5:])
 
@@ -172,4 +173,5 @@ def test_decoder_einsum_and_linear_styles_agree():
         ll.mlp.gate_up_proj.kernel[...] = jnp.concatenate([gu[0], gu[1]], axis=-1)
         ll.mlp.down_proj.kernel[...] = le.mlp.linear.kernel[...]
     tokens = decoder.make_batch(jax.random.key(0), 2)["inputs"]
-    utils.assert_close(lin(tokens), ein(tokens), jnp.float32)
+    forward = nnx.jit(lambda m, t: m(t))
+    utils.assert_close(forward(lin, tokens), forward(ein, tokens), jnp.float32)
