@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -69,8 +70,8 @@ class ParallelEinsum(ShardedLayer):
         einsum_op: Any = jnp.einsum,
         preferred_element_type: Any | None = None,
         rngs: nnx.Rngs,
-        kernel_metadata: Any = None,
-        bias_metadata: Any = None,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         shard_dim: int = -1,
         mesh: Mesh | None = None,
         axis_name: str = MODEL,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from types import MappingProxyType
 from typing import Any
 
 import jax
@@ -25,7 +26,6 @@ from shardlax.nn._base import (
     nbytes,
     param_value,
     run_shard_map,
-    sharded_param,
 )
 from shardlax.precision import MixedPrecision
 
@@ -268,6 +268,8 @@ class ColumnParallelLinear(_LinearBase):
         promote_dtype: Any = dtypes.promote_dtype,
         preferred_element_type: Any | None = None,
         rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         mesh: Mesh | None = None,
         axis_name: str = MODEL,
         batch_axes: Sequence[str] | None = None,
@@ -317,15 +319,16 @@ class ColumnParallelLinear(_LinearBase):
             P(self._spec_axis(axis_name)), (out_features,), 0, "out_features"
         )
         self._param_dims = (0, 0)  # the dims of (kernel, bias) split over fsdp
-        self.kernel = sharded_param(
+        self.kernel = metadata_param(
             kernel_init, rngs.params(), (in_features, out_features), param_dtype,
-            self.mesh, self.kernel_spec,
+            self.mesh, self.kernel_spec, kernel_metadata,
         )  # fmt: skip
         self.bias: nnx.Param | None
         if use_bias:
-            self.bias = sharded_param(
-                bias_init, rngs.params(), (out_features,), param_dtype, self.mesh, self.bias_spec
-            )
+            self.bias = metadata_param(
+                bias_init, rngs.params(), (out_features,), param_dtype, self.mesh,
+                self.bias_spec, bias_metadata,
+            )  # fmt: skip
         else:
             self.bias = nnx.data(None)
         self.in_features = in_features
@@ -349,7 +352,14 @@ class ColumnParallelLinear(_LinearBase):
         """The output layout: split over the batch axes and, unless gathered, the model axis."""
         return self._activation_spec(ndim, None if self.gather_output else self.axis_name)
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        """`inputs @ kernel + bias`; `out_sharding` (as nnx.Linear's) lays out the result."""
+        y = self._call(inputs)
+        if out_sharding is not None:
+            y = self._place(y, getattr(out_sharding, "spec", out_sharding))
+        return y
+
+    def _call(self, inputs: jax.Array) -> jax.Array:
         with jax.named_scope(type(self).__name__):
             self._check_inputs(inputs, self.in_features, "in_features")
             self._check_sequence(inputs)
@@ -508,6 +518,8 @@ class RowParallelLinear(_LinearBase):
         promote_dtype: Any = dtypes.promote_dtype,
         preferred_element_type: Any | None = None,
         rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
+        bias_metadata: Mapping[str, Any] = MappingProxyType({}),
         mesh: Mesh | None = None,
         axis_name: str = MODEL,
         batch_axes: Sequence[str] | None = None,
@@ -531,15 +543,16 @@ class RowParallelLinear(_LinearBase):
         )
         self.bias_spec = self._fsdp_spec(P(None), (out_features,), 0, "out_features")
         self._param_dims = (1, 0)  # the dims of (kernel, bias) split over fsdp
-        self.kernel = sharded_param(
+        self.kernel = metadata_param(
             kernel_init, rngs.params(), (in_features, out_features), param_dtype,
-            self.mesh, self.kernel_spec,
+            self.mesh, self.kernel_spec, kernel_metadata,
         )  # fmt: skip
         self.bias: nnx.Param | None
         if use_bias:
-            self.bias = sharded_param(
-                bias_init, rngs.params(), (out_features,), param_dtype, self.mesh, self.bias_spec
-            )
+            self.bias = metadata_param(
+                bias_init, rngs.params(), (out_features,), param_dtype, self.mesh,
+                self.bias_spec, bias_metadata,
+            )  # fmt: skip
         else:
             self.bias = nnx.data(None)
         self.in_features = in_features
@@ -566,7 +579,14 @@ class RowParallelLinear(_LinearBase):
             return self._sequence_spec(ndim)
         return self._activation_spec(ndim, None)
 
-    def __call__(self, inputs: jax.Array) -> jax.Array:
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        """`inputs @ kernel + bias`; `out_sharding` (as nnx.Linear's) lays out the result."""
+        y = self._call(inputs)
+        if out_sharding is not None:
+            y = self._place(y, getattr(out_sharding, "spec", out_sharding))
+        return y
+
+    def _call(self, inputs: jax.Array) -> jax.Array:
         with jax.named_scope(type(self).__name__):
             self._check_inputs(inputs, self.in_features, "in_features")
             self._check_sequence(inputs)
