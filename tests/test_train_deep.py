@@ -83,12 +83,23 @@ def _lm_loss(model, batch):
 
 
 @pytest.mark.parametrize(
-    "strategy, shape", [("fsdp", (1, 2, 1)), ("fsdp", (1, 4, 1)), ("fsdp+tp", (2, 2, 2))], ids=str
+    "strategy, shape, sp",
+    [
+        ("fsdp", (1, 2, 1), False),
+        ("fsdp", (1, 4, 1), False),
+        ("fsdp+tp", (2, 2, 2), False),
+        # ZeRO-1/2 with tensor parallelism (Megatron's distributed optimizer), and SP
+        ("zero2", (2, 1, 4), False),
+        ("zero1", (4, 1, 2), True),
+        ("zero2", (2, 2, 2), True),
+    ],
+    ids=str,
 )
-def test_tinylm_trains_like_one_device(strategy, shape):
+def test_tinylm_trains_like_one_device(strategy, shape, sp):
     data, fsdp, model = shape
     mesh = utils.mesh(data=data, fsdp=fsdp, model=model)
-    cfg = TinyLMConfig(vocab=32, d_model=32, n_layers=3, n_heads=2, d_ff=64, seq_len=8, remat=True)
+    cfg = TinyLMConfig(vocab=32, d_model=32, n_layers=3, n_heads=4, d_ff=64, seq_len=8, remat=True,
+                       sequence_parallel=sp)  # fmt: skip
     lang = NGramLanguage(vocab=32, seed=0)
     batches = []
     for step in range(STEPS):

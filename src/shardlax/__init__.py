@@ -20,6 +20,7 @@ from shardlax._axes import DATA as DATA
 from shardlax._axes import FSDP as FSDP
 from shardlax._axes import MODEL as MODEL
 from shardlax.fsdp import fully_shard as fully_shard
+from shardlax.fsdp import register_fsdp_forward_method as register_fsdp_forward_method
 from shardlax.mesh import make_mesh as make_mesh
 from shardlax.parallelize import Colwise as Colwise
 from shardlax.parallelize import Replicate as Replicate
@@ -56,6 +57,7 @@ __all__ = [
     "nn",
     "parallelize",
     "precision",
+    "register_fsdp_forward_method",
     "strategies",
     "train",
     "zero",

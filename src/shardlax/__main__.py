@@ -377,6 +377,10 @@ def _demo(args: argparse.Namespace, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["plan"]:  # compile-only scale-out study (shardlax.plan)
+        from shardlax import plan
+
+        return plan.main(argv[1:])
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if args.command != "demo":

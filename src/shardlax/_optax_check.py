@@ -135,9 +135,12 @@ def _shardlax_global_norm(tree, ord=None, squared=False):
 
 
 @contextlib.contextmanager
-def _marked_norm(norm=_shardlax_global_norm):
-    """optax's tree norm (what `zero.global_norm_hook` replaces) as one marked call."""
-    targets = [(optax.tree, "norm"), (optax.tree_utils, "tree_norm")]
+def _marked_norm(norm=_shardlax_global_norm, optax_norm: bool = True):
+    """The exact global norms as one marked call each: `shardlax.zero`'s own (always exact
+    on shards) and, with `optax_norm` (what `zero.global_norm_hook` replaces), optax's."""
+    targets = [(zero, "_norm")]
+    if optax_norm:
+        targets += [(optax.tree, "norm"), (optax.tree_utils, "tree_norm")]
     saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
     try:
         for mod, name in targets:
@@ -469,9 +472,9 @@ def exact_update(tx: Any, axes: str | Sequence[str]):
 
 
 # ------------------------------------------------------------------ the check
-def _trace(tx, params):
+def _trace(tx, params, norm_hook: bool = True):
     state = jax.eval_shape(tx.init, params)
-    with _marked_norm():
+    with _marked_norm(optax_norm=norm_hook):
         return jax.make_jaxpr(tx.update)(params, state, params), state
 
 
@@ -550,7 +553,7 @@ def check_flat_shard_exact(
 
     def program(params, which):
         try:
-            return _trace(tx, params)
+            return _trace(tx, params, norm_hook)
         except Exception as e:  # any tracing failure is a refusal
             _refuse(owner, strategy, "tx", f"tx.update fails to trace on the {which} shapes "
                     f"({type(e).__name__}: {str(e).splitlines()[0][:200]})", n, leaves)  # fmt: skip
@@ -560,7 +563,8 @@ def check_flat_shard_exact(
                                     (j_flat, flat, s_flat, _flat_kinds)):  # fmt: skip
         args = jax.tree.leaves((params, state, params))
         try:
-            _check(j.jaxpr, kinds(args), norm_hook, exact_reductions)
+            # a marked norm is exact: optax's is marked only under the hook
+            _check(j.jaxpr, kinds(args), True, exact_reductions)
         except NotExact as e:
             extra = "" if norm_hook else ", or keep optax_norm_hook=True"
             _refuse(owner, strategy, _transform_name(*e.eqns), e.reason, n, leaves, extra)

@@ -37,6 +37,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -213,6 +214,8 @@ class Trainer(_Steps):
             lambda x: placement.spec_of(x, self.mesh, _OWNER, "state"), rest
         )
         self.strategy.validate(self)
+        if self.strategy.shard_state:
+            self._check_tx_on_flat_shards()
         self.bucket_groups = self._plan_buckets(bucket_bytes)
         self.buckets = tuple(b for bs in self.bucket_groups.values() for b in bs)
         self._norm_reductions: list[tuple[tuple[str, ...], Any]] | None = None
@@ -226,6 +229,30 @@ class Trainer(_Steps):
             donate_argnums=0,
             out_shardings=(shardings, {"loss": jax.sharding.NamedSharding(self.mesh, P())}),
         )
+
+    def _check_tx_on_flat_shards(self) -> None:
+        """ZeRO runs `tx.update` on flat 1-D shards: refuse a transform that is not exact there.
+
+        `shardlax._optax_check` compares the traced update on the local
+        parameter shapes with the one on the flat shards (elementwise, same
+        program up to shapes; masks decided by `ndim`, per-parameter norms,
+        factored statistics are refused with the transform's name and fixes).
+        """
+        from shardlax import _optax_check
+
+        sharded = [p for p in self.placements if p.shard_state]
+        if not sharded:
+            return
+        local = jax.tree.unflatten(
+            self._treedef,
+            [jax.ShapeDtypeStruct(p.local_shape, self._reduce_dtype(s.dtype))
+             for p, s in zip(self.placements, self._shapes, strict=True)],
+        )  # fmt: skip
+        n = max(p.n_replicated for p in sharded)
+        _optax_check.check_flat_shard_exact(
+            self.tx, local, n, _OWNER, strategy=self.strategy.name,
+            norm_hook=self.optax_norm_hook,
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ layout
     def _plan_buckets(self, bucket_bytes):
@@ -507,9 +534,14 @@ class Trainer(_Steps):
                 Declared("all-reduce", self._loss_axes, "f32", 1, 4, "loss: mean over the batch")
             )
         for d in model_collectives:
-            grad_reduction = d.kind == "all-reduce" and set(d.axes) <= live
-            if grad_reduction and not (loss_in_model and d.bytes <= 4 * d.count):
-                continue  # a parameter gradient: reduced by the strategy's buckets
+            over_batch = d.kind == "all-reduce" and set(d.axes) & live
+            if over_batch and not (loss_in_model and d.bytes <= 4 * d.count):
+                # a parameter gradient: its sum over the batch axes is the strategy's
+                # (buckets below); what is left of it is the layer's sum over the others
+                rest = tuple(a for a in d.axes if a not in live)
+                if rest:
+                    out.append(dataclasses.replace(d, axes=rest))
+                continue
             out.append(d)
         for (axes, _), buckets in self.bucket_groups.items():
             for b in buckets:

@@ -1,0 +1,93 @@
+"""Corpus models with `fully_shard` units (FSDP2's pattern) train through the Trainer as on
+one device: per block, nested (blocks then the root) and whole-model, under fsdp (and
+zero2 over `data` on top of fsdp units over `fsdp`)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import shardlax
+from tests import utils
+from tests.models import CORPUS, batches, host, one_device_reference
+
+pytestmark = pytest.mark.standard_dtype_promotion
+
+N_STEPS = 3
+BATCH = 16
+MAX_NORM = 1e-3
+
+
+def tx():
+    return optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adamw(1e-2, weight_decay=0.1))
+
+
+@functools.cache
+def reference(name: str):
+    ctor, make_batch, loss_fn = CORPUS[name]
+    data = batches(make_batch, BATCH, N_STEPS)
+    return one_device_reference(ctor, loss_fn, tx(), data), data
+
+
+def wrap(model, how, mesh):
+    if how in ("per_block", "nested"):
+        for i in range(len(model.layers)):
+            model.layers[i] = shardlax.fully_shard(model.layers[i], mesh=mesh)
+    if how in ("nested", "whole"):
+        model = shardlax.fully_shard(model, mesh=mesh)
+    return model
+
+
+def logical(tree):
+    """Leaves keyed by their nnx path without the `module` hops of FSDP units."""
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(host(tree))[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        out[".".join(k for k in keys if k not in ("module", "value"))] = x
+    return out
+
+
+def compare(got, want, what):
+    got, want = logical(got), logical(want)
+    assert sorted(got) == sorted(want), what
+    for k, w in want.items():
+        if np.issubdtype(w.dtype, np.floating):
+            utils.assert_close(got[k], w, err_msg=f"{what} {k}")
+        else:
+            np.testing.assert_array_equal(got[k], w, err_msg=f"{what} {k}")
+
+
+CASES = [
+    ("decoder", "per_block", "fsdp", (1, 2, 1)),
+    ("decoder", "nested", "fsdp", (2, 2, 1)),
+    ("decoder_linear", "whole", "fsdp", (1, 4, 1)),
+    ("cnn", "whole", "fsdp", (1, 2, 1)),
+    ("mlp", "whole", "fsdp", (2, 2, 1)),
+    ("decoder", "per_block", "zero2", (2, 2, 1)),
+]
+
+
+@pytest.mark.parametrize(("name", "how", "strategy", "shape"), CASES, ids=str)
+def test_fully_shard_units_train_like_one_device(name, how, strategy, shape):
+    mesh = utils.mesh(*shape)
+    ref, data = reference(name)
+    ctor, _, loss_fn = CORPUS[name]
+    model = wrap(ctor(), how, mesh)
+    trainer = shardlax.Trainer(model, tx(), loss_fn, mesh=mesh, strategy=strategy)
+    assert any("fsdp" in str(p.spec) for p in trainer.placements)
+    state = trainer.init()
+    losses = []
+    with utils.count_compiles("_step") as compiles:
+        for batch in data:
+            state, metrics = trainer.step(state, batch)
+            losses.append(float(metrics["loss"]))
+    assert compiles.count == 1
+    utils.assert_close(np.array(losses), np.array(ref.losses), err_msg=f"{name} losses")
+    trained = trainer.model(state)
+    compare(nnx.state(trained, nnx.Param), ref.params, f"{name} params")
+    compare(nnx.state(trained, nnx.Not(nnx.Param)), ref.rest, f"{name} state")
