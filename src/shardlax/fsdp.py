@@ -78,7 +78,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import _fsdp_state, kernels
 from shardlax._axes import BATCH_AXES, FSDP
-from shardlax.audit import Declared, hlo_dtype
+from shardlax.declarations import Declared, hlo_dtype
 from shardlax.mesh import axes_size, check_axis, is_manual, live_axes, present_axes, resolve_mesh
 from shardlax.nn._base import ShardedLayer, gather_hlo_dtype
 from shardlax.precision import MixedPrecision

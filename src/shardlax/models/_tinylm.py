@@ -38,7 +38,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.audit import Declared
+from shardlax.declarations import Declared
 from shardlax.mesh import live_axes, resolve_mesh
 from shardlax.nn import ColumnParallelLinear, ParallelAttention, ParallelEmbed, ParallelMLP, RMSNorm
 from shardlax.nn._base import nbytes, run_shard_map

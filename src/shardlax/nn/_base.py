@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import BATCH_AXES, FSDP
-from shardlax.audit import Declared, hlo_dtype
+from shardlax.declarations import Declared, hlo_dtype
 from shardlax.mesh import (
     axes_size,
     check_axis,

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.audit import Declared
+from shardlax.declarations import Declared
 from shardlax.mesh import is_manual
 from shardlax.nn._base import ShardedLayer, nbytes, param_value
 from shardlax.nn._linear import _identity, metadata_param, shared_model_input

@@ -15,7 +15,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.audit import Declared
+from shardlax.declarations import Declared
 from shardlax.mesh import check_divisible, live_axes
 from shardlax.nn._base import AUTO, nbytes, run_shard_map, sharded_param
 from shardlax.nn._sequence import SequenceLayer

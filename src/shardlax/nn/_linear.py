@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.audit import Declared
+from shardlax.declarations import Declared
 from shardlax.mesh import check_divisible, is_manual
 from shardlax.nn._base import (
     AUTO,

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.audit import Declared
+from shardlax.declarations import Declared
 from shardlax.kernels._mlp import ACTIVATIONS
 from shardlax.nn._base import AUTO, nbytes
 from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear

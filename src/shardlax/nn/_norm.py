@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.audit import Declared
+from shardlax.declarations import Declared
 from shardlax.nn._base import AUTO, param_value, run_shard_map, sharded_param
 from shardlax.nn._sequence import SequenceLayer
 
