@@ -36,9 +36,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlax import kernels
+from shardlax import declarations, kernels
 from shardlax._axes import MODEL
-from shardlax.declarations import Declared
+from shardlax.declarations import Declared, Role
 from shardlax.mesh import live_axes, resolve_mesh
 from shardlax.nn import ColumnParallelLinear, ParallelAttention, ParallelEmbed, ParallelMLP, RMSNorm
 from shardlax.nn._base import nbytes, run_shard_map
@@ -179,9 +179,12 @@ class Block(nnx.Module):
             *self.mlp.declared_collectives(shape, grad=grad),
         ]
         if grad and remat:
-            dead = ("mlp: sum y", "mlp: scatter y", "gather mlp.down.kernel")
             again = self.declared_collectives(shape, grad=False)
-            out += [d for d in again if d.why not in dead]
+            out += declarations.drop(
+                again,
+                {"role": Role.ACTIVATION, "module": "mlp", "tag": "y"},
+                {"role": Role.PARAM_GATHER, "param": "mlp.down.kernel"},
+            )
         return out
 
 

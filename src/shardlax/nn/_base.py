@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import BATCH_AXES, FSDP
-from shardlax.declarations import Declared, hlo_dtype
+from shardlax.declarations import Declared, Role, hlo_dtype
 from shardlax.mesh import (
     axes_size,
     check_axis,
@@ -190,13 +190,17 @@ class ShardedLayer(nnx.Module):
         return shape
 
     def _declare(
-        self, kind: str, axes: Sequence[str], dtype: Any, nbytes: int, why: str
+        self, kind: str, axes: Sequence[str], dtype: Any, nbytes: int, why: str, **fields: Any
     ) -> list[Declared]:
-        """One declared collective, or none when every axis has size 1."""
+        """One declared collective, or none when every axis has size 1.
+
+        `fields`: the structured record (`role`, `phase`, `module`, `param`,
+        `tag` of `shardlax.declarations.Declared`); `why` is display text only.
+        """
         live = tuple(a for a in axes if self.mesh.shape[a] > 1)
         if not live:
             return []
-        return [Declared(kind, live, hlo_dtype(dtype), 1, int(nbytes), why)]
+        return [Declared(kind, live, hlo_dtype(dtype), 1, int(nbytes), why, **fields)]
 
     # ----------------------------------------------------------------- FSDP
 
@@ -382,7 +386,8 @@ class ShardedLayer(nnx.Module):
             axes = (*self.batch_axes, *token_axes)
             return self._declare("all-reduce", axes, stored, nbytes, f"d{why}")
         gname = gather_hlo_dtype(gdt)
-        out = self._declare_as("all-gather", (self.fsdp_axis,), gname, full, f"gather {why}")
+        out = self._declare_as("all-gather", (self.fsdp_axis,), gname, full, f"gather {why}",
+                               role=Role.PARAM_GATHER, param=why)  # fmt: skip
         if not grad:
             return out
         if regather:
@@ -396,12 +401,13 @@ class ShardedLayer(nnx.Module):
         return out
 
     def _declare_as(
-        self, kind: str, axes: Sequence[str], hlo_dtype: str, nbytes: int, why: str
-    ) -> list[Declared]:
+        self, kind: str, axes: Sequence[str], hlo_dtype: str, nbytes: int, why: str,
+        **fields: Any,
+    ) -> list[Declared]:  # fmt: skip
         live = tuple(a for a in axes if self.mesh.shape[a] > 1)
         if not live:
             return []
-        return [Declared(kind, live, hlo_dtype, 1, int(nbytes), why)]
+        return [Declared(kind, live, hlo_dtype, 1, int(nbytes), why, **fields)]
 
     def _replicated_for_grad(self, *params: jax.Array | None) -> list[jax.Array | None]:
         """Cast batch-replicated parameters to varying over the batch axes.

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.declarations import Declared
+from shardlax.declarations import Declared, Role
 from shardlax.kernels._mlp import ACTIVATIONS
 from shardlax.nn._base import AUTO, nbytes
 from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
@@ -155,9 +155,11 @@ def _activation_collectives(
     if layer.sequence_parallel:
         out += layer._declare("all-gather", m, dtype, nbytes(full_in, dtype), f"{name}: gather x")
         out += layer._declare("reduce-scatter", m, dtype, nbytes(full_out, dtype),
-                              f"{name}: scatter y")  # fmt: skip
+                              f"{name}: scatter y", role=Role.ACTIVATION, module=name,
+                              tag="y")  # fmt: skip
     else:
-        out += layer._declare("all-reduce", m, dtype, nbytes(full_out, dtype), f"{name}: sum y")
+        out += layer._declare("all-reduce", m, dtype, nbytes(full_out, dtype), f"{name}: sum y",
+                              role=Role.ACTIVATION, module=name, tag="y")  # fmt: skip
     if grad:
         if layer.sequence_parallel:
             out += layer._declare("all-gather", m, dtype, nbytes(full_out, dtype), f"{name}: dy")
