@@ -77,6 +77,11 @@ BAD = [
     (["--sequence-parallel", "--seq-len", "7", "--mesh", "1,1,2", "--batch", "2"],
      r"^--seq-len 7: --sequence-parallel splits the sequence .* Use --seq-len 8"),
     (["--model", "mlp", "--d-ff", "30", "--mesh", "1,1,4"], r"^--d-ff 30: the MLP width"),
+    (["--model", "mlp", "--save", "ck"], r"^--save ck: only the TinyLM demo saves and resumes"),
+    (["--resume", "/nonexistent-ck"], r"^--resume /nonexistent-ck: no demo checkpoint there"),
+    (["--resume", "/nonexistent-ck", "--processes", "2"],
+     r"^--resume /nonexistent-ck: resuming runs in one process"),
+    (["--save", "/proc/forbidden"], r"^--save /proc/forbidden: the folder cannot be created"),
 ]  # fmt: skip
 
 

@@ -115,6 +115,26 @@ def test_lm_demo_sweep(tmp_path, argv):
 
 @pytest.mark.slow
 @pytest.mark.standard_dtype_promotion
+def test_lm_demo_saves_on_one_mesh_and_resumes_on_another(tmp_path):
+    """--save on (2,2,2), --resume on (1,4,1): the run continues at the saved step, and the
+    resumed sharded run still equals the one-device run resumed from the same checkpoint."""
+    flags = ["--steps", "3", "--layers", "1", "--seq-len", "8", "--batch", "8",
+             "--d-model", "32", "--heads", "2", "--log-every", "1"]  # fmt: skip
+    ck = tmp_path / "ck"
+    assert main(["demo", *flags, "--mesh", "2,2,2", "--save", str(ck),
+                 "--out", str(tmp_path / "a")]) == 0  # fmt: skip
+    first = json.loads((tmp_path / "a" / "demo.json").read_text())
+    assert main(["demo", *flags, "--mesh", "1,4,1", "--resume", str(ck),
+                 "--out", str(tmp_path / "b")]) == 0  # fmt: skip
+    resumed = json.loads((tmp_path / "b" / "demo.json").read_text())
+    assert resumed["agreement"]["ok"]
+    utils.assert_close(resumed["losses_sharded"], resumed["losses_single"])
+    # it continued training: below where the first run ended, not back at the start
+    assert resumed["losses_single"][0] < first["losses_single"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.standard_dtype_promotion
 def test_lm_demo_across_two_processes_equals_one_device(tmp_path):
     """2 local processes joined by jax.distributed train like one device (and so like 1 process).
 

@@ -112,6 +112,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", default="shardlax-demo", help="folder for demo.json (and loss.png for --model lm)"
     )
     demo.add_argument(
+        "--save",
+        default=None,
+        metavar="DIR",
+        help="--model lm: save the sharded model and optimizer (logical layout) at the end",
+    )
+    demo.add_argument(
+        "--resume",
+        default=None,
+        metavar="DIR",
+        help="--model lm: start from a --save DIR written on any mesh (continues its steps)",
+    )
+    demo.add_argument(
         "--processes",
         type=int,
         default=1,
@@ -247,6 +259,7 @@ def check_flags(args: argparse.Namespace) -> None:
             f"Use a {flag} for which the MLP width is a multiple of {model}, or a mesh whose "
             f"model size divides {d_ff}.",
         )  # fmt: skip
+    check_checkpoint_flags(args)
     if args.model == "mlp":
         return
     kv = args.kv_heads or heads
@@ -288,6 +301,44 @@ def check_flags(args: argparse.Namespace) -> None:
             f"(size {model}), and {model} does not divide {args.seq_len}",
             f"Use --seq-len {_up(args.seq_len, model)}, or drop --sequence-parallel.",
         )  # fmt: skip
+
+
+def check_checkpoint_flags(args: argparse.Namespace) -> None:
+    """--save / --resume: the LM demo only; a resume folder must hold a demo checkpoint."""
+    for flag, value in (("--save", args.save), ("--resume", args.resume)):
+        if value is not None and args.model != "lm":
+            raise _fail(flag, value, "only the TinyLM demo saves and resumes",
+                        f"Drop {flag}, or use --model lm.")  # fmt: skip
+    if args.resume is not None:
+        if args.processes > 1:
+            raise _fail("--resume", args.resume, "resuming runs in one process",
+                        "Drop --processes, or drop --resume.")  # fmt: skip
+        for part in ("model", "optimizer"):
+            where = os.path.join(args.resume, part)
+            marks = ("shardlax_checkpoint.json", "_CHECKPOINT_METADATA")  # training / model
+            if not any(os.path.isfile(os.path.join(where, m)) for m in marks):
+                raise _fail(
+                    "--resume", args.resume,
+                    f"no demo checkpoint there ({os.path.join(args.resume, part)} is not a "
+                    f"shardlax checkpoint)",
+                    "Pass the folder a run with --save DIR wrote.",
+                )  # fmt: skip
+    if args.save is not None:
+        for part in ("model", "optimizer"):
+            where = os.path.join(args.save, part)
+            if os.path.isdir(where) and os.listdir(where):
+                raise _fail(
+                    "--save", args.save, f"{where} already holds files",
+                    "Pass --save a new or empty folder.",
+                )  # fmt: skip
+        try:
+            os.makedirs(args.save, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=args.save, prefix=".shardlax-probe-"):
+                pass
+        except OSError as e:
+            raise _fail("--save", args.save,
+                        f"the folder cannot be created or written ({e.strerror or e})",
+                        "Pass --save a folder you can write to.") from None  # fmt: skip
 
 
 def check_out(out: str) -> str:

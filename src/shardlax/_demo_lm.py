@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardlax
-from shardlax import audit
+from shardlax import audit, checkpoint
 from shardlax._launch import FlagError, elapsed, phase
 from shardlax.data import NGramLanguage
 from shardlax.models import TinyLM, TinyLMConfig
@@ -277,10 +277,19 @@ def run(args: argparse.Namespace) -> dict:
     batch_axes = tuple(a for a in ("data", "fsdp") if mesh.shape[a] > 1)
     opt_s = _optimizer(sharded, mesh, args.lr, args.weight_decay)
     step_s = _make_step()
+    start = 0
+    if args.resume:  # any mesh's --save: restored into this mesh's layout
+        for obj, part in ((sharded, "model"), (opt_s, "optimizer")):
+            checkpoint.restore_model(os.path.join(args.resume, part), obj)
+        start = int(np.asarray(opt_s.step[...].addressable_data(0)))
+        phase(f"resumed from {args.resume} at step {start}")
     if lead:  # the single-device references live on process 0's first device
         one = shardlax.make_mesh(devices=[jax.local_devices()[0]])
         single = TinyLM(cfg, mesh=one, rngs=nnx.Rngs(args.seed))
         opt_1 = _optimizer(single, one, args.lr, args.weight_decay)
+        if args.resume:  # the one-device references resume from the same checkpoint
+            for obj, part in ((single, "model"), (opt_1, "optimizer")):
+                checkpoint.restore_model(os.path.join(args.resume, part), obj)
         single_bytes = _bytes(nnx.state(single, nnx.Param))
         graphdef, state_1 = nnx.split((single, opt_1))
         # the permuted run starts from the same values, in the same layout (one compile)
@@ -324,7 +333,7 @@ def run(args: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     _say(f"\n{'step':>6} {'sharded':>10} {'1 device':>10} {'rel diff':>9} {'permuted':>9} "
          f"{'time':>7}")  # fmt: skip
-    for step in range(args.steps):
+    for step in range(start, start + args.steps):
         inputs, targets = batch(step)
         xs, ys = _global_batch(mesh, batch_axes, inputs), _global_batch(mesh, batch_axes, targets)
         loss_s = float(step_s(sharded, opt_s, xs, ys))
@@ -337,12 +346,17 @@ def run(args: argparse.Namespace) -> dict:
             loss_1, loss_p = float(loss_1), float(loss_p)
             losses_1.append(loss_1)
             losses_p.append(loss_p)
-            if step % args.log_every == 0 or step == args.steps - 1:
+            if step % args.log_every == 0 or step == start + args.steps - 1:
                 scale = max(abs(loss_1), 1e-30)
                 _say(f"{step:>6} {loss_s:>10.5f} {loss_1:>10.5f} "
                      f"{abs(loss_s - loss_1) / scale:>9.1e} {abs(loss_p - loss_1) / scale:>9.1e} "
                      f"{time.perf_counter() - t0:>6.1f}s")  # fmt: skip
     run_s = time.perf_counter() - t0
+    if args.save:  # every process writes its own shards
+        for obj, part in ((sharded, "model"), (opt_s, "optimizer")):
+            checkpoint.save_model(os.path.join(args.save, part), obj)
+        checkpoint.wait()
+        phase(f"saved the sharded model and optimizer to {args.save} (logical layout)")
     phase(f"trained {args.steps} steps in {run_s:.1f} s ({run_s / args.steps * 1e3:.0f} ms per "
           f"step for the three runs)")  # fmt: skip
 
