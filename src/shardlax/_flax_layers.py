@@ -35,6 +35,7 @@ from flax import nnx
 from flax.nnx import rnglib
 
 from shardlax import kernels
+from shardlax.nn._dropout import draw_key
 
 _RECORD = threading.local()
 
@@ -91,13 +92,8 @@ class GlobalMaskDropout(nnx.Dropout):
             # flax's own code for these cases (its errors included)
             return nnx.Dropout.__call__(self, inputs, deterministic=deterministic, rngs=rngs)
         rngs = self.rngs if rngs is None else rngs
-        if isinstance(rngs, rnglib.Rngs):
-            key = rngs[self.rng_collection]()
-        elif isinstance(rngs, rnglib.RngStream):
-            key = rngs()
-        elif isinstance(rngs, jax.Array):
-            key = rngs
-        else:
+        key = draw_key(rngs, self.rng_collection)
+        if key is None:  # flax's own error for what it does not accept
             return nnx.Dropout.__call__(self, inputs, deterministic=deterministic, rngs=rngs)
         if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
             key = jax.random.key_data(key)

@@ -23,11 +23,11 @@ from collections.abc import Iterator
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from flax.nnx import rnglib
 from flax.nnx.nn import normalization
 from flax.nnx.nn.stochastic import first_from
 
 from shardlax import kernels
+from shardlax.nn._dropout import draw_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,13 +110,8 @@ class _UnitDropout(nnx.Dropout):
             self.rngs,
             error_msg="`deterministic` is False, but no `rngs` argument was provided to Dropout.",
         )
-        if isinstance(rngs, rnglib.Rngs):
-            key = rngs[self.rng_collection]()
-        elif isinstance(rngs, rnglib.RngStream):
-            key = rngs()
-        elif isinstance(rngs, jax.Array):
-            key = rngs
-        else:
+        key = draw_key(rngs, self.rng_collection)
+        if key is None:
             raise TypeError(f"rngs must be a Rngs, RngStream or jax.Array, got {type(rngs)}.")
         batch = _batch()
         split = [a for a in batch.axes if a in kernels.varying_axes(inputs)]

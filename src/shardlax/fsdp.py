@@ -81,17 +81,10 @@ from shardlax._axes import BATCH_AXES, FSDP
 from shardlax.declarations import Declared, hlo_dtype
 from shardlax.mesh import axes_size, check_axis, is_manual, live_axes, present_axes, resolve_mesh
 from shardlax.nn._base import ShardedLayer, gather_hlo_dtype
+from shardlax.placement import path_str
 from shardlax.precision import MixedPrecision
 
-
-def _path_str(path: Sequence[Any]) -> str:
-    parts = []
-    for k in path:
-        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-        if name == "value":
-            continue
-        parts.append(str(name))
-    return ".".join(parts)
+_path_str = path_str  # one spelling of nnx paths (shardlax.placement)
 
 
 def _path_key(path: Sequence[Any]) -> tuple:

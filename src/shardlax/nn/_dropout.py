@@ -17,6 +17,18 @@ from shardlax.nn._base import run_shard_map
 from shardlax.nn._sequence import SequenceLayer
 
 
+def draw_key(rngs, rng_collection: str):
+    """The key a dropout draws from `rngs` as `nnx.Dropout` does (an `nnx.Rngs` stream is
+    advanced by one), or None when `rngs` is none of `Rngs`, `RngStream`, `jax.Array`."""
+    if isinstance(rngs, rnglib.Rngs):
+        return rngs[rng_collection]()
+    if isinstance(rngs, rnglib.RngStream):
+        return rngs()
+    if isinstance(rngs, jax.Array):
+        return rngs
+    return None
+
+
 class Dropout(SequenceLayer):
     """`nnx.Dropout` whose mask depends on the key and each element's global position only.
 
@@ -111,13 +123,8 @@ class Dropout(SequenceLayer):
                     f"to Dropout as either a __call__ argument or class attribute. Pass "
                     f"rngs=nnx.Rngs(dropout=0) to the constructor or a key to the call."
                 )
-            if isinstance(rngs, rnglib.Rngs):
-                key = rngs[self.rng_collection]()
-            elif isinstance(rngs, rnglib.RngStream):
-                key = rngs()
-            elif isinstance(rngs, jax.Array):
-                key = rngs
-            else:
+            key = draw_key(rngs, self.rng_collection)
+            if key is None:
                 raise TypeError(
                     f"{owner}: `deterministic` is False but no rngs were given (got "
                     f"{type(rngs).__name__}). Pass rngs=nnx.Rngs(dropout=0) to the constructor "
