@@ -34,6 +34,30 @@ hypothesis.settings.register_profile(
 hypothesis.settings.load_profile(os.environ.get("SHARDLAX_HYPOTHESIS_PROFILE", "ci"))
 
 
+#: Test files whose every test is heavy (marked `slow`: `pytest -m slow` runs them, CI runs
+#: them after the default suite). Each is end-to-end: whole models trained on several meshes
+#: against one device, abstract compiles of cluster-sized programs, subprocesses.
+SLOW_FILES = {
+    "test_benchmarks.py",
+    "test_checkpoint.py",
+    "test_checkpoint_bench.py",
+    "test_checkpoint_process.py",
+    "test_models_corpus.py",
+    "test_parallelize.py",
+    "test_plan.py",
+    "test_readme.py",
+    "test_train_deep.py",
+    "test_trainer_corpus.py",
+    "test_trainer_fsdp_units.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_report_header(config):
     return (
         f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, "
