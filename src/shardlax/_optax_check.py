@@ -135,10 +135,11 @@ def _shardlax_global_norm(tree, ord=None, squared=False):
 
 
 @contextlib.contextmanager
-def _marked_norm(norm=_shardlax_global_norm, optax_norm: bool = True):
+def _marked_norm(norm=_shardlax_global_norm, optax_norm: bool = True, zero_norm: bool = True):
     """The exact global norms as one marked call each: `shardlax.zero`'s own (always exact
-    on shards) and, with `optax_norm` (what `zero.global_norm_hook` replaces), optax's."""
-    targets = [(zero, "_norm")]
+    on shards; not when `norm` itself calls it) and, with `optax_norm` (what
+    `zero.global_norm_hook` replaces), optax's."""
+    targets = [(zero, "_norm")] if zero_norm else []
     if optax_norm:
         targets += [(optax.tree, "norm"), (optax.tree_utils, "tree_norm")]
     saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
@@ -465,7 +466,7 @@ def exact_update(tx: Any, axes: str | Sequence[str]):
         def _shardlax_global_norm(tree, ord=None, squared=False):
             return zero._norm(tree, ord=ord, squared=squared)
 
-        with _marked_norm(_shardlax_global_norm):
+        with _marked_norm(_shardlax_global_norm, zero_norm=False):
             return _call_exact(tx, updates, state, params, all_reduce)
 
     return update
@@ -567,7 +568,11 @@ def check_flat_shard_exact(
             _check(j.jaxpr, kinds(args), True, exact_reductions)
         except NotExact as e:
             extra = "" if norm_hook else ", or keep optax_norm_hook=True"
-            _refuse(owner, strategy, _transform_name(*e.eqns), e.reason, n, leaves, extra)
+            reason = e.reason
+            if not norm_hook:
+                reason += (" (with optax_norm_hook=False optax's global norm is such a "
+                           "reduction)")  # fmt: skip
+            _refuse(owner, strategy, _transform_name(*e.eqns), reason, n, leaves, extra)
     a, b = _canon(j_log.jaxpr), _canon(j_flat.jaxpr)
     if a != b:
         i = _first_difference(a, b)
