@@ -235,8 +235,10 @@ def global_norm_hook():
     `shard_map` the replacement computes the plain norm, so it changes nothing
     there. Restored on exit; re-entrant and serialised across threads.
     """
+    from optax._src import linear_algebra  # optax < 0.2.8's clip calls its global_norm
+
     tree_utils = optax.tree_utils
-    targets = [(optax.tree, "norm"), (tree_utils, "tree_norm")]
+    targets = [(optax.tree, "norm"), (tree_utils, "tree_norm"), (linear_algebra, "global_norm")]
     with _HOOK_LOCK:
         saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
 
