@@ -141,10 +141,7 @@ def _marked_norm(norm=_shardlax_global_norm, optax_norm: bool = True, zero_norm:
     `zero.global_norm_hook` replaces), optax's."""
     targets = [(zero, "_norm")] if zero_norm else []
     if optax_norm:
-        from optax._src import linear_algebra  # optax < 0.2.8's clip calls its global_norm
-
-        targets += [(optax.tree, "norm"), (optax.tree_utils, "tree_norm"),
-                    (linear_algebra, "global_norm")]  # fmt: skip
+        targets += zero.optax_norm_targets()
     saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
     try:
         for mod, name in targets:

@@ -225,6 +225,17 @@ def record_norms():
         _RECORD.axes = saved
 
 
+def optax_norm_targets() -> list[tuple[Any, str]]:
+    """The (module, name) of every tree norm optax's global-norm users look up when traced.
+
+    `optax.tree.norm` and `optax.tree_utils.tree_norm`, and the
+    `linear_algebra.global_norm` that `clip_by_global_norm` calls before optax 0.2.8.
+    """
+    from optax._src import linear_algebra
+
+    return [(optax.tree, "norm"), (optax.tree_utils, "tree_norm"), (linear_algebra, "global_norm")]
+
+
 @contextlib.contextmanager
 def global_norm_hook():
     """While active, optax's tree norms are `kernels.sharded_tree_norm`.
@@ -235,10 +246,7 @@ def global_norm_hook():
     `shard_map` the replacement computes the plain norm, so it changes nothing
     there. Restored on exit; re-entrant and serialised across threads.
     """
-    from optax._src import linear_algebra  # optax < 0.2.8's clip calls its global_norm
-
-    tree_utils = optax.tree_utils
-    targets = [(optax.tree, "norm"), (tree_utils, "tree_norm"), (linear_algebra, "global_norm")]
+    targets = optax_norm_targets()
     with _HOOK_LOCK:
         saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
 
