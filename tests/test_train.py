@@ -249,6 +249,28 @@ def test_state_bytes_per_device(strategy):
     assert trainer.state_bytes()["opt_state"] == max(per_device.values()) + 4  # + the count
 
 
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_abstract_state_is_init_without_memory(strategy):
+    """abstract_state(): init()'s shapes, dtypes and shardings; compiles the step; of an
+    abstract (nnx.eval_shape) model too."""
+    mesh = utils.mesh(data=4)
+    trainer = train.Trainer(MLP(nnx.Rngs(0)), adamw_clipped(), loss_fn, mesh=mesh,
+                            strategy=strategy)  # fmt: skip
+    state = trainer.init()
+    abstract = trainer.abstract_state()
+    assert jax.tree.structure(abstract) == jax.tree.structure(state)
+    for a, x in zip(jax.tree.leaves(abstract), jax.tree.leaves(state), strict=True):
+        assert isinstance(a, jax.ShapeDtypeStruct)
+        assert (a.shape, a.dtype, a.sharding) == (x.shape, x.dtype, x.sharding)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), make_batch(16))
+    trainer.step.lower(abstract, batch).compile()
+    lazy = train.Trainer(nnx.eval_shape(lambda: MLP(nnx.Rngs(0))), adamw_clipped(), loss_fn,
+                         mesh=mesh, strategy=strategy)  # fmt: skip
+    assert jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), lazy.abstract_state()) == (
+        jax.tree.map(lambda a: (a.shape, a.dtype, a.sharding), abstract)
+    )
+
+
 def test_donation_reuses_the_old_state():
     """The old state is donated (its buffers deleted) and no 'not usable' warning is raised."""
     mesh = utils.mesh(data=2)

@@ -263,7 +263,7 @@ def study(
 
     model = nnx.eval_shape(lambda: TinyLM(config, mesh=mesh, rngs=nnx.Rngs(0)))
     trainer = shardlax.Trainer(model, tx, lambda m, b: m.loss(*b), mesh=mesh, strategy=strategy)
-    state = _abstract_state(trainer, mesh)
+    state = trainer.abstract_state()
     batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
     tok = jax.ShapeDtypeStruct((batch, seq), jax.numpy.int32,
                                sharding=NamedSharding(mesh, P(batch_axes)))  # fmt: skip
@@ -301,32 +301,6 @@ def study(
         gspmd=twin,
         single=one,
         ideal_arguments=ideal_args,
-    )
-
-
-def _abstract_state(trainer, mesh):
-    """`trainer.init()` traced with abstract parameters: a TrainState of ShapeDtypeStructs.
-
-    (Uses the Trainer's initial parameters, which `nnx.eval_shape` made abstract.)
-    """
-    import jax
-    from jax.sharding import NamedSharding
-
-    saved = trainer._init_params, trainer._init_rest
-
-    def init(params, rest):
-        trainer._init_params, trainer._init_rest = params, rest
-        try:
-            return trainer.init()
-        finally:
-            trainer._init_params, trainer._init_rest = saved
-
-    out = jax.eval_shape(init, *saved)
-    specs = trainer.state_specs()
-    return jax.tree.map(
-        lambda s, spec: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=NamedSharding(mesh, spec)),
-        out,
-        specs,
     )
 
 

@@ -155,12 +155,10 @@ class Trainer(_Steps):
         for a in data_axes:
             check_axis(self.mesh, a, _OWNER, "data_axis")
         self.fsdp_axis, self.tp_axis = fsdp_axis, tp_axis
+        for argument in self.strategy.needs_axes:
+            check_axis(self.mesh, getattr(self, argument), _OWNER, argument)
         if fsdp_axis in self.mesh.axis_names and fsdp_axis not in data_axes:
             data_axes = (*data_axes, fsdp_axis)  # the batch is split over fsdp too
-        elif self.strategy.name.startswith("fsdp"):
-            check_axis(self.mesh, fsdp_axis, _OWNER, "fsdp_axis")
-        if self.strategy.name == "fsdp+tp":
-            check_axis(self.mesh, tp_axis, _OWNER, "tp_axis")
         if tp_axis in data_axes:
             raise ValueError(
                 f"{_OWNER}(data_axis={data_axis!r}, tp_axis={tp_axis!r}): the tensor-parallel "
@@ -292,7 +290,7 @@ class Trainer(_Steps):
 
     @property
     def layer_sharded(self) -> bool:
-        return self.strategy.name.startswith("fsdp")
+        return self.strategy.layer_sharded
 
     @property
     def sharded_state(self) -> bool:
@@ -354,12 +352,8 @@ class Trainer(_Steps):
         policy = self.mixed_precision
         return jnp.dtype(stored) if policy is None else policy.grad_reduce_dtype(stored)
 
-    def init(self) -> TrainState:
-        """The first `TrainState`: the model's parameters, placed, and `tx.init` of them.
-
-        Under zero1/zero2 the optimizer state is initialised on the flat,
-        zero-padded parameters (`shardlax.placement`), 1/N per device.
-        """
+    def _initializer(self):
+        """`make(params, rest) -> TrainState` and the specs (for init and abstract_state)."""
         specs = self.state_specs()
         places = self.placements
 
@@ -391,8 +385,33 @@ class Trainer(_Steps):
                 opt = self.tx.init(params)
             return TrainState(params, opt, rest, jnp.zeros((), jnp.int32), master)
 
+        return make, specs
+
+    def init(self) -> TrainState:
+        """The first `TrainState`: the model's parameters, placed, and `tx.init` of them.
+
+        Under zero1/zero2 the optimizer state is initialised on the flat,
+        zero-padded parameters (`shardlax.placement`), 1/N per device.
+        """
+        make, specs = self._initializer()
         return jax.jit(make, out_shardings=self._shardings(specs))(
             self._init_params, self._init_rest
+        )
+
+    def abstract_state(self) -> TrainState:
+        """`init()`'s result as `jax.ShapeDtypeStruct`s with their shardings; nothing allocated.
+
+        For compile-only studies (`shardlax.plan`): `trainer.step.lower(
+        trainer.abstract_state(), batch_structs).compile()` reports the per-device
+        memory and collectives of a configuration without its memory. The model
+        may itself be abstract (built under `nnx.eval_shape`).
+        """
+        make, specs = self._initializer()
+        out = jax.eval_shape(make, self._init_params, self._init_rest)
+        return jax.tree.map(
+            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+            out,
+            self._shardings(specs),
         )
 
     def model(self, state: TrainState) -> nnx.Module:

@@ -38,6 +38,10 @@ class Strategy:
     summary: ClassVar[str] = ""
     #: Position in `names()` (the order of the table in the package docstring).
     order: ClassVar[int] = 100
+    #: The Trainer arguments naming mesh axes this strategy needs (checked to exist).
+    needs_axes: ClassVar[tuple[str, ...]] = ()
+    #: Parameters are split by the model's own layers (FSDP), not only by the optimizer.
+    layer_sharded: ClassVar[bool] = False
 
     def validate(self, trainer: Any) -> None:
         """Raise a clear error when the model or mesh does not fit this strategy."""

@@ -28,10 +28,11 @@ class FullyShard(DataParallel):
     name = "fsdp"
     order = 3
     summary = "parameters, gradients and optimizer state split over fsdp by the layers"
-    _needs = (("fsdp_axis", "fsdp"),)
+    needs_axes = ("fsdp_axis",)
+    layer_sharded = True
 
     def validate(self, trainer) -> None:
-        for argument, role in self._needs:
+        for argument in self.needs_axes:
             axis = getattr(trainer, argument)
             size = trainer.mesh.shape[axis]
             if size > 1 and not _split_over(trainer, axis):
@@ -40,7 +41,7 @@ class FullyShard(DataParallel):
                     f"(FSDP2's pattern), or build it from shardlax.nn layers on this mesh (they "
                     f"split their parameters over {axis!r}); or use strategy='zero2' to keep "
                     f"the parameters replicated and split only the optimizer state."
-                    if role == "fsdp"
+                    if argument == "fsdp_axis"
                     else "Build the model from shardlax.nn tensor-parallel layers, or apply "
                     "shardlax.parallelize(model, plan, mesh=mesh) to the model you have."
                 )
@@ -58,4 +59,4 @@ class FullyShardTP(FullyShard):
     name = "fsdp+tp"
     order = 4
     summary = "fsdp, with tensor-parallel layers over the model axis"
-    _needs = (("fsdp_axis", "fsdp"), ("tp_axis", "model"))
+    needs_axes = ("fsdp_axis", "tp_axis")
