@@ -1,6 +1,7 @@
 """Flax NNX layers whose every collective is written by hand in `shardlax.kernels`."""
 
 from ._attention import ParallelAttention as ParallelAttention
+from ._base import place_params as place_params
 from ._dropout import Dropout as Dropout
 from ._einsum import ParallelEinsum as ParallelEinsum
 from ._embed import ParallelEmbed as ParallelEmbed
@@ -19,5 +20,6 @@ __all__ = [
     "ParallelMLP",
     "RMSNorm",
     "RowParallelLinear",
+    "place_params",
     "vocab_parallel_cross_entropy",
 ]

@@ -80,12 +80,78 @@ def param_value(p: nnx.Param | None) -> jax.Array | None:
     return None if p is None else p[...]
 
 
+#: The forward methods at whose entry a layer places loaded parameters (`place_params`).
+FORWARD_METHODS = ("__call__", "attend")
+
+
 class ShardedLayer(nnx.Module):
-    """Mixin with the mesh, the axis names, and the checks every layer runs."""
+    """Mixin with the mesh, the axis names, and the checks every layer runs.
+
+    Every forward method (`FORWARD_METHODS`) of a subclass first runs
+    `place_params`, so weights loaded the ordinary way (`param.set_value(
+    numpy_array)`, `nnx.update(model, host_state)`, `param[...] = x`) are laid
+    out as the layer stores them before its `shard_map` sees them.
+    """
 
     mesh: Mesh
     axis_name: str
     batch_axes: tuple[str, ...]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in FORWARD_METHODS:
+            fn = cls.__dict__.get(name)
+            if fn is not None and not getattr(fn, "_places_params", False):
+                setattr(cls, name, _placing(fn))
+
+    def place_params(self) -> None:
+        """Lay every parameter of this layer out as its spec says (`<name>_spec`).
+
+        Eager: a parameter whose value is not an array laid out as its spec on
+        this layer's mesh (a host `numpy` array, an unsharded or single-device
+        `jax.Array`, another layout) is moved there with one explicit
+        `jax.device_put` and stored back, so it moves once. Traced (under
+        `jit`): nothing is stored; a value that arrives unsharded is
+        constrained to the spec at the layer's `shard_map` (`run_shard_map`:
+        a local slice forward; its gradient then leaves gathered back to the
+        unsharded layout, one all-gather per parameter, because jit returns a
+        gradient in its parameter's layout; place the weights before the jitted
+        call to avoid it), and a value laid out with *other* mesh axes is a
+        ValueError naming the parameter and the fix (resharding it would be a
+        collective the layer does not declare). A no-op in manual mode (inside
+        the Trainer's step every value is already a local shard).
+        """
+        if is_manual(self.mesh):
+            return
+        for name, var in list(vars(self).items()):
+            if not isinstance(var, nnx.Param):
+                continue
+            spec = getattr(self, f"{name}_spec", None)
+            if not isinstance(spec, P):
+                continue
+            value = var.get_value()
+            if isinstance(value, jax.core.Tracer):
+                self._check_traced_param(name, value, spec)
+            elif not _laid_out(value, self.mesh, spec):
+                var.set_value(jax.device_put(value, NamedSharding(self.mesh, spec)))
+
+    def _check_traced_param(self, name: str, value: jax.Array, spec: P) -> None:
+        if not _explicit(self.mesh):
+            return  # Auto mesh: shard_map takes any layout (GSPMD moves it, as for any input)
+        have = _spec_entries(_type_spec(value), value.ndim, self.mesh)
+        want = _spec_entries(spec, value.ndim, self.mesh)
+        if have == want or not any(have):
+            return  # as stored, or unsharded: `run_shard_map` constrains it to `spec`
+        owner = type(self).__name__
+        sizes = {a: self.mesh.shape[a] for e in have for a in e}
+        raise ValueError(
+            f"{owner}: parameter {name!r} ({value.dtype}{list(value.shape)}) arrives under jit "
+            f"laid out as {P(*have)} over mesh axes {sizes}, but the layer stores it as "
+            f"{spec}; resharding it inside the jitted program would run collectives the layer "
+            f"does not declare. Place it before the jitted call: layer.{name}.set_value("
+            f"jax.device_put(layer.{name}[...], NamedSharding(mesh, {spec}))), or call "
+            f"shardlax.nn.place_params(model) once outside jit."
+        )
 
     def _setup_mesh(
         self, mesh: Mesh | None, axis_name: str, batch_axes: Sequence[str] | str | None
@@ -436,6 +502,9 @@ def run_shard_map(body: Callable, mesh: Mesh, args: tuple, in_specs: tuple, out_
         # per-device body as it is.
         return body(*args)
     present = [i for i, a in enumerate(args) if a is not None]
+    args = tuple(
+        a if a is None else _to_spec(a, mesh, s) for a, s in zip(args, in_specs, strict=True)
+    )
 
     @functools.wraps(body)
     def wrapped(*xs):
@@ -450,6 +519,87 @@ def run_shard_map(body: Callable, mesh: Mesh, args: tuple, in_specs: tuple, out_
         in_specs=tuple(in_specs[i] for i in present),
         out_specs=out_specs,
     )(*(args[i] for i in present))
+
+
+def place_params(module: nnx.Module) -> nnx.Module:
+    """Lay out every shardlax layer's parameters in `module` as the layer stores them.
+
+    Call it once after loading weights the ordinary way (`nnx.update(model,
+    host_state)`, `param.set_value(numpy_array)`), outside `jit`: each
+    parameter not laid out as its spec is moved there by one explicit
+    `jax.device_put` (see `ShardedLayer.place_params`). Layers do this by
+    themselves when called eagerly; under `jit` they can only constrain the
+    value for that program, so placing first keeps the compiled step as
+    declared. Plain flax layers in `module` are left as they are. Returns
+    `module`.
+    """
+    for _, node in nnx.iter_graph(module):
+        if isinstance(node, ShardedLayer):
+            node.place_params()
+    return module
+
+
+def _placing(fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def method(self, *args: Any, **kwargs: Any) -> Any:
+        self.place_params()
+        return fn(self, *args, **kwargs)
+
+    method._places_params = True
+    return method
+
+
+def _explicit(mesh: Mesh) -> bool:
+    return all(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
+def _type_spec(x: Any) -> P:
+    sharding = getattr(jax.typeof(x), "sharding", None)
+    spec = getattr(sharding, "spec", None)
+    return P() if spec is None else spec
+
+
+def _spec_entries(spec: P, ndim: int, mesh: Mesh) -> tuple[tuple[str, ...], ...]:
+    """Per dim, the live mesh axes `spec` splits it over (size-1 axes split nothing)."""
+    entries = list(spec) + [None] * (ndim - len(spec))
+    out = []
+    for e in entries[:ndim]:
+        axes = () if e is None else ((e,) if isinstance(e, str) else tuple(e))
+        out.append(tuple(a for a in axes if a in mesh.axis_names and mesh.shape[a] > 1))
+    return tuple(out)
+
+
+def _laid_out(x: Any, mesh: Mesh, spec: P) -> bool:
+    sharding = getattr(x, "sharding", None)
+    return (
+        isinstance(x, jax.Array)
+        and sharding is not None
+        and sharding.is_equivalent_to(NamedSharding(mesh, spec), x.ndim)
+    )
+
+
+def _to_spec(x: Any, mesh: Mesh, spec: P) -> Any:
+    """`x` laid out as `spec` where it is not yet: a loaded (unsharded or host) value.
+
+    Eager: one explicit `device_put` unless `x` already is laid out so (the
+    layers' own activations and stored parameters: a no-op). Traced on an
+    Explicit mesh: an unsharded value gets a sharding constraint to `spec`
+    (a local slice); any other layout is left to shard_map's own check
+    (parameters are checked, with their names, by `ShardedLayer.place_params`).
+    """
+    if not isinstance(spec, P) or not hasattr(x, "ndim"):
+        return x  # a pytree argument with its own spec tree: left as the layer built it
+    if isinstance(x, jax.core.Tracer):
+        if (
+            _explicit(mesh)
+            and any(_spec_entries(spec, x.ndim, mesh))
+            and not any(_spec_entries(_type_spec(x), x.ndim, mesh))
+        ):
+            return jax.device_put(x, NamedSharding(mesh, spec))
+        return x
+    if _laid_out(x, mesh, spec):
+        return x
+    return jax.device_put(x, NamedSharding(mesh, spec))
 
 
 def nbytes(shape: Sequence[int], dtype: Any) -> int:
