@@ -472,8 +472,13 @@ def collectives(
       A `Report`: a list of `Collective`, in program order.
 
     Example:
-      >>> compiled = jax.jit(step).lower(state, batch).compile()  # doctest: +SKIP
-      >>> audit.collectives(compiled).executed_wire_bytes()  # doctest: +SKIP
+      >>> mesh = shardlax.make_mesh(data=8)
+      >>> w = jax.device_put(jnp.ones((4, 4)), jax.NamedSharding(mesh, jax.P()))
+      >>> x = jax.device_put(jnp.ones((16, 4)), jax.NamedSharding(mesh, jax.P("data")))
+      >>> grad = jax.grad(lambda w, x: jnp.mean((x @ w) ** 2))
+      >>> compiled = jax.jit(grad).lower(w, x).compile()
+      >>> [(c.kind, c.axes, c.operand_bytes) for c in collectives(compiled)]
+      [('all-reduce', ('data',), 64)]
     """
     if mesh is None:
         mesh = _find_mesh((args, kwargs))

@@ -24,11 +24,27 @@ earlier steps intact. Multi-process runs (`jax.distributed`) save and restore
 with every process writing and reading its own shards.
 
 Example:
-  >>> trainer.save(directory, state)  # doctest: +SKIP
-  >>> trainer.wait()  # doctest: +SKIP
-  >>> state = other_trainer.restore(directory)  # another mesh or strategy  # doctest: +SKIP
-  >>> shardlax.checkpoint.save_model(path, model)  # doctest: +SKIP
-  >>> model = shardlax.checkpoint.restore_model(path, model)  # doctest: +SKIP
+  >>> import tempfile
+  >>> loss = lambda m, b: jnp.mean((m(b["x"]) - b["y"]) ** 2)
+  >>> model = nnx.Linear(4, 2, rngs=nnx.Rngs(0))
+  >>> trainer = shardlax.Trainer(model, optax.adam(1e-3), loss,
+  ...                            mesh=shardlax.make_mesh(data=4), strategy="zero2")
+  >>> directory = tempfile.mkdtemp()
+  >>> trainer.save(directory, trainer.init())
+  >>> trainer.wait()
+  >>> other = shardlax.Trainer(nnx.Linear(4, 2, rngs=nnx.Rngs(1)), optax.adam(1e-3), loss,
+  ...                          mesh=shardlax.make_mesh(data=2), strategy="dp")
+  >>> state = other.restore(directory)  # another mesh and strategy
+  >>> bool(jnp.array_equal(other.model(state).kernel[...], model.kernel[...]))
+  True
+
+  A model alone (a plain orbax checkpoint of `nnx.state(model)`):
+
+  >>> path = tempfile.mkdtemp() + "/model"
+  >>> shardlax.checkpoint.save_model(path, model)
+  >>> fresh = shardlax.checkpoint.restore_model(path, nnx.Linear(4, 2, rngs=nnx.Rngs(2)))
+  >>> bool(jnp.array_equal(fresh.kernel[...], model.kernel[...]))
+  True
 
 References:
   orbax-checkpoint, https://orbax.readthedocs.io (CheckpointManager, StandardCheckpointer).
