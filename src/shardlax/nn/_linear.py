@@ -1,17 +1,25 @@
-"""Megatron tensor-parallel linears as drop-in Flax NNX modules."""
+"""Megatron tensor-parallel linears as drop-in Flax NNX modules.
+
+One layer, `ParallelLinear`, with the column / row difference as data: a
+`Split` says which kernel dim the model axis splits (and so which one FSDP
+splits, whether the bias is split, which size the axis must divide).
+`ColumnParallelLinear` and `RowParallelLinear` are its two splits, each with
+nnx.Linear's constructor and its own options (`gather_output`, `parts`,
+`shared_input`; `input_is_parallel`) and the collectives only that split has.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes
 from flax.nnx.nn.linear import default_bias_init, default_kernel_init
-from flax.nnx.variablelib import VariableMetadata
 from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
@@ -19,142 +27,206 @@ from jax.sharding import PartitionSpec as P
 from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.declarations import Declared
-from shardlax.mesh import check_divisible, is_manual
-from shardlax.nn._base import (
-    AUTO,
-    ShardedLayer,
-    nbytes,
-    param_value,
-    run_shard_map,
+from shardlax.mesh import check_divisible
+from shardlax.nn._base import AUTO, ShardedLayer, nbytes, param_value
+from shardlax.nn._projection import (  # noqa: F401  (re-exported for the einsum layer)
+    Parts,
+    _first,
+    _identity,
+    metadata_param,
+    shared_model_input,
 )
 from shardlax.precision import MixedPrecision
 
 
-class Parts(tuple):
-    """The parts of a fused projection (`Colwise(parts=k)`), each split over the model axis.
+@dataclasses.dataclass(frozen=True)
+class Split:
+    """Where the model axis splits a `[in_features, out_features]` kernel.
 
-    A tuple: unpack it (`k, v = self.kv_proj(x)`). It refuses to become one
-    array (so `jnp.split(self.kv_proj(x), 2, -1)` raises instead of silently
-    splitting the stacked parts on the wrong dim).
+    model_dim: the kernel dim split over the model axis (1: column, 0: row).
+      FSDP splits the other one; the model axis must divide that dim's size.
     """
 
-    owner: str = "ColumnParallelLinear(parts=k)"
+    name: str
+    model_dim: int
 
-    def __jax_array__(self):
-        k = len(self)
-        names = ", ".join(f"y{i}" for i in range(k))
-        raise TypeError(
-            f"{self.owner} returns its {k} parts already split, each sharded over the "
-            f"model axis on its own; it is not one array. Unpack it: write `{names} = "
-            f"proj(x)` instead of `{names} = jnp.split(proj(x), {k}, axis=-1)`. (A "
-            f"contiguous [..., {k}F] output split by jnp.split would move data between "
-            f"devices behind your back.)"
-        )
+    @property
+    def fsdp_dim(self) -> int:
+        """The kernel dim split over fsdp (the one the model axis leaves whole)."""
+        return 1 - self.model_dim
+
+    @property
+    def bias_split(self) -> bool:
+        """The bias `[out]` follows the kernel's output dim: split iff that dim is."""
+        return self.model_dim == 1
+
+    @property
+    def divides(self) -> str:
+        """The constructor argument the model axis must divide."""
+        return ("in_features", "out_features")[self.model_dim]
 
 
-#: Metadata keys that name a placement: shardlax decides placement itself.
-_PLACEMENT_KEYS = ("sharding", "out_sharding", "sharding_names", "mesh")
+COLUMN = Split("column", model_dim=1)
+ROW = Split("row", model_dim=0)
 
 
-def metadata_param(
-    init: Any, key: jax.Array, shape: Sequence[int], dtype: Any, mesh: Any, spec: P,
-    metadata: Any = None,
-) -> nnx.Param:  # fmt: skip
-    """`sharded_param` plus flax's `kernel_metadata`-style extra metadata.
+class ParallelLinear(ShardedLayer):
+    """`nnx.Linear` with its kernel split over the model axis as `split` says.
 
-    `init` may be an `nnx.with_partitioning(...)` initializer (its logical
-    sharding names are kept as metadata; the placement is shardlax's).
-    Placement keys in `metadata` (`sharding`, `out_sharding`, `mesh`) are
-    dropped: the layer's spec decides where the parameter lives.
+    Use `ColumnParallelLinear` / `RowParallelLinear` (the two splits). This
+    class holds what they share: the parameters and their placement (model
+    axis on `split.model_dim`, FSDP on the other dim, the bias with the
+    output dim), the call path (checks, layouts, FSDP gather, one shard_map),
+    and the declared collectives of the parameters. A split adds its matmul
+    kernel (`_matmul`), its layouts and its activation collectives.
     """
-    meta = dict(metadata or {})
-    for k in _PLACEMENT_KEYS:
-        meta.pop(k, None)
-    value = init(key, tuple(shape), dtype)
-    if isinstance(value, VariableMetadata):  # nnx.with_partitioning: value + metadata
-        extra = {k: v for k, v in value.metadata.items() if k not in _PLACEMENT_KEYS}
-        meta = {**extra, **meta}
-        value = value.raw_value
-    value = jax.device_put(value, jax.sharding.NamedSharding(mesh, spec))
-    return nnx.Param(value, out_sharding=spec, mesh=mesh, **meta)
 
-
-#: The last shared input per (mesh, axis, layout, manual): (x, trace, value, spec).
-_SHARED: dict[tuple, tuple[Any, Any, Any, P]] = {}
-
-
-def shared_model_input(
-    layer: ShardedLayer, source: Any, x: jax.Array, x_spec: P
-) -> tuple[Any, P, Any]:
-    """`x` typed varying over the model axis once for every column layer that reads it.
-
-    `source` is the activation as the caller passed it (before `_place`,
-    which makes a new value per call): readers of the same `source` share.
-    Returns `(arg, spec, unwrap)`: pass `arg` to the layer's shard_map with
-    `spec` and call `unwrap` on it inside the body. Column layers that read
-    the same traced activation (same object, same trace: q, k and v of one
-    attention; gate and up) get the same `arg`, so autodiff sums their partial
-    input gradients locally and one `kernels.share_input` cast turns the sum
-    into the only all-reduce of dx.
-
-    Top level (global arrays): `arg` is `x` with a leading model dim,
-    `[N, ...]` laid out `P(model, *x_spec)` (each device's slice is its own
-    copy of x: no data moves), made by a shard_map of its own. Manual mode
-    (inside a shard_map over the mesh): `arg` is the local shard cast to
-    varying.
-    """
-    axis = layer.axis_name
-    if layer.model_size == 1:
-        return x, x_spec, _identity
-    manual = is_manual(layer.mesh)
-    key = (layer.mesh, axis, tuple(x_spec), manual)
-    cacheable = isinstance(source, jax.core.Tracer)
-    if cacheable:
-        hit = _SHARED.get(key)
-        if hit is not None and hit[0] is source and hit[1] == nnx.tracers.TraceState():
-            return hit[2], hit[3], _identity if manual else _first
-    if manual:
-        arg, spec = kernels.share_input(x, axis), x_spec
-    else:
-        spec = P(axis, *x_spec)
-        arg = run_shard_map(
-            lambda x: kernels.share_input(x, axis)[None], layer.mesh, (x,), (x_spec,), spec
-        )
-    if cacheable:
-        _SHARED[key] = (source, nnx.tracers.TraceState(), arg, spec)
-    return arg, spec, _identity if manual else _first
-
-
-def _identity(x):
-    return x
-
-
-def _first(x):
-    return x[0]
-
-
-class _LinearBase(ShardedLayer):
-    """What the two linears share: the declared collectives of their parameters."""
-
+    split: ClassVar[Split]
     sequence_parallel: bool
 
-    def _declare_params(
-        self, kernel_local: tuple[int, int], kernel_dim: int, grad: bool, input_grad: bool,
-        bias_token_axes: Sequence[str] = (),
+    def _setup_params(
+        self, in_features: int, out_features: int, *, use_bias: bool, dtype: Any,
+        param_dtype: Any, precision: Any, kernel_init: Any, bias_init: Any, dot_general: Any,
+        promote_dtype: Any, preferred_element_type: Any, rngs: nnx.Rngs,
+        kernel_metadata: Mapping[str, Any], bias_metadata: Mapping[str, Any],
+    ) -> None:  # fmt: skip
+        """Kernel `[in, out]` and bias `[out]`, created placed (nnx.Linear's values)."""
+        s, m = self.split, self._spec_axis(self.axis_name)
+        shape = (in_features, out_features)
+        entries: list[Any] = [None, None]
+        entries[s.model_dim] = m
+        # column: kernel P('fsdp', 'model'), bias P(('model', 'fsdp'))
+        # row:    kernel P('model', 'fsdp'), bias P('fsdp')
+        fsdp_arg = ("in_features", "out_features")[s.fsdp_dim]
+        self.kernel_spec = self._fsdp_spec(P(*entries), shape, s.fsdp_dim, fsdp_arg)
+        self.bias_spec = self._fsdp_spec(
+            P(m if s.bias_split else None), (out_features,), 0, "out_features"
+        )
+        self._param_dims = (s.fsdp_dim, 0)  # the dims of (kernel, bias) split over fsdp
+        self.kernel = metadata_param(
+            kernel_init, rngs.params(), shape, param_dtype, self.mesh, self.kernel_spec,
+            kernel_metadata,
+        )  # fmt: skip
+        self.bias: nnx.Param | None
+        if use_bias:
+            self.bias = metadata_param(
+                bias_init, rngs.params(), (out_features,), param_dtype, self.mesh,
+                self.bias_spec, bias_metadata,
+            )  # fmt: skip
+        else:
+            self.bias = nnx.data(None)
+        self.in_features = in_features
+        self.out_features = out_features
+        self.use_bias = use_bias
+        self.dtype = dtype
+        self.param_dtype = param_dtype
+        self.precision = precision
+        self.dot_general = dot_general
+        self.promote_dtype = promote_dtype
+        self.preferred_element_type = preferred_element_type
+
+    @property
+    def _kernel_local(self) -> tuple[int, int]:
+        """The kernel on one model-axis shard: what the fsdp all-gather rebuilds."""
+        shape = [self.in_features, self.out_features]
+        shape[self.split.model_dim] //= self.model_size
+        return (shape[0], shape[1])
+
+    @property
+    def _bias_token_axes(self) -> tuple[str, ...]:
+        """Axes besides the batch ones the bias gradient sums over.
+
+        An unsplit bias meets the output's tokens; under sequence parallelism
+        (row) those are split over the model axis too.
+        """
+        return () if self.split.bias_split else self._model_token_axes
+
+    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
+        """`inputs @ kernel + bias`; `out_sharding` (as nnx.Linear's) lays out the result."""
+        y = self._call(inputs)
+        if out_sharding is not None:
+            y = self._place(y, getattr(out_sharding, "spec", out_sharding))
+        return y
+
+    def _call(self, inputs: jax.Array) -> Any:
+        with jax.named_scope(type(self).__name__):
+            self._check_inputs(inputs, self.in_features, "in_features")
+            self._check_sequence(inputs)
+            x_spec = self.input_spec(inputs.ndim)
+            source, inputs = inputs, self._place(inputs, x_spec)
+            kernel, bias = self.kernel[...], param_value(self.bias)
+            arg, arg_spec, unwrap = self._input_arg(source, inputs, x_spec)
+
+            def use(params, x):
+                kernel, bias = params
+                x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self._compute_dtype())
+                return self._matmul(x, kernel, bias)
+
+            def body(x, kernel, bias):
+                y = self._fsdp_apply(use, (kernel, bias), self._param_dims, unwrap(x),
+                                     ((), self._bias_token_axes))  # fmt: skip
+                return tuple(y) if isinstance(y, Parts) else y
+
+            out_specs = self._out_specs(inputs.ndim)
+            y = self._shard_map(
+                body, (arg, kernel, bias), (arg_spec, self.kernel_spec, self.bias_spec), out_specs
+            )
+            return Parts(y) if isinstance(out_specs, tuple) else y
+
+    # what a split adds
+    def input_spec(self, ndim: int) -> P:
+        raise NotImplementedError
+
+    def output_spec(self, ndim: int) -> P:
+        raise NotImplementedError
+
+    def _out_specs(self, ndim: int) -> Any:
+        return self.output_spec(ndim)
+
+    def _input_arg(self, source: Any, x: jax.Array, x_spec: P) -> tuple[Any, P, Any]:
+        """What the shard_map receives for the input (and how the body unwraps it)."""
+        return x, x_spec, _identity
+
+    def _matmul(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> Any:
+        raise NotImplementedError
+
+    def _declare_activations(
+        self, local: tuple[int, ...], dtype: Any, grad: bool, input_grad: bool
+    ) -> list[Declared]:
+        raise NotImplementedError
+
+    def declared_collectives(
+        self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
+        input_grad: bool = True,
     ) -> list[Declared]:  # fmt: skip
+        """The collectives this layer compiles to for a global input of `input_shape`.
+
+        Args:
+          input_shape: the global input shape `[..., in_features]` (under sequence
+            parallelism the whole sequence, `[B, S, ..., in_features]`).
+          dtype: the compute dtype (default: the layer's dtype or param dtype).
+          grad: include the backward pass (gradients of the parameters).
+          input_grad: with `grad`, the input gradient is needed too (it is when a
+            parameterised layer precedes this one). With FSDP and
+            `reshard_after_forward`, it is what makes the backward re-gather the
+            kernel (dx needs W; dW and db do not).
+        """
+        dtype = dtype or self._compute_dtype() or self.param_dtype
+        local = self._local_batch_shape(input_shape)
+        out = self._declare_activations(local, dtype, grad, input_grad)
+        return out + self._declare_params(grad, input_grad)
+
+    def _declare_params(self, grad: bool, input_grad: bool) -> list[Declared]:
         """FSDP all-gathers / reduce-scatters (or batch all-reduces) of kernel and bias.
 
-        `kernel_local` is the kernel's shape on one model-axis shard, i.e. what
-        the fsdp all-gather rebuilds. The bias is never re-gathered: its value
-        is not needed by the backward. `bias_token_axes`: extra axes the bias
-        gradient is summed over (the model axis for a sequence-parallel row).
+        The bias is never re-gathered: its value is not needed by the backward.
         """
         regather = self.reshard_after_forward and grad and input_grad
-        out = self._declare_fsdp(kernel_local, kernel_dim, grad=grad, regather=regather, why="W")
+        out = self._declare_fsdp(self._kernel_local, self.split.fsdp_dim, grad=grad,
+                                 regather=regather, why="W")  # fmt: skip
         if self.use_bias:
-            bias_local = (kernel_local[1],)
-            out += self._declare_fsdp(bias_local, 0, grad=grad, regather=False, why="b",
-                                      token_axes=bias_token_axes)  # fmt: skip
+            out += self._declare_fsdp((self._kernel_local[1],), 0, grad=grad, regather=False,
+                                      why="b", token_axes=self._bias_token_axes)  # fmt: skip
         return out
 
     def _setup_sequence_parallel(self, sequence_parallel: bool, conflict: str | None) -> None:
@@ -199,7 +271,7 @@ class _LinearBase(ShardedLayer):
         return (self.axis_name,) if self.sequence_parallel else ()
 
 
-class ColumnParallelLinear(_LinearBase):
+class ColumnParallelLinear(ParallelLinear):
     """`nnx.Linear` with its output features split over the model axis.
 
     Megatron-LM's ColumnParallelLinear: `y = x @ W + b` with
@@ -246,12 +318,18 @@ class ColumnParallelLinear(_LinearBase):
         `reduce_dtype`.
 
     Example:
-      >>> mesh = shardlax.make_mesh(data=2, model=4)  # doctest: +SKIP
-      >>> col = ColumnParallelLinear(512, 2048, mesh=mesh, rngs=nnx.Rngs(0))  # doctest: +SKIP
+      >>> mesh = shardlax.make_mesh(data=2, model=4)
+      >>> col = ColumnParallelLinear(512, 2048, mesh=mesh, rngs=nnx.Rngs(0))
+      >>> row = RowParallelLinear(2048, 512, mesh=mesh, rngs=nnx.Rngs(1))
+      >>> y = row(jax.nn.gelu(col(jnp.ones((8, 512)))))
+      >>> y.shape, col.kernel[...].sharding.spec, row.kernel[...].sharding.spec
+      ((8, 512), P(None, 'model'), P('model', None))
 
     References:
       Shoeybi et al., "Megatron-LM", 2019 (arXiv:1909.08053).
     """
+
+    split = COLUMN
 
     def __init__(
         self,
@@ -310,36 +388,13 @@ class ColumnParallelLinear(_LinearBase):
         )  # fmt: skip
         self.parts = parts
         self.shared_input = bool(shared_input) and not self.sequence_parallel
-        shape = (in_features, out_features)
-        # kernel [D, F]: P('fsdp', 'model'); bias [F]: P(('model', 'fsdp'))
-        self.kernel_spec = self._fsdp_spec(
-            P(None, self._spec_axis(axis_name)), shape, 0, "in_features"
-        )
-        self.bias_spec = self._fsdp_spec(
-            P(self._spec_axis(axis_name)), (out_features,), 0, "out_features"
-        )
-        self._param_dims = (0, 0)  # the dims of (kernel, bias) split over fsdp
-        self.kernel = metadata_param(
-            kernel_init, rngs.params(), (in_features, out_features), param_dtype,
-            self.mesh, self.kernel_spec, kernel_metadata,
+        self._setup_params(
+            in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+            precision=precision, kernel_init=kernel_init, bias_init=bias_init,
+            dot_general=dot_general, promote_dtype=promote_dtype,
+            preferred_element_type=preferred_element_type, rngs=rngs,
+            kernel_metadata=kernel_metadata, bias_metadata=bias_metadata,
         )  # fmt: skip
-        self.bias: nnx.Param | None
-        if use_bias:
-            self.bias = metadata_param(
-                bias_init, rngs.params(), (out_features,), param_dtype, self.mesh,
-                self.bias_spec, bias_metadata,
-            )  # fmt: skip
-        else:
-            self.bias = nnx.data(None)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.use_bias = use_bias
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.precision = precision
-        self.dot_general = dot_general
-        self.promote_dtype = promote_dtype
-        self.preferred_element_type = preferred_element_type
         self.gather_output = gather_output
 
     def input_spec(self, ndim: int) -> P:
@@ -352,119 +407,63 @@ class ColumnParallelLinear(_LinearBase):
         """The output layout: split over the batch axes and, unless gathered, the model axis."""
         return self._activation_spec(ndim, None if self.gather_output else self.axis_name)
 
-    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
-        """`inputs @ kernel + bias`; `out_sharding` (as nnx.Linear's) lays out the result."""
-        y = self._call(inputs)
-        if out_sharding is not None:
-            y = self._place(y, getattr(out_sharding, "spec", out_sharding))
-        return y
+    def _out_specs(self, ndim: int) -> Any:
+        spec = self.output_spec(ndim)
+        return (spec,) * self.parts if self.parts > 1 else spec
 
-    def _call(self, inputs: jax.Array) -> jax.Array:
-        with jax.named_scope(type(self).__name__):
-            self._check_inputs(inputs, self.in_features, "in_features")
-            self._check_sequence(inputs)
-            x_spec = self.input_spec(inputs.ndim)
-            source, inputs = inputs, self._place(inputs, x_spec)
-            kernel, bias = self.kernel[...], param_value(self.bias)
-            arg, arg_spec, unwrap = inputs, x_spec, _identity
-            if self.shared_input or self.parts > 1:
-                arg, arg_spec, unwrap = shared_model_input(self, source, inputs, x_spec)
+    def _input_arg(self, source: Any, x: jax.Array, x_spec: P) -> tuple[Any, P, Any]:
+        if self.shared_input or self.parts > 1:
+            return shared_model_input(self, source, x, x_spec)
+        return x, x_spec, _identity
 
-            def use(params, x):
-                kernel, bias = params
-                dtype = self._compute_dtype()
-                x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=dtype)
-                if self.parts > 1:
-                    return Parts(kernels.fused_column_matmul(
-                        x, kernel, bias, parts=self.parts, axis_name=self.axis_name,
-                        precision=self.precision, dot_general=self.dot_general,
-                        preferred_element_type=self.preferred_element_type,
-                    ))  # fmt: skip
-                if self.sequence_parallel:
-                    return kernels.sequence_parallel_column_matmul(
-                        x, kernel, bias, axis_name=self.axis_name, precision=self.precision,
-                        dot_general=self.dot_general,
-                        preferred_element_type=self.preferred_element_type,
-                    )  # fmt: skip
-                return kernels.column_parallel_matmul(
-                    x,
-                    kernel,
-                    bias,
-                    axis_name=self.axis_name,
-                    gather_output=self.gather_output,
-                    precision=self.precision,
-                    dot_general=self.dot_general,
-                    preferred_element_type=self.preferred_element_type,
-                )
+    def _matmul(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> Any:
+        common = dict(
+            axis_name=self.axis_name, precision=self.precision, dot_general=self.dot_general,
+            preferred_element_type=self.preferred_element_type,
+        )  # fmt: skip
+        if self.parts > 1:
+            return Parts(kernels.fused_column_matmul(x, kernel, bias, parts=self.parts, **common))
+        if self.sequence_parallel:
+            return kernels.sequence_parallel_column_matmul(x, kernel, bias, **common)
+        return kernels.column_parallel_matmul(
+            x, kernel, bias, gather_output=self.gather_output, **common
+        )
 
-            def body(x, kernel, bias):
-                y = self._fsdp_apply(use, (kernel, bias), self._param_dims, unwrap(x))
-                return tuple(y) if self.parts > 1 else y
-
-            out_spec = self.output_spec(inputs.ndim)
-            y = self._shard_map(
-                body,
-                (arg, kernel, bias),
-                (arg_spec, self.kernel_spec, self.bias_spec),
-                (out_spec,) * self.parts if self.parts > 1 else out_spec,
-            )
-            return Parts(y) if self.parts > 1 else y
-
-    def declared_collectives(
-        self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
-        input_grad: bool = True,
-    ) -> list[Declared]:  # fmt: skip
-        """The collectives this layer compiles to for a global input of `input_shape`.
-
-        Args:
-          input_shape: the global input shape `[..., in_features]` (under sequence
-            parallelism the whole sequence, `[B, S, ..., in_features]`).
-          dtype: the compute dtype (default: the layer's dtype or param dtype).
-          grad: include the backward pass (gradients of the parameters).
-          input_grad: with `grad`, the input gradient is needed too (it is when a
-            parameterised layer precedes this one). With FSDP and
-            `reshard_after_forward`, it is what makes the backward re-gather the
-            kernel (dx needs W; dW and db do not).
-        """
-        dtype = dtype or self._compute_dtype() or self.param_dtype
-        local = self._local_batch_shape(input_shape)
-        lead = local[:-1]
+    def _declare_activations(
+        self, local: tuple[int, ...], dtype: Any, grad: bool, input_grad: bool
+    ) -> list[Declared]:
+        lead, m = local[:-1], (self.axis_name,)
         out = []
         if self.sequence_parallel:  # x [B, S, D] gathered over the sequence; dx scattered back
             x_bytes = nbytes(local, dtype)
-            out += self._declare("all-gather", (self.axis_name,), dtype, x_bytes, "SP: gather x")
+            out += self._declare("all-gather", m, dtype, x_bytes, "SP: gather x")
             if grad and input_grad:
-                out += self._declare("reduce-scatter", (self.axis_name,), dtype, x_bytes,
-                                     "SP: dx")  # fmt: skip
+                out += self._declare("reduce-scatter", m, dtype, x_bytes, "SP: dx")
         if self.gather_output:
             y_bytes = nbytes((*lead, self.out_features), dtype)
-            out += self._declare("all-gather", (self.axis_name,), dtype, y_bytes, "gather_output")
+            out += self._declare("all-gather", m, dtype, y_bytes, "gather_output")
         if self.parts > 1:  # the fused kernel (and bias) gathered; their gradients scattered
             pd = self.param_dtype
             w = [((self.in_features, self.out_features), "W")]
             w += [((self.out_features,), "b")] if self.use_bias else []
             for shape, name in w:
-                out += self._declare("all-gather", (self.axis_name,), pd, nbytes(shape, pd),
+                out += self._declare("all-gather", m, pd, nbytes(shape, pd),
                                      f"parts: gather {name}")  # fmt: skip
                 if grad:
-                    out += self._declare("reduce-scatter", (self.axis_name,), pd,
-                                         nbytes(shape, pd), f"parts: d{name}")  # fmt: skip
+                    out += self._declare("reduce-scatter", m, pd, nbytes(shape, pd),
+                                         f"parts: d{name}")  # fmt: skip
         if grad:
             if input_grad and not self.sequence_parallel:
-                dx_bytes = nbytes(local, dtype)
                 why = "dx (once per shared input)" if self.shared_input else "dx"
-                out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, why)
+                out += self._declare("all-reduce", m, dtype, nbytes(local, dtype), why)
             if self.gather_output:
-                out += self._declare("reduce-scatter", (self.axis_name,), dtype,
+                out += self._declare("reduce-scatter", m, dtype,
                                      nbytes((*lead, self.out_features), dtype),
                                      "dy of the gathered output")  # fmt: skip
-        out += self._declare_params(
-            (self.in_features, self.out_features // self.model_size), 0, grad, input_grad
-        )
         return out
 
 
-class RowParallelLinear(_LinearBase):
+class RowParallelLinear(ParallelLinear):
     """`nnx.Linear` with its input features split over the model axis.
 
     Megatron-LM's RowParallelLinear: `y = sum_i x_i @ W_i + b` with
@@ -503,6 +502,8 @@ class RowParallelLinear(_LinearBase):
       Shoeybi et al., "Megatron-LM", 2019 (arXiv:1909.08053).
     """
 
+    split = ROW
+
     def __init__(
         self,
         in_features: int,
@@ -534,36 +535,15 @@ class RowParallelLinear(_LinearBase):
         self._setup_sequence_parallel(
             sequence_parallel, None if input_is_parallel else "input_is_parallel=False"
         )
-        owner = type(self).__name__
-        check_divisible(owner, "in_features", in_features, axis_name, self.model_size)
-        shape = (in_features, out_features)
-        # kernel [F, D]: P('model', 'fsdp'); bias [D]: P('fsdp')
-        self.kernel_spec = self._fsdp_spec(
-            P(self._spec_axis(axis_name), None), shape, 1, "out_features"
-        )
-        self.bias_spec = self._fsdp_spec(P(None), (out_features,), 0, "out_features")
-        self._param_dims = (1, 0)  # the dims of (kernel, bias) split over fsdp
-        self.kernel = metadata_param(
-            kernel_init, rngs.params(), (in_features, out_features), param_dtype,
-            self.mesh, self.kernel_spec, kernel_metadata,
+        check_divisible(type(self).__name__, "in_features", in_features, axis_name,
+                        self.model_size)  # fmt: skip
+        self._setup_params(
+            in_features, out_features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype,
+            precision=precision, kernel_init=kernel_init, bias_init=bias_init,
+            dot_general=dot_general, promote_dtype=promote_dtype,
+            preferred_element_type=preferred_element_type, rngs=rngs,
+            kernel_metadata=kernel_metadata, bias_metadata=bias_metadata,
         )  # fmt: skip
-        self.bias: nnx.Param | None
-        if use_bias:
-            self.bias = metadata_param(
-                bias_init, rngs.params(), (out_features,), param_dtype, self.mesh,
-                self.bias_spec, bias_metadata,
-            )  # fmt: skip
-        else:
-            self.bias = nnx.data(None)
-        self.in_features = in_features
-        self.out_features = out_features
-        self.use_bias = use_bias
-        self.dtype = dtype
-        self.param_dtype = param_dtype
-        self.precision = precision
-        self.dot_general = dot_general
-        self.promote_dtype = promote_dtype
-        self.preferred_element_type = preferred_element_type
         self.input_is_parallel = input_is_parallel
 
     def input_spec(self, ndim: int) -> P:
@@ -579,69 +559,27 @@ class RowParallelLinear(_LinearBase):
             return self._sequence_spec(ndim)
         return self._activation_spec(ndim, None)
 
-    def __call__(self, inputs: jax.Array, out_sharding: Any = None) -> jax.Array:
-        """`inputs @ kernel + bias`; `out_sharding` (as nnx.Linear's) lays out the result."""
-        y = self._call(inputs)
-        if out_sharding is not None:
-            y = self._place(y, getattr(out_sharding, "spec", out_sharding))
-        return y
+    def _matmul(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> Any:
+        common = dict(
+            axis_name=self.axis_name, precision=self.precision, dot_general=self.dot_general,
+            preferred_element_type=self.preferred_element_type,
+        )  # fmt: skip
+        if self.sequence_parallel:
+            return kernels.sequence_parallel_row_matmul(x, kernel, bias, **common)
+        return kernels.row_parallel_matmul(
+            x, kernel, bias, input_is_parallel=self.input_is_parallel, **common
+        )
 
-    def _call(self, inputs: jax.Array) -> jax.Array:
-        with jax.named_scope(type(self).__name__):
-            self._check_inputs(inputs, self.in_features, "in_features")
-            self._check_sequence(inputs)
-            x_spec = self.input_spec(inputs.ndim)
-            inputs = self._place(inputs, x_spec)
-            kernel, bias = self.kernel[...], param_value(self.bias)
+    def _declare_activations(
+        self, local: tuple[int, ...], dtype: Any, grad: bool, input_grad: bool
+    ) -> list[Declared]:
+        """The output sum (or SP scatter) and, for a replicated input, dx.
 
-            def use(params, x):
-                kernel, bias = params
-                dtype = self._compute_dtype()
-                x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=dtype)
-                if self.sequence_parallel:
-                    return kernels.sequence_parallel_row_matmul(
-                        x, kernel, bias, axis_name=self.axis_name, precision=self.precision,
-                        dot_general=self.dot_general,
-                        preferred_element_type=self.preferred_element_type,
-                    )  # fmt: skip
-                return kernels.row_parallel_matmul(
-                    x,
-                    kernel,
-                    bias,
-                    axis_name=self.axis_name,
-                    input_is_parallel=self.input_is_parallel,
-                    precision=self.precision,
-                    dot_general=self.dot_general,
-                    preferred_element_type=self.preferred_element_type,
-                )
-
-            def body(x, kernel, bias):
-                # under SP the bias meets tokens split over the model axis: its gradient
-                # is summed over that axis too (one all-reduce with the batch axes)
-                token_axes = ((), self._model_token_axes)
-                return self._fsdp_apply(use, (kernel, bias), self._param_dims, x, token_axes)
-
-            return self._shard_map(
-                body,
-                (inputs, kernel, bias),
-                (x_spec, self.kernel_spec, self.bias_spec),
-                self.output_spec(inputs.ndim),
-            )
-
-    def declared_collectives(
-        self, input_shape: Sequence[int], *, dtype: Any = None, grad: bool = False,
-        input_grad: bool = True,
-    ) -> list[Declared]:  # fmt: skip
-        """The collectives this layer compiles to (see ColumnParallelLinear's).
-
-        `input_shape` is the global input `[..., in_features]`; under sequence
-        parallelism the output sequence is split, the input's is not.
+        `local` is the local input; under sequence parallelism the output
+        sequence is split, the input's is not.
         """
-        dtype = dtype or self._compute_dtype() or self.param_dtype
-        local = self._local_batch_shape(input_shape)
-        lead = local[:-1]
-        y_bytes = nbytes((*lead, self.out_features), dtype)  # the partial products
         m = (self.axis_name,)
+        y_bytes = nbytes((*local[:-1], self.out_features), dtype)  # the partial products
         if self.sequence_parallel:
             out = self._declare("reduce-scatter", m, dtype, y_bytes, "SP: scatter y")
             if grad:  # dy gathered over the sequence (dW needs it whole)
@@ -649,13 +587,5 @@ class RowParallelLinear(_LinearBase):
         else:
             out = self._declare("all-reduce", m, dtype, y_bytes, "sum of partial products")
         if grad and input_grad and not self.input_is_parallel:
-            dx_bytes = nbytes(local, dtype)
-            out += self._declare("all-reduce", (self.axis_name,), dtype, dx_bytes, "dx")
-        out += self._declare_params(
-            (self.in_features // self.model_size, self.out_features),
-            1,
-            grad,
-            input_grad,
-            bias_token_axes=self._model_token_axes,
-        )
+            out += self._declare("all-reduce", m, dtype, nbytes(local, dtype), "dx")
         return out
