@@ -16,6 +16,9 @@ jax.config.update("jax_num_cpu_devices", 8)
 import hypothesis  # noqa: E402
 import pytest  # noqa: E402
 
+#: The default profile: few examples, deterministic (derandomize) for CI. Tests whose every
+#: example compiles sharded programs take `tests.utils.examples(n)` (n examples here, scaled
+#: up under "thorough"); no test file writes its own `settings(...)`.
 hypothesis.settings.register_profile(
     "ci",
     max_examples=6,

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import shardlax
 from shardlax import audit
 from tests import utils
 
-FEW = settings(
-    max_examples=2 if os.environ.get("SHARDLAX_HYPOTHESIS_PROFILE", "ci") == "ci" else 25
-)
 MESHES = [(2, 1, 4), (2, 2, 2)]  # one device: TinyLM's test against the plain transformer
 
 
@@ -61,7 +56,7 @@ def _params(layer):
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=str)
-@FEW
+@utils.examples(2)  # each example compiles several sharded programs
 @given(data=st.data())
 def test_attention_matches_reference(mesh_shape, data):
     d, f, m = mesh_shape

@@ -2,23 +2,16 @@
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 import shardlax
 from shardlax import audit
 from tests import utils
-
-#: Each example compiles a few sharded programs (~1 s each on 2 cores): few examples in CI.
-FEW = settings(
-    max_examples=2 if os.environ.get("SHARDLAX_HYPOTHESIS_PROFILE", "ci") == "ci" else 25
-)
 
 MESHES = [(1, 1, 1), (1, 1, 8), (2, 2, 2)]
 
@@ -45,7 +38,7 @@ def _place(x, mesh, spec):
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=str)
-@FEW
+@utils.examples(2)  # each example compiles several sharded programs
 @given(data=st.data())
 def test_cross_entropy_matches_reference(mesh_shape, data):
     d, f, m = mesh_shape

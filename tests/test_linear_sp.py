@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
@@ -99,7 +99,7 @@ def test_row_sp_bias_added_once_gradient_exact():
 
 
 @given(data=st.data())
-@settings(max_examples=4)
+@utils.examples(4)  # one mesh; 4 draws cover column/row x dtype x bias
 def test_sp_linear_drawn_shapes(data):
     """Drawn shapes (rank 3 or 4, divisible by construction), dtypes, bias, layer kind."""
     mesh = utils.mesh(2, 1, 4)
