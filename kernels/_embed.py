@@ -38,13 +38,16 @@ def vocab_parallel_embed(
     """`E[ids]` from a table split over the vocabulary.
 
     Math: `E[t] = sum_i [t in rows_i] E_i[t - start_i]`, one term non-zero.
-    Ids follow `jnp.take` (as `nnx.Embed`): a negative id counts from the end
-    (`-1` is row V-1); an id outside `[-V, V)` embeds to NaN.
+    Ids follow `jnp.take` (as `nnx.Embed`), with `V = num_embeddings` (the
+    real vocabulary, which may be smaller than the padded global table): a
+    negative id counts from the end (`-1` is row V-1); an id outside
+    `[-V, V)` embeds to NaN on every device and gets no gradient, so padded
+    rows `[V, V_padded)` are never read. Ids may have any shape `[...]`.
 
     Shardings (N = size of `axis_name`):
-      ids:         int[B, S]   replicated over `axis_name`
+      ids:         int[B, S]   replicated over `axis_name` (any shape `[...]`)
       table_shard: [V/N, D]    `P(axis_name, None)` of the global [V, D]
-      returns:     [B, S, D]   replicated over `axis_name`; with
+      returns:     [B, S, D]   (`[..., D]`) replicated over `axis_name`; with
                    `sequence_parallel`, [B, S/N, D] split over the sequence
 
     Collectives over `axis_name`: forward 1 all-reduce of `[B, S, D]` (SP: 1
@@ -62,14 +65,15 @@ def vocab_parallel_embed(
     `[F B, S, D]`. The table gradient again stays on its owner.
     """
     fsdp = fsdp_axis is not None and lax.axis_size(fsdp_axis) > 1
+    row, invalid = normalize_ids(ids, num_embeddings)  # row: int32[B, S], invalid: bool[B, S]
+    ids = jnp.where(invalid, -1, row)  # -1: an invalid id, owned by no device
     if fsdp:
-        ids = all_gather(ids, fsdp_axis, axis=0)  # ids: int[F B, S], every batch shard's
+        ids = all_gather(ids, fsdp_axis, axis=0)  # ids: int32[F B, S], every batch shard's
+    invalid = ids < 0
     rows_local = table_shard.shape[0]
     owners = tuple(a for a in (axis_name, fsdp_axis if fsdp else None) if a is not None)
     owners = tuple(a for a in owners if lax.axis_size(a) > 1)
     start = axis_index(owners) * rows_local if owners else 0
-    ids = jnp.where(ids < 0, ids + num_embeddings, ids)
-    invalid = (ids < 0) | (ids >= num_embeddings)  # invalid: bool[B, S]
     local = ids - start
     mine = (local >= 0) & (local < rows_local)
     rows = jnp.take(table_shard, jnp.where(mine, local, 0), axis=0)  # rows: [B, S, D]
@@ -80,6 +84,28 @@ def vocab_parallel_embed(
     if sequence_parallel:
         return scatter_sequence(rows, axis_name, seq_axis=seq_axis)  # [B, S/N, D]
     return all_reduce(rows, axis_name)  # [B, S, D]
+
+
+def normalize_ids(ids: jax.Array, num_embeddings: int) -> tuple[jax.Array, jax.Array]:
+    """Token ids as `jnp.take` reads them: `(row, invalid)`, both shaped as `ids`.
+
+    A negative id counts from the end (`-1` is row `num_embeddings - 1`);
+    an id outside `[-num_embeddings, num_embeddings)` is invalid (`row` is
+    then 0, to be masked by the caller). Any integer dtype: narrow ids are
+    widened to int32 first (so `-1` as int8 with 300 rows is row 299, not an
+    overflow), and uint32 ids are compared before the cast (so 2**32 - 1 is
+    invalid, not -1). With one row every id reads it, as `nnx.Embed(1, ...)`
+    broadcasts its only row.
+    """
+    if num_embeddings == 1:
+        return jnp.zeros(ids.shape, jnp.int32), jnp.zeros(ids.shape, jnp.bool_)
+    if jnp.dtype(ids.dtype) == jnp.uint32:
+        invalid = ids >= jnp.uint32(num_embeddings)
+        return jnp.where(invalid, jnp.uint32(0), ids).astype(jnp.int32), invalid
+    wide = ids.astype(jnp.int32)
+    invalid = (wide < -num_embeddings) | (wide >= num_embeddings)
+    row = jnp.where(wide < 0, wide + num_embeddings, wide)
+    return jnp.where(invalid, 0, row), invalid
 
 
 def vocab_parallel_logits(

@@ -229,9 +229,12 @@ class TinyLM(nnx.Module):
         self.config = cfg
         self.mesh = mesh
         sp = cfg.sequence_parallel
+        # the table is padded to vocab_multiple; ids are read against the real vocabulary
+        # (an id >= vocab embeds to NaN, -1 is row vocab - 1), never a padded row
         self.embed = ParallelEmbed(
-            cfg.padded_vocab, cfg.d_model, mesh=mesh, rngs=rngs, sequence_parallel=sp
-        )
+            cfg.padded_vocab, cfg.d_model, vocab_size=cfg.vocab, mesh=mesh, rngs=rngs,
+            sequence_parallel=sp,
+        )  # fmt: skip
         self.blocks = _stack([Block(cfg, mesh=mesh, rngs=rngs) for _ in range(cfg.n_layers)], mesh)
         self.final_norm = RMSNorm(cfg.d_model, mesh=mesh, rngs=rngs, sequence_parallel=sp)
         self.head = (
