@@ -37,13 +37,10 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import optax
 from flax import nnx
 from jax.sharding import Mesh
@@ -51,9 +48,10 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import placement, strategies, zero
 from shardlax._axes import DATA, FSDP, MODEL
+from shardlax._train_declare import _Declarations
+from shardlax._train_layout import _Layout
 from shardlax._train_steps import TrainState, _Steps
-from shardlax.declarations import Declared, hlo_dtype
-from shardlax.mesh import axes_size, check_axis, live_axes, place, resolve_mesh
+from shardlax.mesh import axes_size, check_axis, live_axes, resolve_mesh
 from shardlax.precision import MixedPrecision
 
 #: The strategies `Trainer` implements (names of `shardlax.strategies`).
@@ -66,7 +64,7 @@ def _not_param(path, x) -> bool:
     return not isinstance(x, nnx.Param)
 
 
-class Trainer(_Steps):
+class Trainer(_Layout, _Declarations, _Steps):
     """Builds and runs the train step of one model under one parallelism strategy.
 
     Args:
@@ -252,198 +250,9 @@ class Trainer(_Steps):
             norm_hook=self.optax_norm_hook,
         )  # fmt: skip
 
-    # ------------------------------------------------------------------ layout
-    def _plan_buckets(self, bucket_bytes):
-        """Buckets per group of parameters replicated over the same batch axes."""
-        # one group per (replicated axes, axes the parameter is split over): a bucket
-        # mixes only leaves of one vma type, so its slices keep their own
-        groups: dict[tuple[tuple[str, ...], tuple[str, ...]], list[int]] = {}
-        for i, p in enumerate(self.placements):
-            if p.replicated:
-                split = tuple(sorted(placement.spec_axes(p.spec)))
-                groups.setdefault((p.replicated, split), []).append(i)
-        if bucket_bytes is not None and (
-            isinstance(bucket_bytes, bool) or not isinstance(bucket_bytes, int) or bucket_bytes < 1
-        ):
-            raise ValueError(
-                f"{_OWNER}(bucket_bytes={bucket_bytes!r}): expected a positive int (bytes) or "
-                f"None for one bucket per dtype. For example bucket_bytes=25 * 2**20."
-            )
-        out = {}
-        for key, idx in groups.items():
-            n = axes_size(self.mesh, key[0])
-            local = [jax.ShapeDtypeStruct(self.placements[i].local_shape, self._shapes[i].dtype)
-                     for i in idx]  # fmt: skip
-            planned = zero.plan_buckets(local, n, bucket_bytes)
-            out[key] = tuple(
-                zero.Bucket(tuple(idx[j] for j in b.leaves), b.shapes, b.dtype, b.n)
-                for b in planned
-            )
-        return out
-
-    @property
-    def _split(self) -> str | tuple[str, ...] | None:
-        """The PartitionSpec entry of the batch axes (None when all have size 1)."""
-        if not self.live:
-            return None
-        return self.live if len(self.live) > 1 else self.live[0]
-
-    @property
-    def layer_sharded(self) -> bool:
-        return self.strategy.layer_sharded
-
-    @property
-    def sharded_state(self) -> bool:
-        return self.strategy.shard_state
-
-    def _batch_spec(self, x) -> P:
-        return P(self._split) if getattr(x, "ndim", 0) else P()
-
-    def _put(self, x, spec):
-        return place(x, self.mesh, spec)
-
-    def _shardings(self, specs):
-        return jax.tree.map(
-            lambda s: jax.sharding.NamedSharding(self.mesh, s),
-            specs,
-            is_leaf=lambda x: isinstance(x, P),
-        )
-
-    def _flat_params(self) -> Any:
-        """ShapeDtypeStructs of the parameters as optax sees them (full or flat)."""
-        return jax.tree.unflatten(
-            self._treedef,
-            [jax.ShapeDtypeStruct(p.state_shape if p.shard_state else s.shape,
-                                  self._reduce_dtype(s.dtype) if p.shard_state else s.dtype)
-             for p, s in zip(self.placements, self._shapes, strict=True)],
-        )  # fmt: skip
-
-    def _opt_specs(self) -> Any:
-        """Optimizer state that follows a parameter is laid out like its (flat) shards."""
-        return optax.tree_utils.tree_map_params(
-            self.tx,
-            lambda _, spec: spec,
-            jax.eval_shape(self.tx.init, self._flat_params()),
-            jax.tree.unflatten(self._treedef, [p.state_spec for p in self.placements]),
-            transform_non_params=lambda _: P(),
-            is_leaf=lambda x: isinstance(x, P),
-        )
-
-    def state_specs(self) -> TrainState:
-        """The PartitionSpec of every leaf of the `TrainState`."""
-        master = None
-        if self.mixed_precision is not None:
-            master = jax.tree.unflatten(self._treedef, [p.state_spec for p in self.placements])
-        return TrainState(
-            params=jax.tree.unflatten(self._treedef, [p.spec for p in self.placements]),
-            opt_state=self._opt_specs(),
-            rest=self._rest_specs,
-            step=P(),
-            master=master,
-        )
-
-    def _gather_dtype(self, stored: Any) -> Any:
-        """The dtype the replicated parameters are kept, computed with and gathered in."""
-        policy = self.mixed_precision
-        return jnp.dtype(stored) if policy is None else policy.gather_dtype(stored)
-
-    def _reduce_dtype(self, stored: Any) -> Any:
-        """The dtype the gradients are reduced (and the optimizer runs) in."""
-        policy = self.mixed_precision
-        return jnp.dtype(stored) if policy is None else policy.grad_reduce_dtype(stored)
-
-    def _initializer(self):
-        """`make(params, rest) -> TrainState` and the specs (for init and abstract_state)."""
-        specs = self.state_specs()
-        places = self.placements
-
-        def local_flat(params):
-            def body(*leaves):
-                from shardlax import kernels
-
-                return [kernels.local_shard(x.astype(self._reduce_dtype(x.dtype)), p.replicated)
-                        if p.shard_state else x
-                        for x, p in zip(leaves, places, strict=True)]  # fmt: skip
-
-            return jax.shard_map(
-                body,
-                mesh=self.mesh,
-                in_specs=tuple(p.spec for p in places),
-                out_specs=[p.state_spec if p.shard_state else p.spec for p in places],
-            )(*jax.tree.leaves(params))
-
-        def make(params, rest):
-            params = jax.tree.map(lambda x, s: place(x, self.mesh, s), params, specs.params)
-            master = None
-            if self.strategy.shard_state:
-                flat = jax.tree.unflatten(self._treedef, local_flat(params))
-                opt = self.tx.init(flat)
-                if self.mixed_precision is not None:
-                    master = flat
-                    params = jax.tree.map(lambda x: x.astype(self._gather_dtype(x.dtype)), params)
-            else:
-                opt = self.tx.init(params)
-            return TrainState(params, opt, rest, jnp.zeros((), jnp.int32), master)
-
-        return make, specs
-
-    def init(self) -> TrainState:
-        """The first `TrainState`: the model's parameters, placed, and `tx.init` of them.
-
-        Under zero1/zero2 the optimizer state is initialised on the flat,
-        zero-padded parameters (`shardlax.placement`), 1/N per device.
-        """
-        make, specs = self._initializer()
-        return jax.jit(make, out_shardings=self._shardings(specs))(
-            self._init_params, self._init_rest
-        )
-
-    def abstract_state(self) -> TrainState:
-        """`init()`'s result as `jax.ShapeDtypeStruct`s with their shardings; nothing allocated.
-
-        For compile-only studies (`shardlax.plan`): `trainer.step.lower(
-        trainer.abstract_state(), batch_structs).compile()` reports the per-device
-        memory and collectives of a configuration without its memory. The model
-        may itself be abstract (built under `nnx.eval_shape`).
-        """
-        make, specs = self._initializer()
-        out = jax.eval_shape(make, self._init_params, self._init_rest)
-        return jax.tree.map(
-            lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-            out,
-            self._shardings(specs),
-        )
-
     def model(self, state: TrainState) -> nnx.Module:
         """The NNX model holding the parameters and other state of `state`."""
         return nnx.merge(self.graphdef, self.full_params(state), state.rest)
-
-    def full_params(self, state: TrainState) -> Any:
-        """The parameters in their stored dtype and layout: `state.params`, or the
-        f32 master shards of a mixed-precision step gathered (padding cut off)."""
-        if state.master is None:
-            return state.params
-        places = self.placements
-
-        def body(*leaves):
-            from shardlax import kernels
-
-            out = []
-            for m, p in zip(leaves, places, strict=True):
-                if not p.shard_state:
-                    out.append(m)
-                    continue
-                (full,) = kernels.all_gather_bucket([m], [p.local_shape], p.replicated)
-                out.append(full)
-            return out
-
-        leaves = jax.shard_map(
-            body,
-            mesh=self.mesh,
-            in_specs=tuple(p.state_spec for p in places),
-            out_specs=[p.spec for p in places],
-        )(*jax.tree.leaves(state.master))
-        return jax.tree.unflatten(self._treedef, leaves)
 
     # ---------------------------------------------------------- checkpoints
     def save(self, directory, state: TrainState, *, step: int | None = None,
@@ -500,116 +309,6 @@ class Trainer(_Steps):
                 f"{local}, or a global batch divisible by {self.n * k}."
             )
         return b
-
-    # --------------------------------------------------------- declarations
-    def declared_collectives(
-        self,
-        batch: Any,
-        *,
-        model_collectives: Sequence[Declared] = (),
-        loss_in_model: bool = False,
-    ) -> list[Declared]:
-        """The collectives one step compiles to, for a batch shaped like `batch`.
-
-        Per step, for every bucket of parameters replicated over the same batch
-        axes (`N` their size, `P_b` the padded bytes `N * S_b * itemsize`,
-        `n_b` the unpadded bytes), the strategy's reduction
-        (`shardlax.strategies`):
-
-        - dp, fsdp, fsdp+tp: all-reduce `n_b`.
-        - zero1: all-reduce `P_b`, then all-gather `P_b`.
-        - zero2: reduce-scatter `P_b`, then all-gather `P_b`.
-
-        Plus, found by tracing the step once: 1 scalar f32 all-reduce of the
-        loss over the batch axes it varies over (none when the model reduced
-        it itself); 1 scalar all-reduce per group of identically split leaves
-        of every global norm `tx` computes; 1 f32 `[2, F]` all-reduce per
-        training-mode `nnx.BatchNorm` call (its statistics). And the model's
-        own collectives (`model_collectives`: FSDP gathers and reduce-scatters
-        over `fsdp`, tensor-parallel collectives over `model`, as the layers'
-        `declared_collectives(..., grad=True)` state them). The layers'
-        all-reduces of parameter gradients over the batch axes are left out of
-        `model_collectives`: inside the Trainer the strategy's buckets do them.
-
-        Collectives over axes of size 1 are not declared (they do not compile).
-
-        Args:
-          batch: a batch (or `jax.ShapeDtypeStruct`s) shaped like the step's.
-          model_collectives: the model's declared collectives.
-          loss_in_model: `model_collectives` include the loss's reduction over
-            the batch (a model whose loss runs inside its own kernel, such as
-            `TinyLM.declared_collectives`): keep those entries.
-        """
-        self._check_batch(batch)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-        from shardlax import _flax_layers
-
-        with _flax_layers.recording() as rec:
-            jax.eval_shape(self._step, jax.eval_shape(self.init), abstract)
-        live = set(self.live)
-        out = []
-        if self._loss_axes:
-            out.append(
-                Declared("all-reduce", self._loss_axes, "f32", 1, 4, "loss: mean over the batch")
-            )
-        for d in model_collectives:
-            over_batch = d.kind == "all-reduce" and set(d.axes) & live
-            if over_batch and not (loss_in_model and d.bytes <= 4 * d.count):
-                # a parameter gradient: its sum over the batch axes is the strategy's
-                # (buckets below); what is left of it is the layer's sum over the others
-                rest = tuple(a for a in d.axes if a not in live)
-                if rest:
-                    out.append(dataclasses.replace(d, axes=rest))
-                continue
-            out.append(d)
-        for (axes, _), buckets in self.bucket_groups.items():
-            for b in buckets:
-                rdt = jnp.dtype(self._reduce_dtype(b.dtype))
-                gdt = jnp.dtype(self._gather_dtype(b.dtype))
-                out += self.strategy.declare(b, axes, rdt, gdt)
-        for axes, features, fast in rec.stats:
-            axes = tuple(a for a in axes if self.mesh.shape[a] > 1)
-            if not axes:
-                continue
-            if fast:
-                out.append(Declared("all-reduce", axes, "f32", 1, 2 * features * 4,
-                                    "BatchNorm statistics (mean, mean of squares)"))  # fmt: skip
-            else:
-                out += [
-                    Declared("all-reduce", axes, "f32", 1, features * 4, f"BatchNorm {w}")
-                    for w in ("mean", "variance")
-                ]
-        for axes, where, nbytes, dtype in self._state_reductions:
-            out.append(Declared("all-reduce", axes, hlo_dtype(dtype), 1, nbytes,
-                                f"state {where}: mean over the batch"))  # fmt: skip
-        for axes, dtype in self._norm_reductions or ():
-            item = jnp.dtype(dtype).itemsize
-            out.append(Declared("all-reduce", axes, hlo_dtype(dtype), 1, item, "global norm"))
-        return out
-
-    def state_bytes(self) -> dict[str, int]:
-        """Bytes per device of the parameters and the optimizer state (global / shard)."""
-        state = jax.eval_shape(self.init)
-        specs = self.state_specs()
-
-        def local(x, s):
-            shard = jax.sharding.NamedSharding(self.mesh, s).shard_shape(x.shape)
-            return math.prod(shard) * jnp.dtype(x.dtype).itemsize
-
-        def total(tree, spec_tree):
-            return sum(
-                jax.tree.leaves(
-                    jax.tree.map(local, tree, spec_tree, is_leaf=lambda x: isinstance(x, P))
-                )
-            )
-
-        out = {
-            "params": total(state.params, specs.params),
-            "opt_state": total(state.opt_state, specs.opt_state),
-        }
-        if state.master is not None:
-            out["master"] = total(state.master, specs.master)
-        return out
 
 
 def _as_transformation(tx: Any) -> optax.GradientTransformation:
