@@ -24,14 +24,30 @@ Execution: call the parallelized model at top level under `jax.jit` on global
 arrays: each twin runs its own `shard_map` and GSPMD only joins them (the
 reshapes and attention math of the model's own code). Inside a shard_map over
 the whole mesh (the Trainer's step) the twins run as per-device code; the
-model's code then sees local sizes on split dims (heads / mesh size).
+model's code then sees local sizes on split dims (heads / mesh size). Code
+that works per head or per element (activations, RoPE, attention over the
+local heads, `reshape(b, t, -1, head_dim)`) is correct there; code that reads
+a global size of a split dim (`reshape(b, t, num_heads, head_dim)`) fails, and
+`call_local` turns that failure into an error naming the twin; a loss computed
+over a split dim (softmax over vocabulary-split logits) varies over the model
+axis, which `call_local` refuses, naming the twin. What no check can see (a
+`jnp.split` of a `Colwise(parts=1)` output, a norm over the hidden features
+between a column and a row twin) is wrong on local shards: fuse with
+`Colwise(parts=k)`, and keep such code out of the span between twins.
+
+FSDP + TP: `parallelize(..., fsdp_axis='fsdp')` builds the linear and
+embedding twins with their parameters split over the fsdp axis too (gathered
+per use inside the twin, `strategy='fsdp+tp'`). `fully_shard` cannot wrap a
+twin (each runs its own shard_map): both orders are refused with that fix.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Mapping
+import re
+import traceback
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -40,8 +56,9 @@ from jax import lax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.mesh import resolve_mesh
+from shardlax.mesh import is_manual, resolve_mesh
 from shardlax.nn._einsum import ParallelEinsum
 from shardlax.nn._embed import ParallelEmbed
 from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
@@ -87,6 +104,7 @@ def parallelize(
     mesh: Mesh | None = None,
     axis_name: str = MODEL,
     batch_axes: Any = None,
+    fsdp_axis: str | None = None,
 ) -> nnx.Module:
     """Apply a tensor-parallel `plan` to `model` in place and return it.
 
@@ -99,6 +117,10 @@ def parallelize(
       axis_name: the tensor-parallel mesh axis (default ``'model'``).
       batch_axes: the mesh axes the batch is split over (default: whichever
         of ``('data', 'fsdp')`` the mesh has).
+      fsdp_axis: also split the parameters of the `nnx.Linear` and `nnx.Embed`
+        twins over this mesh axis (FSDP inside each twin: gathered per use,
+        gradients reduce-scattered; ``Trainer(strategy='fsdp+tp')``). Default
+        None: the twins' parameters are whole over the batch axes.
 
     Returns:
       `model`, its matched submodules swapped for their shardlax twins with the
@@ -106,8 +128,9 @@ def parallelize(
 
     Raises:
       ValueError: a pattern matches nothing, two patterns match one module, a
-        style does not fit the module it matches, or the mesh axis does not
-        divide the split dim (the message names the path).
+        style does not fit the module it matches, the mesh axis does not
+        divide the split dim, or the module sits inside a `fully_shard` unit
+        (the message names the path).
       TypeError: a style is not one of `Colwise`, `Rowwise`, `VocabParallel`,
         `Replicate`.
 
@@ -148,11 +171,12 @@ def parallelize(
                 )
             chosen[path] = (pattern, style)
     by_path = {path: m for _, path, m in modules}
+    _refuse_inside_units(model, chosen)
     for path, (pattern, style) in chosen.items():
         name = _dotted(path)
         module = by_path[path]
         try:
-            twin = _twin(module, style, mesh, axis_name, batch_axes)
+            twin = _twin(module, style, mesh, axis_name, batch_axes, fsdp_axis)
         except ValueError as e:
             raise ValueError(
                 f"parallelize: at {name!r} ({type(module).__name__}, plan[{pattern!r}] = "
@@ -167,7 +191,10 @@ def parallelize(
 # --------------------------------------------------------------------------- twins
 
 
-def _twin(module: nnx.Module, style: Any, mesh: Mesh, axis_name: str, batch_axes: Any) -> Any:
+def _twin(
+    module: nnx.Module, style: Any, mesh: Mesh, axis_name: str, batch_axes: Any,
+    fsdp_axis: str | None,
+) -> Any:  # fmt: skip
     kind = type(module).__name__
     if isinstance(module, _PARALLEL):
         raise ValueError(
@@ -177,15 +204,22 @@ def _twin(module: nnx.Module, style: Any, mesh: Mesh, axis_name: str, batch_axes
     if isinstance(style, Replicate):
         return module
     if isinstance(style, (Colwise, Rowwise)) and isinstance(module, nnx.Linear):
-        return _linear_twin(module, style, common)
+        return _linear_twin(module, style, dict(common, fsdp_axis=fsdp_axis))
     if isinstance(style, (Colwise, Rowwise)) and isinstance(module, nnx.Einsum):
+        if fsdp_axis is not None:
+            raise ValueError(
+                f"parallelize(fsdp_axis={fsdp_axis!r}): the nnx.Einsum twin (ParallelEinsum) "
+                f"does not split its kernel over an fsdp axis, so FSDP would silently not apply "
+                f"to it. Pass fsdp_axis=None (and strategy='zero2' for sharded optimizer "
+                f"state), or write the projection as an nnx.Linear."
+            )
         return _einsum_twin(module, style, common)
     if isinstance(style, VocabParallel) and isinstance(module, nnx.Embed):
         return ParallelEmbed(
             module.num_embeddings, module.features, dtype=module.dtype,
             param_dtype=module.param_dtype, embedding_init=_value(module.embedding),
             promote_dtype=module.promote_dtype, rngs=nnx.Rngs(0),
-            sequence_parallel=style.sequence_parallel, fsdp_axis=None, **common,
+            sequence_parallel=style.sequence_parallel, fsdp_axis=fsdp_axis, **common,
         )  # fmt: skip
     fits = {
         Colwise: "nnx.Linear or nnx.Einsum",
@@ -213,7 +247,7 @@ def _linear_twin(module: nnx.Linear, style: Any, common: dict) -> Any:
         bias_init=_value(module.bias), dot_general=module.dot_general,
         promote_dtype=module.promote_dtype,
         preferred_element_type=module.preferred_element_type, rngs=nnx.Rngs(0),
-        fsdp_axis=None, sequence_parallel=style.sequence_parallel, **common,
+        sequence_parallel=style.sequence_parallel, **common,
     )  # fmt: skip
     if col:
         if style.parts > 1 and module.dot_general is not lax.dot_general:
@@ -304,6 +338,138 @@ def _metadata(param: Any) -> dict:
     return {k: v for k, v in meta.items() if not k.startswith("on_")}
 
 
+# --------------------------------------------------------------------- manual mode
+
+
+def call_local(
+    fn: Callable[..., Any], model: nnx.Module, *args: Any, axis_name: str = MODEL, **kwargs: Any
+) -> Any:
+    """`fn(model, *args, **kwargs)` where the twins run as per-device code, checked.
+
+    Inside a `shard_map` over the whole mesh (the Trainer's step) every twin
+    returns its local shard: a dim it splits has its local size there. This
+    runs `fn` (a `loss_fn`) unchanged and turns the two ways model code can
+    trip over that into errors naming the twin, its local and global sizes,
+    the mesh axis and the fix:
+
+    - `fn` raises a TypeError / ValueError outside shardlax (a reshape with a
+      global head count): re-raised with the same type, naming the twins whose
+      local output matches the failing shape (every split twin if none does).
+    - a scalar `fn` returns (the loss) varies over `axis_name`: it was computed
+      over a split dim (softmax over vocabulary-split logits) without the
+      reduction a twin runs; one device computes one value.
+
+    Outside manual mode, or for a model without split twins, it is `fn(...)`.
+
+    Args:
+      fn: called as `fn(model, *args, **kwargs)`.
+      model: the (parallelized) model; its twins over `axis_name` are checked.
+      axis_name: the tensor-parallel mesh axis.
+
+    Raises:
+      TypeError, ValueError: as described above.
+    """
+    twins = [t for t in _split_twins(model, axis_name) if is_manual(t[1].mesh)]
+    if not twins:
+        return fn(model, *args, **kwargs)
+    try:
+        out = fn(model, *args, **kwargs)
+    except (TypeError, ValueError) as e:
+        if _raised_by_shardlax(e):
+            raise
+        msg = _local_failure(e, twins, axis_name)
+        if type(e) in (TypeError, ValueError):
+            raise type(e)(msg) from e
+        e.add_note(msg)
+        raise
+    for leaf in jax.tree.leaves(out):
+        if getattr(leaf, "shape", None) == () and axis_name in kernels.varying_axes(leaf):
+            raise ValueError(_loss_varies(twins, axis_name))
+    return out
+
+
+def _split_twins(model: nnx.Module, axis: str) -> list[tuple[str, Any, str, int, int]]:
+    """(path, twin, what, global size, local size) of every twin whose output is split."""
+    out = []
+    for path, m in nnx.iter_modules(model):
+        if not isinstance(m, _PARALLEL) or m.axis_name != axis or m.model_size < 2:
+            continue
+        n, name = m.model_size, _dotted(path) or type(model).__name__
+        if isinstance(m, ColumnParallelLinear) and not m.gather_output:
+            size = m.out_features // m.parts
+            each = f" (each of its {m.parts} parts)" if m.parts > 1 else ""
+            out.append((name, m, f"ColumnParallelLinear output{each} [..., F]", size, size // n))
+        elif isinstance(m, ParallelEinsum) and m.column:
+            size = m.kernel_shape[m.shard_dim]
+            what = f"ParallelEinsum {m.einsum_str!r} output, dim {m.split_letter!r}"
+            out.append((name, m, what, size, size // n))
+        elif isinstance(m, ParallelEmbed):
+            size = m.num_embeddings
+            out.append((name, m, "ParallelEmbed.attend logits [..., V]", size, size // n))
+    # embedders first: their vocabulary-split logits are what a loss reduces over
+    return sorted(out, key=lambda t: not isinstance(t[1], ParallelEmbed))
+
+
+def _describe(twins: list, axis: str) -> str:
+    """The twins grouped by what they return: 'a', 'b' (what) is k per device, the global ..."""
+    groups: dict[tuple, list[str]] = {}
+    for name, m, what, size, local in twins:
+        groups.setdefault((what, size, local, m.model_size), []).append(repr(name))
+    parts = []
+    for (what, size, local, n), names in list(groups.items())[:3]:
+        shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        verb = "is" if len(names) == 1 else "are"
+        parts.append(
+            f"{shown} ({what}) {verb} {local} per device, the global {size} split over mesh "
+            f"axis {axis!r} (size {n})"
+        )
+    return "; ".join(parts)
+
+
+def _local_failure(error: Exception, twins: list, axis: str) -> str:
+    shape = re.search(r"shape \(([\d, ]+)\)", str(error))
+    last = int(shape.group(1).split(",")[-1] or -1) if shape and shape.group(1).strip() else None
+    hits = [t for t in twins if t[4] == last] or twins
+    named = _describe(hits, axis)
+    return (
+        f"the model code raised {type(error).__name__} on a per-device array: inside a "
+        f"shard_map over the whole mesh (the Trainer's step) tensor-parallel layers return "
+        f"their local shard: {named}. Code that reads the global size of a split dim fails "
+        f"there. Take sizes from the arrays instead (x.reshape(b, t, -1, head_dim), not "
+        f"x.reshape(b, t, num_heads, head_dim)). The error was: {error}"
+    )
+
+
+def _loss_varies(twins: list, axis: str) -> str:
+    named = _describe(twins, axis)
+    return (
+        f"the loss varies over mesh axis {axis!r} (size {twins[0][1].model_size}): the model "
+        f"reduced over a dim a tensor-parallel layer splits, on each device's shard only "
+        f"(e.g. a softmax cross-entropy over vocabulary-split logits), where one device "
+        f"computes one value. Split outputs: {named}. Fix: keep that layer whole "
+        f"(Replicate() it, or drop it from the plan), or reduce over the split dim with a "
+        f"collective (a vocabulary-parallel cross-entropy)."
+    )
+
+
+def _raised_by_shardlax(error: Exception) -> bool:
+    """The innermost frame outside jax / flax / numpy belongs to shardlax (its own errors)."""
+    import os
+
+    import flax
+    import numpy
+
+    import shardlax
+
+    ours = (os.path.dirname(shardlax.__file__), os.path.dirname(kernels.__file__))
+    theirs = tuple(os.path.dirname(m.__file__) for m in (jax, flax, numpy))
+    for frame in reversed(traceback.extract_tb(error.__traceback__)):
+        if frame.filename.startswith(theirs):
+            continue
+        return frame.filename.startswith(ours)
+    return False
+
+
 # --------------------------------------------------------------------------- paths
 
 
@@ -331,6 +497,25 @@ def _set(model: nnx.Module, path: tuple, twin: Any) -> None:
         parent[key] = twin
 
 
+def _refuse_inside_units(model: nnx.Module, chosen: Mapping[tuple, Any]) -> None:
+    """A twin cannot live in a `fully_shard` unit (it runs its own shard_map)."""
+    from shardlax.fsdp import FSDPModule
+
+    units = [path for path, m in nnx.iter_modules(model) if isinstance(m, FSDPModule)]
+    for path, (pattern, _) in chosen.items():
+        unit = next((u for u in units if path[: len(u)] == u), None)
+        if unit is None:
+            continue
+        where = _dotted(unit) or type(model).__name__
+        raise ValueError(
+            f"parallelize: {_dotted(path)!r} (plan[{pattern!r}]) is inside the fully_shard unit "
+            f"{where!r}; a tensor-parallel twin runs its own shard_map and cannot be nested in "
+            f"the unit's. Apply the plan to the model before fully_shard, and split the twins' "
+            f"parameters over fsdp with parallelize(model, plan, mesh=mesh, "
+            f"fsdp_axis='fsdp') instead of wrapping them."
+        )
+
+
 def _replicate_rest(model: nnx.Module, mesh: Mesh) -> None:
     """Every variable not already on `mesh` (parameters, batch stats, rng keys) replicated."""
     for _, var in nnx.iter_graph(model):
@@ -345,4 +530,4 @@ def _replicate_rest(model: nnx.Module, mesh: Mesh) -> None:
         var.set_value(jax.device_put(value, NamedSharding(mesh, P())))
 
 
-__all__ = ["Colwise", "Replicate", "Rowwise", "VocabParallel", "parallelize"]
+__all__ = ["Colwise", "Replicate", "Rowwise", "VocabParallel", "call_local", "parallelize"]

@@ -1,0 +1,196 @@
+"""A `parallelize`d model inside `shardlax.Trainer`, where the twins run as per-device code.
+
+References are the unparallelized models trained with plain nnx + optax on one
+device (`tests.models.one_device_reference`). The whole corpus matrix (decoder,
+Llama-style decoder, ViT, MLP under dp / zero1 / zero2 / fsdp+tp) is in
+tests/test_parallelize_trainer_slow.py; here: one small model end to end with
+its audited collectives, and every error of the manual-mode checks
+(`shardlax.parallelize.call_local`) and of parallelize + fully_shard.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import shardlax
+from shardlax import Colwise, Replicate, Rowwise, VocabParallel, parallelize
+from shardlax.parallelize import call_local
+from tests import utils
+from tests.models import batches, decoder, host, llama, mlp, one_device_reference
+
+pytestmark = pytest.mark.standard_dtype_promotion
+
+N_STEPS, BATCH, MAX_NORM = 3, 8, 1e-3
+MLP_PLAN = {"l1": Colwise(), "l2": Rowwise()}
+LLAMA_PLAN = {
+    "layers.*.attn.q_proj": Colwise(),
+    "layers.*.attn.kv_proj": Colwise(parts=2),
+    "layers.*.attn.o_proj": Rowwise(),
+    "layers.*.mlp.gate_up_proj": Colwise(parts=2),
+    "layers.*.mlp.down_proj": Rowwise(),
+}
+
+
+def tx():
+    return optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adamw(1e-2, weight_decay=0.1))
+
+
+def train(model, loss_fn, mesh, strategy, data):
+    """(trainer, state, losses, compiles) after one step per batch."""
+    trainer = shardlax.Trainer(model, tx(), loss_fn, mesh=mesh, strategy=strategy)
+    state, losses = trainer.init(), []
+    with utils.count_compiles("_step") as compiles:
+        for batch in data:
+            state, metrics = trainer.step(state, batch)
+            losses.append(float(metrics["loss"]))
+    return trainer, state, losses, compiles.count
+
+
+def assert_like_reference(trainer, state, losses, ref, what):
+    utils.assert_close(np.array(losses), np.array(ref.losses), err_msg=f"{what} losses")
+    model = trainer.model(state)
+    got = jax.tree_util.tree_flatten_with_path(host(nnx.state(model, nnx.Param)))[0]
+    want = jax.tree_util.tree_flatten_with_path(ref.params)[0]
+    assert [p for p, _ in got] == [p for p, _ in want], what
+    for (path, g), (_, w) in zip(got, want, strict=True):
+        utils.assert_close(g, w, err_msg=f"{what} {jax.tree_util.keystr(path)}")
+    # the optimizer state: optax's step count advanced as on one device
+    counts = [x for x in jax.tree.leaves(host(state.opt_state)) if x.dtype == np.int32]
+    assert counts and all(int(c) == N_STEPS for c in counts), counts
+
+
+def test_mlp_trains_like_one_device_with_the_declared_collectives():
+    """(1, 2, 2): 3 AdamW steps (active clipping) == one device, 1 compile, declared == HLO."""
+    mesh = utils.mesh(1, 2, 2)
+    data = batches(mlp.make_batch, BATCH, N_STEPS)
+    ref = one_device_reference(mlp.make, mlp.loss_fn, tx(), data)
+    assert min(ref.grad_norms) > MAX_NORM, ref.grad_norms
+    model = parallelize(mlp.make(), MLP_PLAN, mesh=mesh)
+    # the twins' own declarations, as the Trainer's step calls them: l1 reads the
+    # data (no input gradient), l2 reads l1's output
+    declared_model = model.l1.declared_collectives(
+        (BATCH, mlp.IN), grad=True, input_grad=False
+    ) + model.l2.declared_collectives((BATCH, mlp.HIDDEN), grad=True, input_grad=True)
+    trainer, state, losses, compiles = train(model, mlp.loss_fn, mesh, "zero2", data)
+    assert compiles == 1, f"the step compiled {compiles} times in {N_STEPS} steps"
+    assert_like_reference(trainer, state, losses, ref, "zero2")
+    utils.assert_sharding(state.params["l1"]["kernel"], mesh, trainer.placements[1].spec)
+    report = shardlax.audit.collectives(trainer.step, state, data[0])
+    declared = trainer.declared_collectives(data[0], model_collectives=declared_model)
+    cmp = shardlax.audit.compare(declared, report)
+    assert cmp.ok, cmp.table()
+    # the Rowwise output sum over 'model' forward: one all-reduce of [B/2, 3] f32
+    rows = [c for c in report.where("all-reduce", ("model",)) if "transpose" not in c.op_name]
+    assert [c.bytes for c in rows] == [BATCH // 2 * mlp.OUT * 4], report.table()
+
+
+def test_parallelize_fsdp_axis_splits_the_linear_twins():
+    mesh = utils.mesh(1, 2, 2)
+    model = parallelize(llama.make(0, num_layers=1), LLAMA_PLAN, mesh=mesh, fsdp_axis="fsdp")
+    attn = model.layers[0].attn
+    utils.assert_sharding(attn.q_proj.kernel[...], mesh, jax.P("fsdp", "model"))
+    utils.assert_sharding(attn.o_proj.kernel[...], mesh, jax.P("model", "fsdp"))
+    plain = parallelize(llama.make(0, num_layers=1), LLAMA_PLAN, mesh=mesh)
+    utils.assert_sharding(plain.layers[0].attn.q_proj.kernel[...], mesh, jax.P(None, "model"))
+    want = llama.make(0, num_layers=1).layers[0].attn.q_proj.kernel[...]
+    np.testing.assert_array_equal(np.asarray(attn.q_proj.kernel[...]), want)
+    with pytest.raises(ValueError, match=r"at 'l1' .*4 does not divide 10.*fsdp_axis=None"):
+        parallelize(mlp.make(), MLP_PLAN, mesh=mesh, fsdp_axis="fsdp")
+
+
+# ------------------------------------------------------------ manual-mode checks
+
+
+def _checked(loss_fn):
+    def loss(model, batch):
+        return call_local(loss_fn, model, batch)
+
+    return loss
+
+
+def _step(model, loss_fn, mesh, batch):
+    trainer = shardlax.Trainer(model, optax.adamw(1e-2), loss_fn, mesh=mesh, strategy="dp")
+    return trainer.step(trainer.init(), batch)
+
+
+def test_reshape_with_a_global_head_count_names_the_twin():
+    """decoder_linear reshapes q with `self.num_heads`: on local shards that fails, named."""
+    mesh = utils.mesh(2, 1, 2)
+    plan = {"layers.*.attn.q_proj": Colwise(), "layers.*.attn.o_proj": Rowwise()}
+    model = parallelize(decoder.make_linear(0), plan, mesh=mesh)
+    batch = decoder.make_batch(jax.random.key(0), 4)
+    with pytest.raises(
+        TypeError,
+        match=r"'layers\.0\.attn\.q_proj', 'layers\.1\.attn\.q_proj' \(ColumnParallelLinear "
+        r"output \[\.\.\., F\]\) are 8 per device, the global 16 split over mesh axis 'model' "
+        r"\(size 2\)\. .*reshape\(b, t, -1, head_dim\).*cannot reshape array of shape "
+        r"\(2, 8, 8\)",
+    ):
+        _step(model, _checked(decoder.loss_fn), mesh, batch)
+
+
+def test_loss_over_vocabulary_split_logits_is_refused():
+    """A plain cross-entropy of VocabParallel logits would be a per-device softmax."""
+    mesh = utils.mesh(2, 1, 2)
+    model = parallelize(decoder.make(0, num_layers=1), {"embedder": VocabParallel()}, mesh=mesh)
+    batch = decoder.make_batch(jax.random.key(0), 4)
+    with pytest.raises(
+        ValueError,
+        match=r"the loss varies over mesh axis 'model' \(size 2\).*'embedder' \(ParallelEmbed"
+        r"\.attend logits \[\.\.\., V\]\) is 16 per device, the global 32 split over mesh axis "
+        r"'model' \(size 2\)\. Fix: keep that layer whole \(Replicate\(\) it",
+    ):
+        _step(model, _checked(decoder.loss_fn), mesh, batch)
+
+
+def test_errors_of_the_twins_pass_unchanged():
+    mesh = utils.mesh(2, 1, 2)
+    model = parallelize(decoder.make(0), {"embedder": VocabParallel()}, mesh=mesh)
+    batch = decoder.make_batch(jax.random.key(0), 4)
+    batch = {"inputs": batch["inputs"].astype(jnp.float32), "targets": batch["targets"]}
+    with pytest.raises(TypeError, match=r"^ParallelEmbed: inputs must be integer token ids"):
+        _step(model, _checked(decoder.loss_fn), mesh, batch)
+
+
+def test_call_local_at_top_level_is_the_call():
+    mesh = utils.mesh(1, 1, 2, axis_types="auto")
+    model = parallelize(mlp.make(), MLP_PLAN, mesh=mesh)
+    x = jnp.ones((2, mlp.IN))
+    np.testing.assert_array_equal(np.asarray(call_local(lambda m, x: m(x), model, x)),
+                                  np.asarray(model(x)))  # fmt: skip
+
+
+# --------------------------------------------------------- parallelize + fully_shard
+
+
+def test_parallelize_fsdp_axis_refuses_einsum_twins():
+    mesh = utils.mesh(1, 2, 2)
+    with pytest.raises(
+        ValueError,
+        match=r"'layers\.0\.attn\.q_einsum'.*parallelize\(fsdp_axis='fsdp'\): the nnx\.Einsum "
+        r"twin \(ParallelEinsum\) does not split its kernel over an fsdp axis.*Pass "
+        r"fsdp_axis=None",
+    ):
+        parallelize(decoder.make(0), {"layers.*.attn.q_einsum": Colwise(dim=1)}, mesh=mesh,
+                    fsdp_axis="fsdp")  # fmt: skip
+
+
+def test_twins_inside_fully_shard_are_refused_in_both_orders():
+    mesh = utils.mesh(2, 2, 2)
+    model = llama.make(0, num_layers=1)
+    model.layers[0] = shardlax.fully_shard(model.layers[0], mesh=mesh)
+    with pytest.raises(
+        ValueError,
+        match=r"'layers\.0\.module\.attn\.q_proj' \(plan\['layers\.\*\.module\.attn\.q_proj'\]\) "
+        r"is inside the fully_shard unit 'layers\.0'.*fsdp_axis='fsdp'\) instead of wrapping",
+    ):
+        parallelize(model, {"layers.*.module.attn.q_proj": Colwise()}, mesh=mesh)
+    model = parallelize(llama.make(0, num_layers=1), {"layers.*.attn.q_proj": Colwise(),
+                        "layers.*.pre_ffw_norm": Replicate()}, mesh=mesh)  # fmt: skip
+    with pytest.raises(TypeError, match=r"contains shardlax layers \(ColumnParallelLinear\)"):
+        shardlax.fully_shard(model.layers[0], mesh=mesh)
