@@ -159,3 +159,60 @@ def global_batch_layers(roots, batch: UnitBatch) -> Iterator[None]:
         _CURRENT.pop()
         for node, cls in swapped:
             object.__setattr__(node, "__class__", cls)
+
+
+def _attrs(node) -> dict:
+    """The Python attributes of a module node: not Variables, not sub-nodes, not nnx's own."""
+    out = {}
+    for k, v in vars(node).items():
+        if k.startswith("_") or isinstance(v, nnx.Variable | nnx.Pytree | jax.Array):
+            continue
+        out[k] = v
+    return out
+
+
+def check_structure(owner: str, method: str, original, graphdef, module) -> None:
+    """`module` (the unit's copy after its forward) still has `original`'s structure.
+
+    A unit runs its forward on a private copy (merged from the parameters and
+    state it was given) and brings back only Variable values. A forward that
+    creates a Variable, removes one, or assigns a Python attribute
+    (`self.steps += 1` on an int) changes the copy's graph, which nothing
+    would bring back: a ValueError naming the unit, the method and what
+    changed, never a silent drop.
+    """
+    if nnx.graphdef(module) == graphdef:
+        return
+    before = dict(nnx.iter_graph(original))
+    after = dict(nnx.iter_graph(module))
+    changed = []
+    for path in sorted(set(before) | set(after), key=str):
+        name = ".".join(map(str, path)) or "<module>"
+        if path not in before:
+            kind = type(after[path]).__name__
+            changed.append(f"{name} ({kind}, created in the forward)")
+        elif path not in after:
+            changed.append(f"{name} (removed in the forward)")
+        elif isinstance(after[path], nnx.Pytree) and isinstance(before[path], nnx.Pytree):
+            old, new = _attrs(before[path]), _attrs(after[path])
+            for k in sorted(set(old) | set(new)):
+                if k not in old or k not in new or not _same(old[k], new[k]):
+                    attr = f"{name}.{k}" if path else k
+                    changed.append(
+                        f"{attr} ({old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r})"
+                    )
+    what = ", ".join(changed) if changed else "its graph (nnx.graphdef)"
+    raise ValueError(
+        f"{owner}.{method}: the forward changes the module's structure: {what}. The unit runs "
+        f"the forward on its own copy of the module and brings back the values of existing "
+        f"Variables only, so this change would be lost. Create every Variable in __init__ "
+        f"and keep changing values in Variables (e.g. `self.steps = nnx.Variable(jnp.zeros((), "
+        f"jnp.int32))` in __init__, `self.steps[...] += 1` in the forward)."
+    )
+
+
+def _same(a, b) -> bool:
+    try:
+        return bool(a == b)
+    except Exception:  # an attribute whose == is not a bool: compare identity
+        return a is b

@@ -308,6 +308,7 @@ class FSDPModule(nnx.Module):
         n_defs = [d for d, _ in nodes]
         n_states = [s for _, s in nodes]
         n_leaves, n_tree = jax.tree.flatten(n_states)
+        n_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(n_states)[0]]
         policy = self.policy
         owned = self.owned
         unit_batch = _fsdp_state.UnitBatch(owner, live, nb, local_batch)
@@ -336,6 +337,7 @@ class FSDPModule(nnx.Module):
                 call_args, call_kwargs = _cast_floats((call_args, call_kwargs), policy.param_dtype)
             with _fsdp_state.global_batch_layers([m, *call_nodes], unit_batch):
                 out = getattr(m, method)(*call_args, **call_kwargs)
+            _fsdp_state.check_structure(owner, method, self.module, graphdef, m)
             for i, leaf in enumerate(jax.tree.leaves(out)):
                 if not isinstance(leaf, jax.Array):
                     raise TypeError(
@@ -361,10 +363,17 @@ class FSDPModule(nnx.Module):
                     fn, own, inputs, gather=gather, reshard_after_forward=reshard
                 )
             else:
-                out = _scan_layers(
-                    fn, gather, own, r_vals, a_vals, remat=self.remat, reshard=reshard
+                out, new_r, new_n = _scan_layers(
+                    fn,
+                    gather,
+                    own,
+                    r_vals,
+                    n_vals,
+                    a_vals,
+                    remat=self.remat,
+                    reshard=reshard,
+                    check=functools.partial(_check_scan_state, owner, r_paths, n_paths),
                 )
-                new_r, new_n = tuple(r_vals), tuple(n_vals)
             new_r = _check_state(owner, "state", r_paths, r_vals, new_r)
             new_n = _check_state(owner, "argument state", None, n_vals, new_n)
             return out, new_r, new_n
@@ -637,8 +646,16 @@ def _check_state(owner, what, paths, old, new):
     return tuple(out)
 
 
-def _scan_layers(fn, gather, p_shards, r_vals, a_vals, *, remat: bool, reshard: bool):
+def _scan_layers(fn, gather, p_shards, r_vals, n_vals, a_vals, *, remat, reshard, check):
     """`lax.scan` over the stacked layers: carry = the (single) input, one FSDP unit per step.
+
+    State: layer l's non-parameter state (`r_vals`, stacked on a leading layer
+    dim: BatchNorm statistics, counters, the layers' own rng keys and counts)
+    goes in as step l's slice and comes out stacked again, so every update
+    a layer makes comes back as it would from a Python loop over the layers;
+    state of the call's arguments (`n_vals`: an `nnx.Rngs` passed at call) is
+    a loop carry, advanced by each layer in turn, as in that loop. `check`
+    raises for an update the scan cannot carry (see `_check_scan_state`).
 
     With `remat`, each step runs under `jax.checkpoint` (nothing saved but the
     carry): the backward loop recomputes the step, all-gather included, so a
@@ -654,21 +671,57 @@ def _scan_layers(fn, gather, p_shards, r_vals, a_vals, *, remat: bool, reshard: 
             f"carry), got {len(a_vals)} inputs. Pass the activation only."
         )
 
-    def step(h, xs):
+    def step(carry, xs):
+        h, n_carry = carry
         p_layer, r_layer = xs
-        inputs = ((h,), tuple(r_layer), (), ())
+        inputs = ((h,), tuple(r_layer), tuple(n_carry), ())
         if remat:
-            out = fn(gather(p_layer), inputs)[0]
+            out, new_r, new_n = fn(gather(p_layer), inputs)
         else:
-            out = kernels.fsdp_call(
+            out, new_r, new_n = kernels.fsdp_call(
                 fn, tuple(p_layer), inputs, gather=gather, reshard_after_forward=reshard
-            )[0]
-        return out, None
+            )
+        check(h, out, tuple(r_layer), tuple(new_r), tuple(n_carry), tuple(new_n))
+        return (out, tuple(new_n)), tuple(new_r)
 
     if remat:
         step = jax.checkpoint(step)
-    h, _ = jax.lax.scan(step, a_vals[0], (tuple(p_shards), tuple(r_vals)))
-    return h
+    (h, new_n), new_r = jax.lax.scan(
+        step, (a_vals[0], tuple(n_vals)), (tuple(p_shards), tuple(r_vals))
+    )
+    return h, tuple(new_r), tuple(new_n)
+
+
+def _check_scan_state(owner, r_paths, n_paths, h, out, r_old, r_new, n_old, n_new):
+    """What one scanned layer returns must fit the loop: a clear error where it cannot.
+
+    The output is the next layer's input (same shape and dtype as the carry);
+    every updated Variable keeps its per-layer shape and dtype (it is stacked
+    again over the layers, or carried to the next layer) and does not come
+    from this device's batch shard alone (it is stored replicated).
+    """
+    if not isinstance(out, jax.Array) or (out.shape, out.dtype) != (h.shape, h.dtype):
+        got = f"{out.dtype}{list(out.shape)}" if isinstance(out, jax.Array) else type(out).__name__
+        raise TypeError(
+            f"{owner}(scan=True): a layer returned {got} for an input of {h.dtype}"
+            f"{list(h.shape)} (per device); the scanned layers pass their output on as the next "
+            f"layer's input, so each must return one array of its input's shape and dtype. Use "
+            f"fully_shard per layer for layers that change it."
+        )
+    for what, paths, old, new in (
+        ("state", r_paths, r_old, r_new),
+        ("argument state", n_paths, n_old, n_new),
+    ):
+        _check_state(owner, what, paths, old, new)
+        for i, (o, n) in enumerate(zip(old, new, strict=True)):
+            if (o.shape, o.dtype) != (n.shape, n.dtype):
+                raise ValueError(
+                    f"{owner}(scan=True): the forward changes {what} {paths[i]!r} of one layer "
+                    f"from {o.dtype}{list(o.shape)} to {n.dtype}{list(n.shape)}; the scan stacks "
+                    f"each layer's state over the layers (and carries the call's), so an update "
+                    f"must keep the Variable's shape and dtype. Assign values of the same "
+                    f"shape and dtype (e.g. `var[...] = new.astype(var.dtype)`)."
+                )
 
 
 def _gather_all(
