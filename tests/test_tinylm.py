@@ -139,6 +139,26 @@ def test_sequence_parallel_gqa_untied_dropout_remat(mesh_shape):
     assert model_kinds["reduce-scatter"] > 0 and model_kinds["all-gather"] > 0
 
 
+@pytest.mark.parametrize("remat", [False, True])
+def test_fsdp_parameters_are_gathered_twice_per_step(remat):
+    """Each FSDP parameter of a block is all-gathered exactly twice per step, with remat too
+    (forward, then the recomputation, whose gathered value the backward reuses: not a third
+    re-gather), and the step equals one device with the compiled collectives as declared."""
+    cfg = TinyLMConfig(vocab=60, d_model=32, n_layers=2, n_heads=8, n_kv_heads=8, d_ff=64,
+                       seq_len=16, remat=remat)  # fmt: skip
+    model, report = _check_against_single_device((1, 4, 2), cfg)
+    per_block = [
+        p for p in jax.tree.leaves(nnx.state(model.blocks, nnx.Param))
+        if "fsdp" in jax.tree.leaves(tuple(p.sharding.spec))
+    ]  # fmt: skip
+    in_loop = [c for c in report.where(axes=("fsdp",)) if c.kind == "all-gather" and c.in_loop]
+    assert {c.trips for c in in_loop} == {cfg.n_layers}
+    if remat:
+        assert len(in_loop) == 2 * len(per_block), report.table()
+    else:  # a parameter whose value the backward does not need is not re-gathered
+        assert len(per_block) < len(in_loop) <= 2 * len(per_block), report.table()
+
+
 def test_copy_params_between_meshes():
     single, (ref_loss, _, _) = single_device()
     model = TinyLM(CFG, mesh=utils.mesh(2, 1, 4), rngs=nnx.Rngs(1))  # other initial values

@@ -140,15 +140,21 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: TinyLMConfig, *, mesh: Mesh, rngs: nnx.Rngs):
         sp = cfg.sequence_parallel
-        self.attn_norm = RMSNorm(cfg.d_model, mesh=mesh, rngs=rngs, sequence_parallel=sp)
+        # Under remat the block's backward re-runs its forward, which gathers every FSDP
+        # parameter again: keeping that gather for the backward (reshard_after_forward=False
+        # inside the checkpoint) makes it 2 gathers per parameter and step, the minimum
+        # (forward; recomputation shared with dW and dx). The forward's gathers are still
+        # freed after the block: jax.checkpoint saves none of them.
+        keep = dict(sequence_parallel=sp, reshard_after_forward=not cfg.remat)
+        self.attn_norm = RMSNorm(cfg.d_model, mesh=mesh, rngs=rngs, **keep)
         self.attn = ParallelAttention(
             cfg.d_model, cfg.n_heads, num_kv_heads=cfg.n_kv_heads, rope_theta=cfg.rope_theta,
-            use_bias=cfg.use_bias, mesh=mesh, rngs=rngs, sequence_parallel=sp,
+            use_bias=cfg.use_bias, mesh=mesh, rngs=rngs, **keep,
         )  # fmt: skip
-        self.mlp_norm = RMSNorm(cfg.d_model, mesh=mesh, rngs=rngs, sequence_parallel=sp)
+        self.mlp_norm = RMSNorm(cfg.d_model, mesh=mesh, rngs=rngs, **keep)
         self.mlp = ParallelMLP(
             cfg.d_model, cfg.d_ff, activation=cfg.activation, use_bias=cfg.use_bias, mesh=mesh,
-            rngs=rngs, sequence_parallel=sp,
+            rngs=rngs, **keep,
         )  # fmt: skip
         self.dropout = Dropout(cfg.dropout, mesh=mesh, sequence_parallel=sp)
 
@@ -167,10 +173,11 @@ class Block(nnx.Module):
     ) -> list[Declared]:
         """One block's collectives (forward, and backward with `grad`).
 
-        `remat` (`jax.checkpoint` around the block): the backward first runs the
-        block's forward again, all of it except what only feeds the block's
-        output (the MLP's exit collective and the gather of its down kernel),
-        which XLA removes as dead code.
+        `remat` (`jax.checkpoint` around the block, whose layers then keep
+        their gathered parameters for the backward): the backward first runs
+        the block's forward again, all of it except the MLP's exit collective,
+        which only feeds the block's output (XLA removes it as dead code). Each
+        FSDP parameter is so gathered twice per step, as without remat.
         """
         out = [
             *self.attn_norm.declared_collectives(shape, grad=grad),
@@ -180,11 +187,7 @@ class Block(nnx.Module):
         ]
         if grad and remat:
             again = self.declared_collectives(shape, grad=False)
-            out += declarations.drop(
-                again,
-                {"role": Role.ACTIVATION, "module": "mlp", "tag": "y"},
-                {"role": Role.PARAM_GATHER, "param": "mlp.down.kernel"},
-            )
+            out += declarations.drop(again, {"role": Role.ACTIVATION, "module": "mlp", "tag": "y"})
         return out
 
 
