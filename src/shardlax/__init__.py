@@ -6,6 +6,7 @@ tested against single-device math.
 """
 
 from shardlax import audit as audit
+from shardlax import budget as budget
 from shardlax import checkpoint as checkpoint
 from shardlax import fsdp as fsdp
 from shardlax import kernels as kernels
