@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.declarations import Declared
+from shardlax.declarations import Declared, Role
 from shardlax.mesh import live_axes
 from shardlax.nn._base import AUTO, nbytes, run_shard_map
 from shardlax.nn._linear import metadata_param
@@ -262,13 +262,16 @@ class ParallelEmbed(SequenceLayer):
     ) -> list[Declared]:
         """Collectives of `__call__` (and `attend` on its output, if `attend`) for `ids_shape`."""
         dtype = self.dtype
-        full = (*self._local_batch_shape(ids_shape), self.features)
+        ids_shape = tuple(ids_shape)
+        if ids_shape:  # dim 0 is the batch, for ids of any rank >= 1
+            ids_shape = (ids_shape[0] // self.batch_size_divisor, *ids_shape[1:])
+        full = (*ids_shape, self.features)
         m, sp = (self.axis_name,), self.sequence_parallel
         kind = "reduce-scatter" if sp else "all-reduce"
         out = first = self._declare(kind, m, dtype, nbytes(full, dtype), "embed: sum of row shards")
         if self._fsdp_live:
             f, lf = self.fsdp_size, (self.fsdp_axis,)
-            ids_all = nbytes((full[0] * f, full[1]), jnp.int32)
+            ids_all = nbytes((full[0] * f, *full[1:-1]), jnp.int32)
             rows_all = nbytes((full[0] * f, *full[1:]), dtype)
             out = self._declare(
                 "all-gather", lf, jnp.int32, ids_all, "embed: ids of every batch shard"
@@ -285,7 +288,8 @@ class ParallelEmbed(SequenceLayer):
             shard = (self.num_embeddings // (self.model_size * self.fsdp_size), self.features)
             pd = self.param_dtype
             out += self._declare("all-reduce", self._lookup_grad_axes(), pd,
-                                 nbytes(shard, pd), "d table over the data axes")  # fmt: skip
+                                 nbytes(shard, pd), "d table over the data axes",
+                                 role=Role.GRAD_REDUCE, param="embedding")  # fmt: skip
         if attend:
             out += self._declare_entries(grad, True, "attend", self._entries())
             if sp:
