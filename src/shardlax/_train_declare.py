@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from shardlax.declarations import Declared, hlo_dtype
+from shardlax.declarations import Declared, Role, hlo_dtype
 
 
 class _Declarations:
@@ -45,8 +45,10 @@ class _Declarations:
         own collectives (`model_collectives`: FSDP gathers and reduce-scatters
         over `fsdp`, tensor-parallel collectives over `model`, as the layers'
         `declared_collectives(..., grad=True)` state them). The layers'
-        all-reduces of parameter gradients over the batch axes are left out of
-        `model_collectives`: inside the Trainer the strategy's buckets do them.
+        all-reduces of parameter gradients over the batch axes (records with
+        `role=Role.GRAD_REDUCE`) are left out of `model_collectives`: inside
+        the Trainer the strategy's buckets do them; a model's own loss
+        reduction (`Role.LOSS`) is kept only with `loss_in_model`.
 
         Collectives over axes of size 1 are not declared (they do not compile).
 
@@ -71,13 +73,15 @@ class _Declarations:
             )
         for d in model_collectives:
             over_batch = d.kind == "all-reduce" and set(d.axes) & live
-            if over_batch and not (loss_in_model and d.bytes <= 4 * d.count):
-                # a parameter gradient: its sum over the batch axes is the strategy's
+            if over_batch and d.role is Role.GRAD_REDUCE:
+                # a parameter gradient's sum: over the batch axes it is the strategy's
                 # (buckets below); what is left of it is the layer's sum over the others
                 rest = tuple(a for a in d.axes if a not in live)
                 if rest:
                     out.append(dataclasses.replace(d, axes=rest))
                 continue
+            if over_batch and d.role is Role.LOSS and not loss_in_model:
+                continue  # the step reduces the loss itself (declared above)
             out.append(d)
         for (axes, _), buckets in self.bucket_groups.items():
             for b in buckets:

@@ -78,7 +78,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import _fsdp_state, kernels
 from shardlax._axes import BATCH_AXES, FSDP
-from shardlax.declarations import Declared, hlo_dtype
+from shardlax.declarations import Declared, Role, hlo_dtype
 from shardlax.mesh import axes_size, check_axis, is_manual, live_axes, present_axes, resolve_mesh
 from shardlax.nn._base import ShardedLayer, gather_hlo_dtype
 from shardlax.placement import path_str
@@ -502,17 +502,21 @@ class FSDPModule(nnx.Module):
             rbytes, rname = size * jnp.dtype(rdt).itemsize, hlo_dtype(rdt)
             if d is None:  # kept whole: its gradient is all-reduced over the batch axes
                 if grad:
-                    out.append(Declared("all-reduce", live, rname, 1, rbytes, path))
+                    out.append(Declared("all-reduce", live, rname, 1, rbytes, path,
+                                        role=Role.GRAD_REDUCE, param=path))  # fmt: skip
                 continue
             gname = gather_hlo_dtype(gdt)
             full = size * jnp.dtype(gdt).itemsize
             gathers = 1 + (grad and self.reshard_after_forward and path in regathered)
-            out.append(Declared("all-gather", (self.axis,), gname, gathers, gathers * full, path))
+            out.append(Declared("all-gather", (self.axis,), gname, gathers, gathers * full, path,
+                                role=Role.PARAM_GATHER, param=path))  # fmt: skip
             if grad:
-                out.append(Declared("reduce-scatter", (self.axis,), rname, 1, rbytes, path))
+                out.append(Declared("reduce-scatter", (self.axis,), rname, 1, rbytes, path,
+                                    role=Role.GRAD_REDUCE, param=path))  # fmt: skip
                 if others:
                     shard = rbytes // self.axis_size
-                    out.append(Declared("all-reduce", others, rname, 1, shard, path))
+                    out.append(Declared("all-reduce", others, rname, 1, shard, path,
+                                        role=Role.GRAD_REDUCE, param=path))  # fmt: skip
         return out
 
     def _derive_regathered(self, args: tuple, kwargs: dict) -> dict[int, tuple[str, ...]]:

@@ -380,8 +380,9 @@ class TinyLM(nnx.Module):
             out += embed._declare(kind, m, f32, nbytes(local, f32), "head: dx")
         tokens = nbytes(local[:2], f32)
         for why in ("max", "sum of exponentials", "target logit"):
-            out += embed._declare("all-reduce", m, f32, tokens, f"loss: {why}")
-        out += embed._declare("all-reduce", embed.batch_axes, f32, 4, "loss: global mean")
+            out += embed._declare("all-reduce", m, f32, tokens, f"loss: {why}", role=Role.LOSS)
+        out += embed._declare("all-reduce", embed.batch_axes, f32, 4, "loss: global mean",
+                              role=Role.LOSS)  # fmt: skip
         return out
 
 

@@ -450,7 +450,8 @@ class ShardedLayer(nnx.Module):
                 return []
             nbytes = n * jnp.dtype(stored).itemsize
             axes = (*self.batch_axes, *token_axes)
-            return self._declare("all-reduce", axes, stored, nbytes, f"d{why}")
+            return self._declare("all-reduce", axes, stored, nbytes, f"d{why}",
+                                 role=Role.GRAD_REDUCE, param=why)  # fmt: skip
         gname = gather_hlo_dtype(gdt)
         out = self._declare_as("all-gather", (self.fsdp_axis,), gname, full, f"gather {why}",
                                role=Role.PARAM_GATHER, param=why)  # fmt: skip
@@ -460,10 +461,12 @@ class ShardedLayer(nnx.Module):
             out += self._declare_as("all-gather", (self.fsdp_axis,), gname, full,
                                     f"re-gather {why} (reshard_after_forward)")  # fmt: skip
         out += self._declare("reduce-scatter", (self.fsdp_axis,), rdt,
-                             n * jnp.dtype(rdt).itemsize, f"d{why} over fsdp")  # fmt: skip
+                             n * jnp.dtype(rdt).itemsize, f"d{why} over fsdp",
+                             role=Role.GRAD_REDUCE, param=why)  # fmt: skip
         others = (*(a for a in self.batch_axes if a != self.fsdp_axis), *token_axes)
         shard_bytes = n // self.fsdp_size * jnp.dtype(rdt).itemsize
-        out += self._declare("all-reduce", others, rdt, shard_bytes, f"d{why} shard")
+        out += self._declare("all-reduce", others, rdt, shard_bytes, f"d{why} shard",
+                             role=Role.GRAD_REDUCE, param=why)  # fmt: skip
         return out
 
     def _declare_as(

@@ -16,7 +16,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import MODEL
-from shardlax.declarations import Declared
+from shardlax.declarations import Declared, Role
 from shardlax.mesh import is_manual
 from shardlax.nn._base import ShardedLayer, nbytes, param_value
 from shardlax.nn._linear import _identity, metadata_param, shared_model_input
@@ -282,13 +282,15 @@ class ParallelEinsum(ShardedLayer):
             pd = self.param_dtype
             k_local = list(self.kernel_shape)
             k_local[self.shard_dim] //= n
-            res += self._declare("all-reduce", self.batch_axes, pd, nbytes(k_local, pd), "dW")
+            res += self._declare("all-reduce", self.batch_axes, pd, nbytes(k_local, pd), "dW",
+                                 role=Role.GRAD_REDUCE, param="kernel")  # fmt: skip
             if self.bias_shape is not None:
                 bl = list(self.bias_shape)
                 if self.column:
                     where = [k for k in out if k in ks].index(self.split_letter)
                     bl[where] //= n
-                res += self._declare("all-reduce", self.batch_axes, pd, nbytes(bl, pd), "db")
+                res += self._declare("all-reduce", self.batch_axes, pd, nbytes(bl, pd), "db",
+                                     role=Role.GRAD_REDUCE, param="bias")  # fmt: skip
         return res
 
 

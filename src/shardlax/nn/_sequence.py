@@ -10,6 +10,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
+from shardlax.declarations import Role
 from shardlax.mesh import live_axes
 from shardlax.nn._base import ShardedLayer, nbytes, run_shard_map
 from shardlax.nn._linear import ColumnParallelLinear
@@ -108,7 +109,8 @@ class SequenceLayer(ShardedLayer):
             dt = owner.param_dtype
             if not owner._fsdp_live:
                 axes = (*self.batch_axes, self.axis_name)
-                return owner._declare("all-reduce", axes, dt, nbytes(local_shape, dt), f"d{why}")
+                return owner._declare("all-reduce", axes, dt, nbytes(local_shape, dt), f"d{why}",
+                                      role=Role.GRAD_REDUCE, param=why)  # fmt: skip
             out = owner._declare_fsdp(local_shape, dim, grad=grad, regather=regather, why=why)
             out = [d for d in out if d.kind != "all-reduce"]
             policy = owner.mixed_precision
@@ -116,7 +118,8 @@ class SequenceLayer(ShardedLayer):
             others = tuple(a for a in owner.batch_axes if a != owner.fsdp_axis)
             shard = nbytes(local_shape, rdt) // owner.fsdp_size
             return out + owner._declare("all-reduce", (*others, *model), rdt, shard,
-                                        f"d{why} shard over the other tokens")  # fmt: skip
+                                        f"d{why} shard over the other tokens",
+                                        role=Role.GRAD_REDUCE, param=why)  # fmt: skip
         return owner._declare_fsdp(local_shape, dim, grad=grad, regather=regather, why=why)
 
     # A fused block (attention, MLP) lists its parameters as entries
