@@ -160,12 +160,14 @@ def _fused_loss(model, x):
     return jnp.mean(model(x) ** 2)
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 2), (2, 1, 2)])
+@pytest.mark.parametrize("shape", [(1, 1, 2), (2, 1, 2), (1, 2, 2)])
 def test_fused_parts_forward_gradients_and_one_dx_reduce(shape):
+    """(1, 2, 2): the twins also FSDP-shard their parameters (parallelize(fsdp_axis=))."""
     mesh = _mesh(shape)
     x = jax.random.normal(jax.random.key(0), (4, 6, 16))
     want_loss, want_grads = _reference(_fused(True), _fused_loss, x)
-    model = parallelize(_fused(False), FUSED_PLAN, mesh=mesh)
+    fsdp = dict(fsdp_axis="fsdp") if shape[1] > 1 else {}
+    model = parallelize(_fused(False), FUSED_PLAN, mesh=mesh, **fsdp)
     assert model.kv_proj.kernel.shape == (16, 16) and model.kv_proj.out_features == 16
     graphdef, state = nnx.split(model)
 

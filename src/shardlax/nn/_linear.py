@@ -160,12 +160,13 @@ class ParallelLinear(ShardedLayer):
             def use(params, x):
                 kernel, bias = params
                 x, kernel, bias = self.promote_dtype((x, kernel, bias), dtype=self._compute_dtype())
-                return self._matmul(x, kernel, bias)
+                y = self._matmul(x, kernel, bias)
+                # a plain tuple through fsdp_call's custom_vjp: Parts refuses to be an array
+                return tuple(y) if isinstance(y, Parts) else y
 
             def body(x, kernel, bias):
-                y = self._fsdp_apply(use, (kernel, bias), self._param_dims, unwrap(x),
-                                     ((), self._bias_token_axes))  # fmt: skip
-                return tuple(y) if isinstance(y, Parts) else y
+                return self._fsdp_apply(use, (kernel, bias), self._param_dims, unwrap(x),
+                                        ((), self._bias_token_axes))  # fmt: skip
 
             out_specs = self._out_specs(inputs.ndim)
             y = self._shard_map(
