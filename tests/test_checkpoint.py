@@ -60,7 +60,7 @@ def make_batch(seed: int):
 
 
 def adamw():
-    return optax.chain(optax.clip_by_global_norm(0.1), optax.adamw(1e-2, weight_decay=0.1))
+    return utils.adamw_clipped(0.1)
 
 
 def trainer_for(strategy: str, shape, *, seed: int = 0, tx=None, hidden: int = F, **kw):

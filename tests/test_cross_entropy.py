@@ -13,7 +13,7 @@ import shardlax
 from shardlax import audit
 from tests import utils
 
-MESHES = [(1, 1, 1), (1, 1, 8), (2, 2, 2)]
+MESHES = utils.LAYER_MESHES
 
 
 def reference(logits, labels):
@@ -31,10 +31,6 @@ def reference_grad(logits, labels, count):
     p /= p.sum(-1, keepdims=True)
     p[np.arange(z.shape[0])[:, None], np.arange(z.shape[1])[None, :], np.asarray(labels)] -= 1
     return p / count
-
-
-def _place(x, mesh, spec):
-    return jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
 
 
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=str)
@@ -74,7 +70,7 @@ def test_logits_never_gathered(mesh_shape):
     mesh = utils.mesh(*mesh_shape)
     d, f, _ = mesh_shape
     b, s, v = 8, 4, 64
-    logits = _place(
+    logits = utils.place(
         jnp.zeros((b, s, v)), mesh, jax.sharding.PartitionSpec(("data", "fsdp"), None, "model")
     )
     labels = jnp.zeros((b, s), jnp.int32)

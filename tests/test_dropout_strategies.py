@@ -12,7 +12,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -43,7 +42,7 @@ def loss_fn(model, batch):
 
 
 def tx():
-    return optax.chain(optax.clip_by_global_norm(1e-3), optax.adamw(1e-2))
+    return utils.adamw_clipped(1e-3, weight_decay=1e-4)  # optax.adamw's default decay
 
 
 def plain():

@@ -14,7 +14,7 @@ import shardlax
 from shardlax import audit
 from tests import utils
 
-MESHES = [(1, 1, 1), (1, 1, 8), (2, 2, 2)]
+MESHES = utils.LAYER_MESHES
 
 
 def reference(table, ids, query, cot_y, cot_logits):

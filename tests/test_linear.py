@@ -14,15 +14,6 @@ import shardlax
 from tests import utils
 
 
-def reference_linear(x, kernel, bias, dtype):
-    """Plain jnp on the full arrays: `x @ W + b` in the compute dtype."""
-    x, kernel = x.astype(dtype), kernel.astype(dtype)
-    y = jnp.matmul(x, kernel)
-    if bias is not None:
-        y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
-    return y
-
-
 @st.composite
 def linear_case(draw, data: int, model: int, shard_in: bool):
     """Shapes whose sharded dims are multiples of the axis sizes, by construction."""
@@ -57,7 +48,7 @@ def _check_layer(layer_cls, mesh, case, **layer_kwargs):
 
     # forward, under jit and eagerly
     y = nnx.jit(lambda m, x: m(x))(layer, x)
-    reference = jax.jit(reference_linear, static_argnums=3)  # one compile, not one per op
+    reference = jax.jit(utils.reference_linear, static_argnums=3)  # one compile, not one per op
     y_ref = reference(x, jnp.asarray(kernel), None if bias is None else jnp.asarray(bias), dtype)
     assert y.shape == y_ref.shape and y.dtype == y_ref.dtype
     utils.assert_close(y, y_ref, dtype, "forward (jit)")
@@ -71,7 +62,7 @@ def _check_layer(layer_cls, mesh, case, **layer_kwargs):
     grads, dx = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(layer, x)
 
     def ref_loss(x, w, b):
-        return jnp.sum(reference_linear(x, w, b, dtype).astype(jnp.float32) * cot)
+        return jnp.sum(utils.reference_linear(x, w, b, dtype).astype(jnp.float32) * cot)
 
     argnums = (0, 1, 2) if case["use_bias"] else (0, 1)
     ref = jax.jit(jax.grad(ref_loss, argnums=argnums))(

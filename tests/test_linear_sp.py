@@ -26,31 +26,19 @@ B, S, D, F = 4, 8, 16, 32  # global batch, sequence, model width, hidden width
 Col, Row = shardlax.nn.ColumnParallelLinear, shardlax.nn.RowParallelLinear
 
 
-def _with_bias(layer, seed):
-    """A non-zero bias, so a bias counted N times (or its gradient) would show."""
-    if layer.use_bias:
-        b = jax.random.normal(jax.random.key(seed), layer.bias[...].shape)
-        layer.bias[...] = jax.device_put(b, layer.bias[...].sharding)
-    return layer
-
-
-def _ref_linear(x, w, b, dtype):
-    c = lambda a: jnp.asarray(a).astype(dtype)
-    y = c(x) @ c(w)
-    return y if b is None else y + c(b)[(None,) * (y.ndim - 1)]
-
-
 def _check_linear(layer, x, cot, dtype=jnp.float32):
-    """Forward and gradients (input, kernel, bias) of `layer` vs `_ref_linear`, ratio 1."""
+    """Forward and gradients (input, kernel, bias) vs `utils.reference_linear`, ratio 1."""
     w = np.asarray(layer.kernel[...])
     b = np.asarray(layer.bias[...]) if layer.use_bias else None
     y = nnx.jit(lambda m, x: m(x))(layer, x)
-    utils.assert_close(y, _ref_linear(x, w, b, dtype), dtype, "forward")
+    utils.assert_close(y, utils.reference_linear(x, w, b, dtype), dtype, "forward")
     utils.assert_sharding(y, layer.mesh, layer.output_spec(x.ndim))
 
     loss = lambda m, x: jnp.sum(m(x).astype(jnp.float32) * cot)
     grads, dx = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(layer, x)
-    ref_loss = lambda x, w, b: jnp.sum(_ref_linear(x, w, b, dtype).astype(jnp.float32) * cot)
+    ref_loss = lambda x, w, b: jnp.sum(
+        utils.reference_linear(x, w, b, dtype).astype(jnp.float32) * cot
+    )
     argnums = (0, 1, 2) if b is not None else (0, 1)
     ref = jax.grad(ref_loss, argnums=argnums)(np.asarray(x), w, b)
     utils.assert_close(dx, ref[0], dtype, "d input")
@@ -64,8 +52,8 @@ def _check_linear(layer, x, cot, dtype=jnp.float32):
 @pytest.mark.parametrize("mesh_shape", SP_MESHES, ids=str)
 def test_column_sp_matches_reference(mesh_shape, use_bias):
     mesh = utils.mesh(*mesh_shape)
-    col = _with_bias(Col(D, F, mesh=mesh, use_bias=use_bias, rngs=nnx.Rngs(0),
-                         sequence_parallel=True), 1)  # fmt: skip
+    col = utils.with_random_bias(Col(D, F, mesh=mesh, use_bias=use_bias, rngs=nnx.Rngs(0),
+                                     sequence_parallel=True), 1)  # fmt: skip
     batch = col._batch_entry()
     assert col.input_spec(3) == P(batch, col._spec_axis("model"), None)  # [B, S/N, D]
     assert col.output_spec(3) == P(batch, None, col._spec_axis("model"))  # [B, S, F/N]
@@ -77,8 +65,8 @@ def test_column_sp_matches_reference(mesh_shape, use_bias):
 @pytest.mark.parametrize("mesh_shape", SP_MESHES, ids=str)
 def test_row_sp_matches_reference(mesh_shape, use_bias):
     mesh = utils.mesh(*mesh_shape)
-    row = _with_bias(Row(F, D, mesh=mesh, use_bias=use_bias, rngs=nnx.Rngs(0),
-                         sequence_parallel=True), 1)  # fmt: skip
+    row = utils.with_random_bias(Row(F, D, mesh=mesh, use_bias=use_bias, rngs=nnx.Rngs(0),
+                                     sequence_parallel=True), 1)  # fmt: skip
     batch = row._batch_entry()
     assert row.input_spec(3) == P(batch, None, row._spec_axis("model"))  # [B, S, F/N]
     assert row.output_spec(3) == P(batch, row._spec_axis("model"), None)  # [B, S/N, D]
@@ -114,7 +102,7 @@ def test_sp_linear_drawn_shapes(data):
         in_f, out_f, mesh=mesh, dtype=dtype, use_bias=use_bias, rngs=nnx.Rngs(0),
         sequence_parallel=True,
     )  # fmt: skip
-    _with_bias(layer, 4)
+    utils.with_random_bias(layer, 4)
     lead = (2, seq, *extra)
     x = jax.random.normal(jax.random.key(5), (*lead, in_f))
     cot = np.asarray(jax.random.normal(jax.random.key(6), (*lead, out_f)))
@@ -122,10 +110,10 @@ def test_sp_linear_drawn_shapes(data):
 
 
 def _chain(mesh, sp, *, use_bias=True, **kw):
-    col = _with_bias(Col(D, F, mesh=mesh, use_bias=use_bias, rngs=nnx.Rngs(0),
-                         sequence_parallel=sp, **kw), 2)  # fmt: skip
-    row = _with_bias(Row(F, D, mesh=mesh, use_bias=use_bias, rngs=nnx.Rngs(1),
-                         sequence_parallel=sp, **kw), 3)  # fmt: skip
+    col = utils.with_random_bias(Col(D, F, mesh=mesh, use_bias=use_bias, rngs=nnx.Rngs(0),
+                                     sequence_parallel=sp, **kw), 2)  # fmt: skip
+    row = utils.with_random_bias(Row(F, D, mesh=mesh, use_bias=use_bias, rngs=nnx.Rngs(1),
+                                     sequence_parallel=sp, **kw), 3)  # fmt: skip
     return col, row
 
 
@@ -168,7 +156,9 @@ def test_sp_chain_composes_with_fsdp(reshard, policy):
     params = [np.asarray(p[...]) for p in (col.kernel, col.bias, row.kernel, row.bias)]
 
     def ref_loss(w1, b1, w2, b2, x):
-        y = _ref_linear(jax.nn.gelu(_ref_linear(x, w1, b1, dtype)), w2, b2, dtype)
+        y = utils.reference_linear(
+            jax.nn.gelu(utils.reference_linear(x, w1, b1, dtype)), w2, b2, dtype
+        )
         return jnp.sum(y.astype(jnp.float32) * cot), y
 
     (_, ref_y), ref = jax.value_and_grad(ref_loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(

@@ -14,7 +14,7 @@ import shardlax
 from shardlax import audit
 from tests import utils
 
-MESHES = [(1, 1, 1), (1, 1, 8), (2, 2, 2)]
+MESHES = utils.LAYER_MESHES
 
 
 def reference_mlp(x, w1, b1, w2, b2, wg, bg, activation):
@@ -43,13 +43,6 @@ def _params(layer):
     )
 
 
-def _nonzero_biases(layer, seed):
-    linears = [lin for lin in (layer.up, layer.gate, layer.down) if lin is not None]
-    for i, lin in enumerate(linears):
-        b = jax.random.normal(jax.random.key(seed + i), lin.bias[...].shape)
-        lin.bias[...] = jax.device_put(b, lin.bias[...].sharding)
-
-
 @pytest.mark.parametrize("mesh_shape", MESHES, ids=str)
 @utils.examples(2)  # each example compiles several sharded programs
 @given(data=st.data())
@@ -63,7 +56,7 @@ def test_mlp_matches_reference(mesh_shape, data):
     seed = data.draw(st.integers(0, 2**16))
     layer = shardlax.nn.ParallelMLP(dim, hidden, activation=act, mesh=mesh, rngs=nnx.Rngs(seed),
                                     sequence_parallel=sp)  # fmt: skip
-    _nonzero_biases(layer, seed)
+    utils.randomize_biases([layer.up, layer.gate, layer.down], seed)
     k = jax.random.split(jax.random.key(seed), 2)
     x = jax.random.normal(k[0], (batch, seq, dim))
     cot = jax.random.normal(k[1], (batch, seq, dim))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -59,7 +58,7 @@ def test_one_device_reference(name):
     gradient (no dead parameter a sharded run could break unseen) and moved, the
     non-parameter state advanced as the model says. One compile."""
     ctor, make_batch, loss_fn = CORPUS[name]
-    tx = optax.chain(optax.clip_by_global_norm(0.1), optax.adamw(1e-2, weight_decay=0.1))
+    tx = utils.adamw_clipped(0.1)
     data = batches(make_batch, 8, 3)
     ref = one_device_reference(ctor, loss_fn, tx, data)
     assert len(ref.losses) == 3 and np.all(np.isfinite(ref.losses))

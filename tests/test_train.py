@@ -50,7 +50,7 @@ def make_batch(size: int, seed: int = 1):
 
 
 def adamw_clipped():
-    return optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adamw(1e-2, weight_decay=0.1))
+    return utils.adamw_clipped(MAX_NORM)
 
 
 @functools.cache

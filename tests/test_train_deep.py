@@ -39,8 +39,7 @@ ADAM_EPS = 1e-12
 
 
 def _tx(max_norm: float):
-    adamw = optax.adamw(1e-2, weight_decay=0.1, eps=ADAM_EPS)
-    return optax.chain(optax.clip_by_global_norm(max_norm), adamw)
+    return utils.adamw_clipped(max_norm, eps=ADAM_EPS)
 
 
 def _reference(model: nnx.Module, batches, loss, max_norm: float):

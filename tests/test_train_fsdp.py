@@ -48,7 +48,7 @@ def make_batch(seed: int, size: int = B):
 
 
 def adamw_clipped():
-    return optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adamw(1e-2, weight_decay=0.1))
+    return utils.adamw_clipped(MAX_NORM)
 
 
 def full_weights(model) -> dict[str, np.ndarray]:

@@ -13,7 +13,6 @@ import functools
 
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -29,7 +28,7 @@ MAX_NORM = 1e-3  # below every gradient norm of the corpus: clipping is active
 
 
 def tx():
-    return optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adamw(1e-2, weight_decay=0.1))
+    return utils.adamw_clipped(MAX_NORM)
 
 
 @functools.cache

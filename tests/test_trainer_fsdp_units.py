@@ -8,7 +8,6 @@ import functools
 
 import jax
 import numpy as np
-import optax
 import pytest
 from flax import nnx
 
@@ -24,7 +23,7 @@ MAX_NORM = 1e-3
 
 
 def tx():
-    return optax.chain(optax.clip_by_global_norm(MAX_NORM), optax.adamw(1e-2, weight_decay=0.1))
+    return utils.adamw_clipped(MAX_NORM)
 
 
 @functools.cache

@@ -20,6 +20,8 @@ import pytest
 
 import shardlax
 
+_P = jax.sharding.PartitionSpec
+
 #: One tolerance per dtype, for every comparison with single-device math.
 #: Never loosened per test. f32: sharded sums reorder additions (a few ulps of
 #: the largest term). bf16: 8 bits of mantissa, one rounding per op.
@@ -32,8 +34,9 @@ TOLERANCES = {
 DATA_MODEL_MESHES = [(1, 1), (1, 2), (1, 8), (2, 4), (4, 2), (8, 1)]
 #: (data, fsdp, model) meshes used by later layers.
 MESHES_3D = [(1, 1, 1), (2, 2, 2), (1, 1, 8), (8, 1, 1), (1, 8, 1), (2, 1, 4)]
-
-
+#: (data, fsdp, model) meshes of the layer-vs-reference tests (embed, MLP, cross-entropy):
+#: one device, model only, and every axis at 2.
+LAYER_MESHES = [(1, 1, 1), (1, 1, 8), (2, 2, 2)]
 #: Small meshes for per-kernel tests against the naive mesh loop: (rows, cols) of axes ("a", "b").
 KERNEL_MESHES = [(2, 2), (1, 4)]
 
@@ -129,14 +132,31 @@ def adamw_clipped(max_norm: float, lr: float = 1e-2, weight_decay: float = 0.1, 
     )
 
 
-def randomize_biases(linears, seed: int) -> None:
-    """Non-zero biases (normal draws, keeping each bias's sharding) on the layers that have one.
+def randomize_biases(linears, seed: int):
+    """Non-zero f32 biases (normal draws from keys `seed, seed + 1, ...`, each bias keeping its
+    sharding) on the layers that have one; returns `linears`.
 
     A bias counted N times, or a gradient of it off by N, shows only when the bias is not 0.
     """
     for i, lin in enumerate(x for x in linears if x is not None and x.use_bias):
-        b = jax.random.normal(jax.random.key(seed + i), lin.bias[...].shape, lin.bias[...].dtype)
+        b = jax.random.normal(jax.random.key(seed + i), lin.bias[...].shape)
         lin.bias[...] = jax.device_put(b, lin.bias[...].sharding)
+    return linears
+
+
+def with_random_bias(layer, seed: int):
+    """`layer` with a non-zero bias (`randomize_biases([layer], seed)`), for inline use."""
+    randomize_biases([layer], seed)
+    return layer
+
+
+def reference_linear(x, kernel, bias, dtype):
+    """Plain jnp on the full arrays: `x @ W + b` in the compute dtype (as nnx.Linear)."""
+    x, kernel = jnp.asarray(x).astype(dtype), jnp.asarray(kernel).astype(dtype)
+    y = jnp.matmul(x, kernel)
+    if bias is not None:
+        y = y + jnp.reshape(jnp.asarray(bias).astype(dtype), (1,) * (y.ndim - 1) + (-1,))
+    return y
 
 
 class NaiveMesh:
@@ -236,7 +256,7 @@ class NaiveMesh:
             out[i] = np.concatenate(pieces, axis=concat_axis)
         return out
 
-    def unshard(self, v: dict, spec, *, replicated_ok: bool = True) -> np.ndarray:
+    def unshard(self, v: dict, spec, *, check_replicas: bool = True) -> np.ndarray:
         """The global array from per-device blocks laid out as `spec`.
 
         Blocks of devices that hold the same part (the axes `spec` does not name) must
@@ -251,7 +271,7 @@ class NaiveMesh:
         for idx in self.indices:
             key = tuple(None if e is None else self.position(idx, e) for e in full)
             if key in blocks:
-                if replicated_ok:
+                if check_replicas:
                     np.testing.assert_array_equal(
                         v[idx], blocks[key], err_msg=f"devices differ over replicated {rest}"
                     )
@@ -288,7 +308,7 @@ def per_device(fn, mesh, in_specs, *args) -> dict:
         return jax.tree.map(lambda y: jnp.reshape(y, lead + y.shape), fn(*a))
 
     args = [place(x, mesh, s) for x, s in zip(args, in_specs, strict=True)]
-    out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs), out_specs=P_(*names)))(
+    out = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=tuple(in_specs), out_specs=_P(*names)))(
         *args
     )
 
@@ -297,9 +317,6 @@ def per_device(fn, mesh, in_specs, *args) -> dict:
         return {idx: y[idx] for idx in np.ndindex(*mesh.devices.shape)}
 
     return jax.tree.map(split, out)
-
-
-P_ = jax.sharding.PartitionSpec
 
 
 def kernel_mesh(shape: tuple[int, int], names: tuple[str, str] = ("a", "b")):
