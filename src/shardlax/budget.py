@@ -41,13 +41,15 @@ lowest peak). When none fits, a `ValueError` names the smallest budget that
 does (the lowest peak compiled). Non-monotone memory (XLA's scheduling) can only make the
 search miss a better plan, never return one that does not fit.
 
-Example:
-  >>> def build(choices):  # doctest: +SKIP
-  ...     model = nnx.eval_shape(lambda: Stack(choices, rngs=nnx.Rngs(0)))
-  ...     return shardlax.Trainer(model, optax.adam(1e-3), loss_fn, mesh=mesh)
-  >>> p = shardlax.budget.plan(build, 2**30, units=range(48), batch=batch)  # doctest: +SKIP
-  >>> print(p.table())  # doctest: +SKIP
-  >>> trainer = build(p.choices)  # build it for real (not under eval_shape) to train
+Example (a stack of `fully_shard` blocks; see the README's FSDP section)::
+
+    def build(choices):
+        model = nnx.eval_shape(lambda: Stack(choices, rngs=nnx.Rngs(0)))
+        return shardlax.Trainer(model, optax.adam(1e-3), loss_fn, mesh=mesh)
+
+    p = shardlax.budget.plan(build, 2**30, units=range(48), batch=batch)
+    print(p.table())
+    trainer = shardlax.Trainer(Stack(p.choices, rngs=nnx.Rngs(0)), ...)  # to train
 
 References:
   Zhao et al., "PyTorch FSDP", 2023 (arXiv:2304.11277): `reshard_after_forward`.
