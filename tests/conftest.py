@@ -48,6 +48,7 @@ SLOW_FILES = {
     "test_linear.py",
     "test_models_corpus.py",
     "test_parallelize.py",
+    "test_parallelize_trainer_slow.py",
     "test_plan.py",
     "test_readme.py",
     "test_tinylm.py",

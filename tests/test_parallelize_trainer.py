@@ -194,3 +194,44 @@ def test_twins_inside_fully_shard_are_refused_in_both_orders():
                         "layers.*.pre_ffw_norm": Replicate()}, mesh=mesh)  # fmt: skip
     with pytest.raises(TypeError, match=r"contains shardlax layers \(ColumnParallelLinear\)"):
         shardlax.fully_shard(model.layers[0], mesh=mesh)
+
+
+# --------------------------------------------------------- the first-step check
+
+GQA_PLAN = {
+    "layers.*.attn.q_einsum": Colwise(dim=1),
+    "layers.*.attn.attn_vec_einsum": Rowwise(dim=0),
+}  # kv_einsum left whole: local q heads meet every kv head
+
+
+def test_code_that_mixes_a_split_dim_is_caught_at_the_first_step():
+    """q heads split, kv heads not: on local shards the GQA grouping pairs q heads with the
+    wrong kv heads (no shape error). The first step compares with the loss on global arrays."""
+    mesh = utils.mesh(2, 1, 2, axis_types="auto")
+    model = parallelize(decoder.make(0, num_layers=1), GQA_PLAN, mesh=mesh)
+    batch = decoder.make_batch(jax.random.key(0), 4)
+    trainer = shardlax.Trainer(model, optax.adamw(1e-2), decoder.loss_fn, mesh=mesh,
+                               strategy="dp")  # fmt: skip
+    with pytest.raises(
+        ValueError,
+        match=r"the first step's loss .* per-device shards of the tensor-parallel twins "
+        r"\(layers\.0\.attn\.q_einsum.*differs from the same loss on global arrays.*"
+        r"check_tensor_parallel=False",
+    ):
+        trainer.step(trainer.init(), batch)
+    unchecked = shardlax.Trainer(model, optax.adamw(1e-2), decoder.loss_fn, mesh=mesh,
+                                 strategy="dp", check_tensor_parallel=False)  # fmt: skip
+    _, metrics = unchecked.step(unchecked.init(), batch)  # runs, and is wrong:
+    want = decoder.loss_fn(decoder.make(0, num_layers=1), host(batch))
+    assert abs(float(metrics["loss"]) - float(want)) > 1e-3
+
+
+def test_the_first_step_check_passes_a_right_plan_and_runs_once():
+    mesh = utils.mesh(2, 1, 2, axis_types="auto")
+    plan = {**GQA_PLAN, "layers.*.attn.kv_einsum": Colwise(dim=2)}
+    model = parallelize(decoder.make(0, num_layers=1), plan, mesh=mesh)
+    data = [decoder.make_batch(jax.random.key(i), 4) for i in range(2)]
+    trainer, state, losses, compiles = train(model, decoder.loss_fn, mesh, "dp", data)
+    assert trainer.step._checked and compiles == 1
+    ref = [float(decoder.loss_fn(decoder.make(0, num_layers=1), host(data[0])))]
+    utils.assert_close(np.array(losses[:1]), np.array(ref))

@@ -93,7 +93,12 @@ class _Steps:
         # copy=True: fresh Variables at this trace level, so the forward may update them
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, leaves), rest, copy=True)
         _flax_layers.adapt(model, self.live, sync_batch_stats=self.sync_batch_stats)
-        loss = self.loss_fn(model, batch)
+        from shardlax.parallelize import call_local  # (shardlax.parallelize is the function)
+
+        # tensor-parallel twins return local shards here: model code that trips over a
+        # local size (a reshape with a global head count, a softmax over split logits)
+        # gets an error naming the twin and the fix
+        loss = call_local(self.loss_fn, model, batch, axis_name=self.tp_axis)
         if not hasattr(loss, "shape") or loss.shape != ():
             raise ValueError(
                 f"Trainer(loss_fn={getattr(self.loss_fn, '__name__', self.loss_fn)!r}): "

@@ -388,6 +388,11 @@ def call_local(
     return out
 
 
+def planned_twins(model: nnx.Module, axis: str) -> list[str]:
+    """Paths of the twins `parallelize` put in `model` whose output is split over `axis`."""
+    return [t[0] for t in _split_twins(model, axis) if getattr(t[1], "from_plan", False)]
+
+
 def _split_twins(model: nnx.Module, axis: str) -> list[tuple[str, Any, str, int, int]]:
     """(path, twin, what, global size, local size) of every twin whose output is split."""
     out = []
@@ -491,6 +496,7 @@ def _set(model: nnx.Module, path: tuple, twin: Any) -> None:
             parent[p] if not isinstance(p, str) or not hasattr(parent, p) else getattr(parent, p)
         )
     key = path[-1]
+    twin.from_plan = True  # model code the user wrote runs around it (see Trainer)
     if isinstance(key, str) and hasattr(parent, key):
         setattr(parent, key, twin)
     else:
