@@ -186,6 +186,8 @@ def test_unrolled_units_match_brute_force():
         assert predicted(p) == brute[cs], p.table()
         assert p.predicted.peak <= budget
         kept.append(len(p.kept))
+        over = "no reshard (over budget)" in p.table()
+        assert over == (p.extremes["no_reshard"].peak > budget), p.table()
     assert kept[0] < kept[-1] == L2, kept  # the loose budget keeps every unit
     assert len(STACK_CACHE) < len(brute)  # the planner compiles fewer than every subset
 
