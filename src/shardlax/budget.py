@@ -302,7 +302,9 @@ def plan(
         where `choices` maps every unit to a `Choice`; it applies
         ``choices[u].reshard_after_forward`` to `fully_shard` (or
         `fully_shard_scan`) and ``choices[u].remat`` to the unit's call. Build
-        the model with `nnx.eval_shape` so that nothing is allocated.
+        the model with `nnx.eval_shape` so that nothing is allocated (on a
+        mesh with ``axis_types="explicit"``: on an Auto mesh `fully_shard`'s
+        parameter shardings do not survive `nnx.eval_shape`).
       budget_bytes: the per-device memory budget, compared with the compiled
         step's peak (arguments + outputs + temp - donated).
       units: the unit names `build` understands (e.g. ``range(n_layers)``,
@@ -311,7 +313,9 @@ def plan(
         ``trainer.step(state, batch)``, or ``loss(model, batch)``.
       loss: ``loss(model, batch) -> scalar`` when `build` returns a module.
       order: the order in which units are offered to keep their parameters
-        (default: last unit first).
+        (default: last unit first). The units that keep are a prefix of it,
+        so for units of different sizes put first those that save the most
+        wire bytes per byte of memory.
       remat: whether the planner may rematerialise units (False: never).
       cache: a dict; figures of configurations compiled before with it are
         reused (pass the same dict to plan several budgets for the same
