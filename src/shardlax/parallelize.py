@@ -135,10 +135,21 @@ def parallelize(
         `Replicate`.
 
     Example:
-      >>> plan = {"layers.*.attn.q_einsum": Colwise(dim=1),  # doctest: +SKIP
-      ...         "layers.*.attn.attn_vec_einsum": Rowwise(dim=0),
-      ...         "embedder": VocabParallel()}
-      >>> model = shardlax.parallelize(model, plan, mesh=mesh)  # doctest: +SKIP
+      >>> class Mlp(nnx.Module):
+      ...     def __init__(self, rngs):
+      ...         self.up = nnx.Linear(8, 32, rngs=rngs)
+      ...         self.down = nnx.Linear(32, 8, rngs=rngs)
+      ...     def __call__(self, x):
+      ...         return self.down(nnx.relu(self.up(x)))
+      >>> mesh = shardlax.make_mesh(data=2, model=4, axis_types="auto")
+      >>> model = Mlp(nnx.Rngs(0))
+      >>> x = jnp.ones((4, 8))
+      >>> before = model(x)
+      >>> model = shardlax.parallelize(model, {"up": Colwise(), "down": Rowwise()}, mesh=mesh)
+      >>> type(model.up).__name__, model.up.kernel.shape  # global shapes, as before
+      ('ColumnParallelLinear', (8, 32))
+      >>> bool(jnp.allclose(model(x), before, atol=1e-6))
+      True
     """
     mesh = resolve_mesh(mesh, "parallelize")
     if not isinstance(plan, Mapping):

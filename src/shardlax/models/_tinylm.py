@@ -211,9 +211,13 @@ class TinyLM(nnx.Module):
     """A decoder-only LM whose every collective is declared; see the module docstring.
 
     Example:
-      >>> mesh = shardlax.make_mesh(data=2, fsdp=2, model=2)  # doctest: +SKIP
-      >>> lm = TinyLM(TinyLMConfig(vocab=64), mesh=mesh, rngs=nnx.Rngs(0))  # doctest: +SKIP
-      >>> loss = nnx.jit(lambda m, x, y: m.loss(x, y))(lm, tokens, targets)  # doctest: +SKIP
+      >>> mesh = shardlax.make_mesh(data=2, fsdp=2, model=2)
+      >>> cfg = TinyLMConfig(vocab=64, d_model=32, n_layers=2, n_heads=4, d_ff=64, seq_len=16)
+      >>> lm = TinyLM(cfg, mesh=mesh, rngs=nnx.Rngs(0))
+      >>> tokens = jnp.zeros((8, 16), jnp.int32)
+      >>> loss = nnx.jit(lambda m, x, y: m.loss(x, y))(lm, tokens, tokens)
+      >>> loss.shape, loss.dtype
+      ((), dtype('float32'))
     """
 
     def __init__(self, config: TinyLMConfig, *, mesh: Mesh | None = None, rngs: nnx.Rngs):
