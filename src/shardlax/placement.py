@@ -52,6 +52,29 @@ def spec_axes(spec: P) -> tuple[str, ...]:
     return tuple(out)
 
 
+def storage_spec(
+    ndim: int, splits: Sequence[tuple[int, str | None]] = (), base: P | None = None
+) -> P:
+    """Where a parameter is stored: `base` with each `(dim, axis)` of `splits` added.
+
+    The one constructor of storage specs: tensor-parallel layers split a dim
+    over ``model``, FSDP (the layers' `fsdp_axis`, `fully_shard`) adds
+    ``fsdp`` on a dim, after any axis already there, so `P('model')` plus
+    `(0, 'fsdp')` is `P(('model', 'fsdp'))`, whose fsdp gather rebuilds the
+    model shard. `axis=None` adds nothing. Divisibility is the caller's to
+    check (it knows which argument to name).
+    """
+    base = P() if base is None else base
+    entries: list[Any] = list(base) + [None] * (ndim - len(base))
+    for dim, axis in splits:
+        if axis is None:
+            continue
+        cur = entries[dim]
+        axes = (() if cur is None else ((cur,) if isinstance(cur, str) else tuple(cur))) + (axis,)
+        entries[dim] = axes if len(axes) > 1 else axes[0]
+    return P(*entries)
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Where one parameter is stored and how its gradient and optimizer state are laid out.

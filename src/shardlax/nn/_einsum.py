@@ -19,7 +19,8 @@ from shardlax._axes import MODEL
 from shardlax.declarations import Declared, Role
 from shardlax.mesh import is_manual
 from shardlax.nn._base import ShardedLayer, nbytes, param_value
-from shardlax.nn._linear import _identity, metadata_param, shared_model_input
+from shardlax.nn._projection import _identity, metadata_param, shared_model_input
+from shardlax.placement import storage_spec
 
 
 class ParallelEinsum(ShardedLayer):
@@ -108,7 +109,7 @@ class ParallelEinsum(ShardedLayer):
             )
         self.column = c in out
         model = self._spec_axis(axis_name)
-        self.kernel_spec = P(*[model if i == shard_dim else None for i in range(nd)])
+        self.kernel_spec = storage_spec(nd, [(shard_dim, model)])
         self.bias_spec = P()
         if bias_shape is not None:
             bias_shape = tuple(int(d) for d in bias_shape)
@@ -121,7 +122,7 @@ class ParallelEinsum(ShardedLayer):
                         f"kernel dims in output order, {want}. Pass bias_shape={want}."
                     )
                 where = [k for k in out if k in ks].index(c)
-                self.bias_spec = P(*[model if i == where else None for i in range(len(want))])
+                self.bias_spec = storage_spec(len(want), [(where, model)])
         kmeta = dict(kernel_metadata or {})
         bmeta = dict(bias_metadata or {})
         self.kernel = metadata_param(

@@ -29,13 +29,8 @@ from shardlax._axes import MODEL
 from shardlax.declarations import Declared
 from shardlax.mesh import check_divisible
 from shardlax.nn._base import AUTO, ShardedLayer, nbytes, param_value
-from shardlax.nn._projection import (  # noqa: F401  (re-exported for the einsum layer)
-    Parts,
-    _first,
-    _identity,
-    metadata_param,
-    shared_model_input,
-)
+from shardlax.nn._projection import Parts, _identity, metadata_param, shared_model_input
+from shardlax.placement import storage_spec
 from shardlax.precision import MixedPrecision
 
 
@@ -93,15 +88,13 @@ class ParallelLinear(ShardedLayer):
         """Kernel `[in, out]` and bias `[out]`, created placed (nnx.Linear's values)."""
         s, m = self.split, self._spec_axis(self.axis_name)
         shape = (in_features, out_features)
-        entries: list[Any] = [None, None]
-        entries[s.model_dim] = m
         # column: kernel P('fsdp', 'model'), bias P(('model', 'fsdp'))
         # row:    kernel P('model', 'fsdp'), bias P('fsdp')
         fsdp_arg = ("in_features", "out_features")[s.fsdp_dim]
-        self.kernel_spec = self._fsdp_spec(P(*entries), shape, s.fsdp_dim, fsdp_arg)
-        self.bias_spec = self._fsdp_spec(
-            P(m if s.bias_split else None), (out_features,), 0, "out_features"
-        )
+        kernel = storage_spec(2, [(s.model_dim, m)])
+        self.kernel_spec = self._fsdp_spec(kernel, shape, s.fsdp_dim, fsdp_arg)
+        bias = storage_spec(1, [(0, m if s.bias_split else None)])
+        self.bias_spec = self._fsdp_spec(bias, (out_features,), 0, "out_features")
         self._param_dims = (s.fsdp_dim, 0)  # the dims of (kernel, bias) split over fsdp
         self.kernel = metadata_param(
             kernel_init, rngs.params(), shape, param_dtype, self.mesh, self.kernel_spec,
