@@ -230,3 +230,18 @@ def test_build_returning_the_wrong_thing():
         shardlax.budget.plan(lambda choices: 42, 2**20, units=1)
     with pytest.raises(TypeError, match=r"build returned a Linear .*and no loss= was given"):
         shardlax.budget.plan(lambda choices: nnx.Linear(2, 2, rngs=nnx.Rngs(0)), 2**20, units=1)
+
+
+def test_build_may_return_a_lowered_step():
+    """`build` returning an `nnx.jit(...).lower(...)` stage plans as the module path does."""
+    brute = scan_brute()
+    remat, reshard, _ = (brute[(c,)] for c in LEVELS)
+    budget = (remat[0] + reshard[0]) // 2
+
+    def build(choices):
+        return nnx.jit(nnx.value_and_grad(scan_loss)).lower(build_scan(choices), act(B, D))
+
+    p = shardlax.budget.plan(build, budget, units=["stack"])
+    want, want_figures = best(brute, budget)
+    assert (p.choices["stack"],) == want == (Choice(True, True),), p.table()
+    assert predicted(p) == want_figures
