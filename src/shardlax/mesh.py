@@ -18,7 +18,7 @@ def make_mesh(
     model: int = 1,
     *,
     devices: Sequence[jax.Device] | None = None,
-    axis_types: str = "explicit",
+    axis_types: str = "auto",
 ) -> Mesh:
     """Build a `(data, fsdp, model)` mesh. Axes of size 1 are kept.
 
@@ -31,9 +31,15 @@ def make_mesh(
       model: size of the tensor-parallel axis.
       devices: the devices to use, in order; default `jax.devices()`. The
         first `data * fsdp * model` of them are used.
-      axis_types: ``"explicit"`` (JAX's default for `jax.make_mesh`: shardings
-        are part of array types) or ``"auto"`` (GSPMD propagation outside
-        shard_map). shardlax layers work on both.
+      axis_types: ``"auto"`` (the default: code outside shardlax's
+        `shard_map`s, e.g. a plain `nnx.Embed` lookup or an optax loss on a
+        batch-sharded array, is compiled by GSPMD propagation, as unmodified
+        flax code expects) or ``"explicit"`` (JAX's default for
+        `jax.make_mesh`: shardings are part of array types, and code between
+        the layers must itself be valid under explicit sharding; JAX raises
+        `ShardingTypeError` at a plain `nnx.Embed` lookup on batch-sharded
+        ids). shardlax layers and `fully_shard` units place their inputs and
+        parameters themselves and run the same declared collectives on both.
 
     Returns:
       A `jax.sharding.Mesh` with axis names ``('data', 'fsdp', 'model')``.
