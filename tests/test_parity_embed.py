@@ -124,7 +124,7 @@ def _oov_ids(vocab, padded, dtype):
     return jnp.asarray(np.array(vals).reshape(4, -1), dtype)
 
 
-OOV_CASES = [((1, 1, 1), True), ((1, 1, 2), False), ((1, 1, 2), True), ((2, 2, 2), True)]
+OOV_CASES = [((1, 1, 2), False), ((1, 1, 2), True), ((2, 2, 2), True)]
 ID_DTYPES = (jnp.int32, jnp.int8, jnp.int16, jnp.uint8, jnp.uint32)
 
 
@@ -176,10 +176,9 @@ def test_one_row_broadcasts_as_nnx_embed():
     utils.assert_close(got, nnx.grad(loss)(ref, ids)["embedding"][...])
 
 
-@pytest.mark.parametrize("model", [1, 2])
-def test_tinylm_embeds_oov_ids_as_nnx_embed(model):
+def test_tinylm_embeds_oov_ids_as_nnx_embed():
     """TinyLM pads its table to vocab_multiple; an id in the padding is NaN, -1 is row vocab-1."""
-    mesh = utils.mesh(1, 1, model)
+    mesh = utils.mesh(1, 1, 2)  # the padded table split over the model axis
     cfg = TinyLMConfig(vocab=13, seq_len=8, d_model=8, n_layers=1, n_heads=2, d_ff=16)
     assert cfg.padded_vocab > cfg.vocab
     lm = TinyLM(cfg, mesh=mesh, rngs=nnx.Rngs(0))
