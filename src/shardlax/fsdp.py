@@ -227,6 +227,15 @@ class FSDPModule(nnx.Module):
             for x, s, o in zip(leaves, specs, owned, strict=True)
         ]
         nnx.update(module, jax.tree.unflatten(treedef, placed))
+        # the spec as Variable metadata too (as shardlax.nn layers do): nnx.eval_shape of
+        # a model on an Auto mesh keeps the placement only from there
+        keys = [_path_key(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+        mine = {k: sp for k, sp, o in zip(keys, specs, owned, strict=True) if o}
+        for path, node in nnx.iter_graph(module):
+            spec = mine.get(tuple(path)) if isinstance(node, nnx.Param) else None
+            if spec is not None:
+                node.set_metadata("out_sharding", spec)
+                node.set_metadata("mesh", self.mesh)
         self.module = module
 
     def spec_of(self, key: tuple) -> P:
