@@ -47,8 +47,7 @@ def run(layers: int, d: int, batch: int, fractions) -> list[dict]:
     import shardlax
     from shardlax import audit
 
-    # explicit axes: under nnx.eval_shape an Auto mesh drops fully_shard's shardings
-    mesh = shardlax.make_mesh(fsdp=DEVICES, axis_types="explicit")
+    mesh = shardlax.make_mesh(fsdp=DEVICES)
 
     class Block(nnx.Module):
         def __init__(self, rngs):

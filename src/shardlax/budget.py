@@ -302,9 +302,7 @@ def plan(
         where `choices` maps every unit to a `Choice`; it applies
         ``choices[u].reshard_after_forward`` to `fully_shard` (or
         `fully_shard_scan`) and ``choices[u].remat`` to the unit's call. Build
-        the model with `nnx.eval_shape` so that nothing is allocated (on a
-        mesh with ``axis_types="explicit"``: on an Auto mesh `fully_shard`'s
-        parameter shardings do not survive `nnx.eval_shape`).
+        the model with `nnx.eval_shape` so that nothing is allocated.
       budget_bytes: the per-device memory budget, compared with the compiled
         step's peak (arguments + outputs + temp - donated).
       units: the unit names `build` understands (e.g. ``range(n_layers)``,
