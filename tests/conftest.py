@@ -41,6 +41,20 @@ hypothesis.settings.load_profile(os.environ.get("SHARDLAX_HYPOTHESIS_PROFILE", "
 #: them after the default suite). Each is end-to-end: whole models trained on several meshes
 #: against one device, abstract compiles of cluster-sized programs, subprocesses.
 SLOW_FILES = {
+    # layer-level files whose meshes x shapes matrices cost > 30 s each on 2 cores
+    "test_attention.py",
+    "test_embed.py",
+    "test_mlp.py",
+    "test_sequence_parallel.py",
+    "test_kernels_reference_layers.py",
+    "test_parity_embed.py",
+    "test_parity_norm.py",
+    "test_loading.py",
+    "test_fsdp_scan_state.py",
+    "test_default_mesh.py",
+    "test_budget.py",
+    "test_parallelize_trainer.py",
+    # heavy end-to-end files
     "test_benchmarks.py",
     "test_checkpoint.py",
     "test_checkpoint_bench.py",
