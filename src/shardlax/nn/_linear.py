@@ -184,6 +184,14 @@ class ParallelLinear(ShardedLayer):
     def _matmul(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> Any:
         raise NotImplementedError
 
+    @property
+    def _matmul_options(self) -> dict[str, Any]:
+        """What every matmul kernel of the linears takes besides its operands."""
+        return dict(
+            axis_name=self.axis_name, precision=self.precision, dot_general=self.dot_general,
+            preferred_element_type=self.preferred_element_type,
+        )  # fmt: skip
+
     def _declare_activations(
         self, local: tuple[int, ...], dtype: Any, grad: bool, input_grad: bool
     ) -> list[Declared]:
@@ -411,10 +419,7 @@ class ColumnParallelLinear(ParallelLinear):
         return x, x_spec, _identity
 
     def _matmul(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> Any:
-        common = dict(
-            axis_name=self.axis_name, precision=self.precision, dot_general=self.dot_general,
-            preferred_element_type=self.preferred_element_type,
-        )  # fmt: skip
+        common = self._matmul_options
         if self.parts > 1:
             return Parts(kernels.fused_column_matmul(x, kernel, bias, parts=self.parts, **common))
         if self.sequence_parallel:
@@ -554,10 +559,7 @@ class RowParallelLinear(ParallelLinear):
         return self._activation_spec(ndim, None)
 
     def _matmul(self, x: jax.Array, kernel: jax.Array, bias: jax.Array | None) -> Any:
-        common = dict(
-            axis_name=self.axis_name, precision=self.precision, dot_general=self.dot_general,
-            preferred_element_type=self.preferred_element_type,
-        )  # fmt: skip
+        common = self._matmul_options
         if self.sequence_parallel:
             return kernels.sequence_parallel_row_matmul(x, kernel, bias, **common)
         return kernels.row_parallel_matmul(
