@@ -53,9 +53,16 @@ What a unit does with a call (FSDP2's contract, made exact):
     is given (parameters as local shards of `param_specs`).
 
 Example:
-  >>> mesh = shardlax.make_mesh(fsdp=8)  # doctest: +SKIP
-  >>> block = fully_shard(nnx.Linear(512, 512, rngs=nnx.Rngs(0)), mesh=mesh)  # doctest: +SKIP
-  >>> y = nnx.jit(lambda m, x: m(x))(block, x)  # doctest: +SKIP
+  >>> mesh = shardlax.make_mesh(fsdp=8)
+  >>> plain = nnx.Linear(512, 512, rngs=nnx.Rngs(0))
+  >>> x = jnp.ones((16, 512))
+  >>> want = plain(x)
+  >>> block = fully_shard(plain, mesh=mesh)  # the same module, its parameters 1/8 per device
+  >>> block.module.kernel[...].sharding.spec
+  P('fsdp', None)
+  >>> y = nnx.jit(lambda m, x: m(x))(block, x)
+  >>> bool(jnp.allclose(y, want, atol=1e-5))
+  True
 
 References:
   Zhao et al., "PyTorch FSDP", 2023 (arXiv:2304.11277); FSDP2's

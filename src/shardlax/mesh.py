@@ -45,7 +45,9 @@ def make_mesh(
       A `jax.sharding.Mesh` with axis names ``('data', 'fsdp', 'model')``.
 
     Example:
-      >>> mesh = shardlax.make_mesh(data=2, model=4)  # doctest: +SKIP
+      >>> mesh = shardlax.make_mesh(data=2, model=4)
+      >>> dict(mesh.shape)
+      {'data': 2, 'fsdp': 1, 'model': 4}
     """
     sizes = {DATA: data, FSDP: fsdp, MODEL: model}
     for name, size in sizes.items():
