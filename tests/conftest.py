@@ -54,6 +54,13 @@ SLOW_FILES = {
     "test_default_mesh.py",
     "test_budget.py",
     "test_parallelize_trainer.py",
+    "test_linear_sp.py",
+    "test_cross_entropy.py",
+    "test_dropout.py",
+    "test_fsdp_wrapper.py",
+    "test_fsdp_units.py",
+    "test_fsdp_memory.py",
+    "test_train_mixed.py",
     # heavy end-to-end files
     "test_benchmarks.py",
     "test_checkpoint.py",

@@ -451,6 +451,7 @@ class Net(nnx.Module):
         return x
 
 
+@pytest.mark.slow  # hypothesis over shapes x buckets x strategies: ~40 s
 @given(
     sizes=st.lists(st.integers(1, 9), min_size=2, max_size=4),
     bucket_bytes=st.sampled_from([None, 16, 64, 256]),
