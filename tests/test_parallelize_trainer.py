@@ -231,7 +231,7 @@ def test_the_first_step_check_passes_a_right_plan_and_runs_once():
     plan = {**GQA_PLAN, "layers.*.attn.kv_einsum": Colwise(dim=2)}
     model = parallelize(decoder.make(0, num_layers=1), plan, mesh=mesh)
     data = [decoder.make_batch(jax.random.key(i), 4) for i in range(2)]
-    trainer, state, losses, compiles = train(model, decoder.loss_fn, mesh, "dp", data)
+    trainer, _state, losses, compiles = train(model, decoder.loss_fn, mesh, "dp", data)
     assert trainer.step._checked and compiles == 1
     ref = [float(decoder.loss_fn(decoder.make(0, num_layers=1), host(data[0])))]
     utils.assert_close(np.array(losses[:1]), np.array(ref))
