@@ -25,16 +25,7 @@ from tests import utils
 MESHES = utils.KERNEL_MESHES
 
 
-def _meshes(shape):
-    return utils.kernel_mesh(shape), utils.NaiveMesh(shape, ("a", "b"))
-
-
-def _rand(seed, *shape, dtype=np.float32):
-    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
-
-
-def _sharded(kernel, mesh, in_specs, out_specs):
-    return jax.jit(jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
+_meshes, _rand, _sharded = utils.kernel_and_naive_mesh, utils.rand, utils.sharded_kernel
 
 
 # ----------------------------------------------------- collectives

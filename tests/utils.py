@@ -354,3 +354,18 @@ def assert_vjp_close(sharded, reference, args, cotangent, dtype=jnp.float32) -> 
     jax.tree.map(lambda a, e: assert_close(a, e, dtype, "forward"), y, ry)
     for k, (g, r) in enumerate(zip(grads, rgrads, strict=True)):
         assert_close(g, r, dtype, f"d argument {k}")
+
+
+def kernel_and_naive_mesh(shape):
+    """The jax mesh of `kernel_mesh(shape)` and its `NaiveMesh` twin (axes 'a', 'b')."""
+    return kernel_mesh(shape), NaiveMesh(shape, ("a", "b"))
+
+
+def rand(seed, *shape, dtype=np.float32):
+    """A standard-normal numpy array of `shape` from `seed`."""
+    return np.random.default_rng(seed).standard_normal(shape).astype(dtype)
+
+
+def sharded_kernel(kernel, mesh, in_specs, out_specs):
+    """`kernel` under jit(shard_map) on `mesh`: the program a kernel test compares."""
+    return jax.jit(jax.shard_map(kernel, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
