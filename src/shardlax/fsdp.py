@@ -88,7 +88,7 @@ from shardlax._axes import BATCH_AXES, FSDP
 from shardlax.declarations import Declared, Role, hlo_dtype
 from shardlax.mesh import axes_size, check_axis, is_manual, live_axes, present_axes, resolve_mesh
 from shardlax.nn._base import ShardedLayer, gather_hlo_dtype
-from shardlax.placement import path_str
+from shardlax.placement import path_str, storage_spec
 from shardlax.precision import MixedPrecision
 
 _path_str = path_str  # one spelling of nnx paths (shardlax.placement)
@@ -220,10 +220,7 @@ class FSDPModule(nnx.Module):
                 )
             d = shard_dim(x.shape[lead:], n) if n > 1 else None
             dims.append(d)  # the dim of one layer's parameter; None: kept whole
-            spec = [None] * x.ndim
-            if d is not None:
-                spec[lead + d] = axis
-            specs.append(P(*spec))
+            specs.append(storage_spec(x.ndim, [(lead + d, axis)] if d is not None else []))
             owned.append(True)
         self.dims = tuple(dims)
         self.param_specs = tuple(specs)

@@ -50,6 +50,7 @@ from shardlax.mesh import (
     present_axes,
     resolve_mesh,
 )
+from shardlax.placement import storage_spec
 from shardlax.precision import MixedPrecision
 
 #: `fsdp_axis` default: ``'fsdp'`` when the mesh has it and the batch is split
@@ -329,10 +330,9 @@ class ShardedLayer(nnx.Module):
         """
         if not self._fsdp_live:
             return spec
-        entries = list(spec) + [None] * (len(shape) - len(spec))
-        cur = entries[dim]
-        cur_axes = () if cur is None else ((cur,) if isinstance(cur, str) else tuple(cur))
-        axes = (*cur_axes, self.fsdp_axis)
+        out = storage_spec(len(shape), [(dim, self.fsdp_axis)], spec)
+        entry = out[dim]
+        axes = (entry,) if isinstance(entry, str) else tuple(entry)
         size = axes_size(self.mesh, axes)
         if shape[dim] % size:
             owner = type(self).__name__
@@ -344,8 +344,7 @@ class ShardedLayer(nnx.Module):
                 f"or a mesh whose {self.fsdp_axis!r} axis divides {rest}, "
                 f"or pass fsdp_axis=None to keep this layer's parameters whole."
             )
-        entries[dim] = axes if len(axes) > 1 else axes[0]
-        return P(*entries)
+        return out
 
     def _compute_dtype(self) -> Any:
         """The dtype the layer computes in: its `dtype`, else the policy's `param_dtype`."""
