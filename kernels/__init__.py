@@ -32,6 +32,7 @@ from ._fsdp import fsdp_call as fsdp_call
 from ._fsdp import fsdp_gather as fsdp_gather
 from ._fsdp import global_batch_moments as global_batch_moments
 from ._linear import column_parallel_matmul as column_parallel_matmul
+from ._linear import einsum_subscripts as einsum_subscripts
 from ._linear import fused_column_matmul as fused_column_matmul
 from ._linear import matmul_last as matmul_last
 from ._linear import parallel_einsum as parallel_einsum
@@ -67,6 +68,7 @@ __all__ = [
     "axis_size",
     "column_parallel_matmul",
     "dot_product_attention",
+    "einsum_subscripts",
     "ensure_varying",
     "enter_tensor_parallel",
     "exit_tensor_parallel",

@@ -156,9 +156,26 @@ def share_input(x: jax.Array, axis_name: str = "model") -> jax.Array:
     return ensure_varying(x, (axis_name,))
 
 
-def _letters(einsum_str: str) -> tuple[str, str, str]:
-    lhs, out = einsum_str.split("->")
-    x, k = lhs.split(",")
+def einsum_subscripts(
+    einsum_str: str, x_shape: tuple[int, ...], kernel_shape: tuple[int, ...]
+) -> tuple[str, str, str]:
+    """The explicit (input, kernel, output) subscripts of a two-operand equation.
+
+    Ellipses are replaced by letters exactly as `nnx.Einsum` does it (opt_einsum's
+    parser, right-aligned broadcasting), so ``'d...ab,bc...->ad...c'`` on ranks
+    5 and 4 reads ``('dhiab', 'bchi', 'adhic')``. Only the ranks matter.
+    """
+    einsum_str = einsum_str.replace(" ", "")
+    if "." not in einsum_str:
+        lhs, out = einsum_str.split("->")
+        x, k = lhs.split(",")
+        return x, k, out
+    from opt_einsum.parser import parse_einsum_input  # a dependency of jax
+
+    shapes = (jax.ShapeDtypeStruct(tuple(x_shape), jnp.float32),
+              jax.ShapeDtypeStruct(tuple(kernel_shape), jnp.float32))  # fmt: skip
+    ops, out, _ = parse_einsum_input((einsum_str, *shapes))
+    x, k = ops.split(",")
     return x, k, out
 
 
@@ -168,42 +185,53 @@ def parallel_einsum(
     kernel_shard: jax.Array,
     bias_shard: jax.Array | None = None,
     *,
-    split: str,
+    split: str | int,
     axis_name: str = "model",
     precision: Any = None,
     einsum_op: Callable[..., jax.Array] = jnp.einsum,
     preferred_element_type: Any = None,
 ) -> jax.Array:
-    """`einsum(einsum_str, x, W) + b` with one kernel dim (letter `split`) split over `axis_name`.
+    """`einsum(einsum_str, x, W) + b` with one kernel dim (`split`) split over `axis_name`.
 
-    Column-like when `split` is an output letter (e.g. the heads of a
-    ``'BTD,DNH->BTNH'`` kernel): device i computes its slice of the output,
-    `y_i = einsum(x, W_i) + b_i`, no collective forward; the input is
-    replicated and its gradient is all-reduced once by the caller (see
-    `share_input`). Row-like when `split` is contracted (``'BTNH,NHD->BTD'``):
-    `y = sum_i einsum(x_i, W_i) + b`, 1 all-reduce of the output forward,
-    the bias added once after the sum; backward none for dx.
+    `split` names the kernel dim, by its letter or by its index (an index also
+    reaches a dim of an ellipsis: ``'...D,D...->...'``). What the split letter
+    `c` is in the equation decides the parallelism:
+
+    - column-like, `c` in the output only (the heads of a ``'BTD,DNH->BTNH'``
+      kernel): device i computes its slice of the output,
+      `y_i = einsum(x, W_i) + b_i`, no collective forward; the input is
+      replicated and its gradient is all-reduced once by the caller (see
+      `share_input`).
+    - batched, `c` in the input and the output (``'BTNH,NHK->BTNK'`` split on
+      N): device i computes `y_i = einsum(x_i, W_i) + b_i` on its own slice of
+      `c`; no collective forward or backward.
+    - row-like, `c` contracted (``'BTNH,NHD->BTD'``): `y = sum_i einsum(x_i,
+      W_i) + b`, 1 all-reduce of the output forward, the bias added once after
+      the sum; backward none for dx when `x` is split on `c` (when `c` is not
+      an input letter, `x` is replicated and autodiff all-reduces its gradient).
 
     Shardings (N = size of `axis_name`):
-      x:            the input; row-like: split over `axis_name` on `split`
+      x:            the input; split over `axis_name` on `c` when `c` is one
+                    of its letters (batched, row-like), else replicated
       kernel_shard: the kernel, split on its `split` dim (its global layout is
                     untouched: no re-layout, the shard is a plain slice)
-      bias_shard:   broadcast like nnx.Einsum's bias; column-like: split on
-                    `split`, row-like: replicated
-      returns:      column-like: split on `split`; row-like: replicated
+      bias_shard:   broadcast like nnx.Einsum's bias; split on `c` when `c` is
+                    an output letter, else replicated
+      returns:      split on `c` when `c` is an output letter; else replicated
 
     The bias is reshaped as `nnx.Einsum` does it: kernel letters that survive
     in the output keep their (local) kernel size, the others become 1.
     """
-    _, ks, out = _letters(einsum_str)
+    _, ks, out = einsum_subscripts(einsum_str, x.shape, kernel_shard.shape)
+    c = ks[split] if isinstance(split, int) else split
     kwargs = {}
     if preferred_element_type is not None:
         kwargs["preferred_element_type"] = preferred_element_type
     y = einsum_op(einsum_str, x, kernel_shard, precision=precision, **kwargs)
-    if split not in out:  # row-like: y holds one term of the sum per device
+    if c not in out:  # row-like: y holds one term of the sum per device
         y = all_reduce(y, axis_name)
     if bias_shard is not None:
-        shape = [kernel_shard.shape[ks.index(c)] if c in ks else 1 for c in out]
+        shape = [kernel_shard.shape[ks.index(k)] if k in ks else 1 for k in out]
         y = y + jnp.reshape(bias_shard, shape)
     return y
 

@@ -292,7 +292,9 @@ def test_vocab_parallel_logits(shape, sp):
 # ----------------------------------------------------- dropout
 
 
-@pytest.mark.parametrize(("shape", "broadcast_dims"), list(zip(MESHES, [(), (0,)], strict=True)), ids=str)
+@pytest.mark.parametrize(
+    ("shape", "broadcast_dims"), list(zip(MESHES, [(), (0,)], strict=True)), ids=str
+)
 def test_sharding_invariant_dropout(shape, broadcast_dims):
     """Each device's mask is its block of `jax.random.bits` / `uniform` of the whole array."""
     mesh, nm = _meshes(shape)

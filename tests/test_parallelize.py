@@ -291,3 +291,30 @@ def test_errors_name_the_path():
         parallelize(model(), {"layers.*.mlp.gating_einsum": Colwise(parts=2, dim=2)}, mesh=mesh)
     with pytest.raises(ValueError, match=r"Colwise\(dim=0\) on an nnx\.Linear kernel"):
         parallelize(mlp.make(0), {"l1": Colwise(dim=0)}, mesh=mesh)
+
+
+def test_einsum_with_ellipses():
+    """Equations with `...` (as flax writes them) take the same plans, values and gradients."""
+    mesh = _mesh((1, 1, 2))
+
+    class Proj(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Einsum("...D,DNH->...NH", (16, 8, 2), (8, 2), rngs=rngs)
+            self.down = nnx.Einsum("...NH,NHD->...D", (8, 2, 16), (16,), rngs=rngs)
+
+        def __call__(self, x):
+            return self.down(jax.nn.gelu(self.up(x)))
+
+    def loss_fn(m, x):
+        return jnp.mean(m(x) ** 2)
+
+    x = jax.random.normal(jax.random.key(0), (4, 3, 16))
+    want_l, want_g = _reference(Proj(nnx.Rngs(0)), loss_fn, x)
+    model = parallelize(
+        Proj(nnx.Rngs(0)), {"up": Colwise(dim=1), "down": Rowwise(dim=0)}, mesh=mesh
+    )
+    assert model.up.output_spec(ndim=3) == P(None, None, "model", None)
+    f, state = _value_and_grad(model, loss_fn)
+    got_l, got_g = f(state, _batch(mesh, x))
+    utils.assert_close(got_l, want_l)
+    _assert_tree_close(_pure(nnx.state(got_g, nnx.Param)), want_g)

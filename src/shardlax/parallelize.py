@@ -286,8 +286,9 @@ def _einsum_twin(module: nnx.Einsum, style: Any, common: dict) -> Any:
             f"pass sequence_parallel=False."
         )
     eq = module.einsum_str.replace(" ", "")
-    lhs, out = eq.split("->")
-    xs, ks = lhs.split(",")
+    # an input ellipsis read as empty: dims of the kernel's ellipsis are output-only
+    x_named = len(eq.split(",")[0].replace("...", ""))
+    xs, ks, out = kernels.einsum_subscripts(eq, (1,) * x_named, tuple(module.kernel_shape))
     col = isinstance(style, Colwise)
     fits = [
         i for i, c in enumerate(ks) if (c in out and c not in xs) == col and (c in out) != (c in xs)

@@ -28,27 +28,36 @@ class ParallelEinsum(ShardedLayer):
 
     The kernel keeps its global shape and layout (a `(heads, d_model,
     head_dim)` kernel stays that, split on the heads): no re-layout, so the
-    checkpoint is the one `nnx.Einsum` writes. The split letter `c =
-    kernel_subscripts[shard_dim]` decides the parallelism:
+    checkpoint is the one `nnx.Einsum` writes. What the split letter `c` (the
+    kernel's letter at `shard_dim`) is in the equation decides the
+    parallelism, call by call:
 
-    - column-like, `c` in the output (``'BTD,DNH->BTNH'`` split on N): the
-      input is replicated over the model axis, the output comes out split on
-      `c`. Forward: no collective. Backward: 1 all-reduce of dx over the
+    - column-like, `c` in the output only (``'BTD,DNH->BTNH'`` split on N):
+      the input is replicated over the model axis, the output comes out split
+      on `c`. Forward: no collective. Backward: 1 all-reduce of dx over the
       model axis, once per shared input (every column layer that reads the
       same activation shares it, see `shared_model_input`).
+    - batched, `c` in the input and the output (``'BTNH,NHK->BTNK'`` split on
+      N): input and output are split on `c`; no collective forward or
+      backward.
     - row-like, `c` contracted (``'BTNH,NHD->BTD'`` split on N): the input
       arrives split on `c`, the partial products are summed with 1
-      all-reduce of the output forward; backward none for dx.
+      all-reduce of the output forward; backward none for dx (when `c` is a
+      kernel-only letter the input is replicated and dx is all-reduced once).
 
-    The batch (the input's first letter, when it is not a kernel letter) is
-    split over the batch axes; the parameter gradients are all-reduced over
-    them. The bias is broadcast as `nnx.Einsum` does; when column-like it is
-    split on `c` too, which needs `bias_shape` to list the output's kernel
-    dims in output order (e.g. `(N, H)` for ``'BTD,DNH->BTNH'``).
+    Equations are those of `nnx.Einsum`, ellipses included: they are read as
+    flax reads them (opt_einsum's parser), and `shard_dim` may name a dim of
+    the kernel's ellipsis. The batch (the input's first letter, when it is
+    not a kernel letter) is split over the batch axes; the parameter
+    gradients are all-reduced over them. The bias is broadcast as
+    `nnx.Einsum` does; when `c` is an output letter it is split on `c` too,
+    which needs `bias_shape` to list the output's kernel dims in output order
+    (e.g. `(N, H)` for ``'BTD,DNH->BTNH'``).
 
     Args are those of `nnx.Einsum`, plus:
       shard_dim: the kernel dim split over the model axis (negative counts
-        from the end).
+        from the end). `None` (the default): the last kernel dim the model
+        axis size divides (with one device on the axis, the last dim).
       mesh, axis_name, batch_axes: as `ColumnParallelLinear`.
 
     Manual mode (inside a shard_map over the whole mesh): the kernel is the
@@ -73,7 +82,7 @@ class ParallelEinsum(ShardedLayer):
         rngs: nnx.Rngs,
         kernel_metadata: Mapping[str, Any] = MappingProxyType({}),
         bias_metadata: Mapping[str, Any] = MappingProxyType({}),
-        shard_dim: int = -1,
+        shard_dim: int | None = None,
         mesh: Mesh | None = None,
         axis_name: str = MODEL,
         batch_axes: Sequence[str] | None = None,
@@ -82,8 +91,20 @@ class ParallelEinsum(ShardedLayer):
         owner = type(self).__name__
         einsum_str = einsum_str.replace(" ", "")
         kernel_shape = tuple(int(d) for d in kernel_shape)
-        xs, ks, out = _parse(owner, einsum_str, kernel_shape)
+        if isinstance(bias_shape, int):
+            bias_shape = (bias_shape,)
+        _, ks, out = _parse(owner, einsum_str, kernel_shape)
         nd = len(kernel_shape)
+        n = self.model_size
+        if shard_dim is None:
+            fits = [d for d in range(nd) if kernel_shape[d] % n == 0]
+            if not fits:
+                raise ValueError(
+                    f"{owner}(kernel_shape={kernel_shape}) cannot be sharded over mesh axis "
+                    f"{axis_name!r} (size {n}): {n} divides none of its dims. Choose kernel "
+                    f"sizes divisible by {n}, or a mesh whose {axis_name!r} size divides one."
+                )
+            shard_dim = fits[-1]
         if not isinstance(shard_dim, int) or not -nd <= shard_dim < nd:
             raise ValueError(
                 f"{owner}(shard_dim={shard_dim!r}): the kernel of shape {kernel_shape} has "
@@ -91,35 +112,28 @@ class ParallelEinsum(ShardedLayer):
             )
         shard_dim %= nd
         c = ks[shard_dim]
-        if (c in out) == (c in xs):
-            where = "the input and the output" if c in out else "neither input nor output"
-            raise ValueError(
-                f"{owner}({einsum_str!r}, shard_dim={shard_dim}): kernel letter {c!r} appears "
-                f"in {where}; a split dim must be either an output dim only (column-like: "
-                f"heads, hidden units) or contracted with the input (row-like). Choose "
-                f"shard_dim among {[i for i, k in enumerate(ks) if (k in out) != (k in xs)]}."
-            )
-        n = self.model_size
         if kernel_shape[shard_dim] % n:
             raise ValueError(
                 f"{owner}(kernel_shape={kernel_shape}, shard_dim={shard_dim}) cannot be sharded "
                 f"over mesh axis {axis_name!r} (size {n}): {n} does not divide "
-                f"{kernel_shape[shard_dim]} (letter {c!r} of {einsum_str!r}). Choose a size "
-                f"divisible by {n}, or a mesh whose {axis_name!r} size divides it."
+                f"{kernel_shape[shard_dim]} (kernel dim {shard_dim} of {einsum_str!r}). Choose "
+                f"a size divisible by {n}, another shard_dim, or a mesh whose {axis_name!r} "
+                f"size divides it."
             )
-        self.column = c in out
+        self.column = c in out  # the output is split on c (column-like or batched)
         model = self._spec_axis(axis_name)
         self.kernel_spec = storage_spec(nd, [(shard_dim, model)])
         self.bias_spec = P()
         if bias_shape is not None:
             bias_shape = tuple(int(d) for d in bias_shape)
-            if self.column:
-                want = tuple(kernel_shape[ks.index(k)] for k in out if k in ks)
+            want = tuple(kernel_shape[ks.index(k)] for k in out if k in ks)
+            if self.column and n > 1:  # (unsplit, any shape nnx.Einsum reshapes will do)
                 if bias_shape != want:
                     raise ValueError(
-                        f"{owner}(bias_shape={bias_shape}): a column-like split of letter "
-                        f"{c!r} splits the bias too, so bias_shape must list the output's "
-                        f"kernel dims in output order, {want}. Pass bias_shape={want}."
+                        f"{owner}(bias_shape={bias_shape}): kernel dim {shard_dim} is split and "
+                        f"is an output dim of {einsum_str!r}, so the bias is split too: "
+                        f"bias_shape must list the output's kernel dims in output order, "
+                        f"{want}. Pass bias_shape={want}."
                     )
                 where = [k for k in out if k in ks].index(c)
                 self.bias_spec = storage_spec(len(want), [(where, model)])
@@ -147,9 +161,20 @@ class ParallelEinsum(ShardedLayer):
         self.einsum_op = einsum_op
         self.preferred_element_type = preferred_element_type
         self.shard_dim = shard_dim
-        self.split_letter = c
+        self.split_letter = c  # in the constructor's equation (ellipses spelled out)
 
     # ------------------------------------------------------------------ layout
+
+    def _subscripts(self, einsum_str: str | None, ndim: int | None) -> tuple[str, str, str]:
+        """(input, kernel, output) letters of `einsum_str` on an input of rank `ndim`.
+
+        Ellipses are spelled out as flax does; `ndim=None` reads an input
+        ellipsis as empty.
+        """
+        eq = (einsum_str or self.einsum_str).replace(" ", "")
+        if ndim is None:
+            ndim = len(eq.split(",")[0].replace("...", ""))
+        return kernels.einsum_subscripts(eq, (1,) * ndim, self.kernel_shape)
 
     def _batch_letter(self, xs: str, ks: str, out: str) -> str | None:
         b = xs[0] if len(xs) > 1 else None
@@ -167,32 +192,45 @@ class ParallelEinsum(ShardedLayer):
                 entries.append(None)
         return P(*entries)
 
-    def input_spec(self, einsum_str: str | None = None) -> P:
-        xs, ks, out = _letters(einsum_str or self.einsum_str)
-        b = self._batch_letter(xs, ks, out)
-        return self._spec(xs, b, None if self.column else self.split_letter)
+    def input_spec(self, einsum_str: str | None = None, ndim: int | None = None) -> P:
+        """The input's spec: the batch over the batch axes, the split letter (if any) over model."""
+        xs, ks, out = self._subscripts(einsum_str, ndim)
+        c = ks[self.shard_dim]
+        return self._spec(xs, self._batch_letter(xs, ks, out), c)
 
-    def output_spec(self, einsum_str: str | None = None) -> P:
-        xs, ks, out = _letters(einsum_str or self.einsum_str)
-        b = self._batch_letter(xs, ks, out)
-        return self._spec(out, b, self.split_letter if self.column else None)
+    def output_spec(self, einsum_str: str | None = None, ndim: int | None = None) -> P:
+        """The output's spec; `ndim` is the input's rank (for an ellipsis)."""
+        xs, ks, out = self._subscripts(einsum_str, ndim)
+        c = ks[self.shard_dim]
+        return self._spec(out, self._batch_letter(xs, ks, out), c)
 
-    def _check(self, inputs: jax.Array, einsum_str: str) -> None:
+    def _infer_broadcasted_bias_shape(self, einsum_str: str, lhs: Any, rhs: Any) -> list[int]:
+        """The shape the bias is reshaped to before it is added (as `nnx.Einsum`'s)."""
+        _, ks, out = kernels.einsum_subscripts(einsum_str, lhs.shape, rhs.shape)
+        return [self.kernel_shape[ks.index(k)] if k in ks else 1 for k in out]
+
+    def _check(self, inputs: jax.Array, einsum_str: str) -> tuple[str, str, str]:
         owner = type(self).__name__
         if not hasattr(inputs, "shape") or not hasattr(inputs, "dtype"):
             raise TypeError(f"{owner}: inputs must be an array, got {type(inputs).__name__}.")
-        xs, ks, out = _parse(owner, einsum_str, self.kernel_shape)
-        if ks[self.shard_dim] != self.split_letter:
-            raise ValueError(
-                f"{owner}(einsum_str={einsum_str!r}): the kernel letter of the split dim "
-                f"{self.shard_dim} is {ks[self.shard_dim]!r}, but this layer splits "
-                f"{self.split_letter!r} ({self.einsum_str!r}). Keep the split letter at the "
-                f"same kernel dim."
-            )
-        if inputs.ndim != len(xs):
+        _parse(owner, einsum_str, self.kernel_shape)
+        raw = einsum_str.split(",")[0]
+        named = len(raw.replace("...", ""))
+        if inputs.ndim < named if "..." in raw else inputs.ndim != named:
             raise ValueError(
                 f"{owner}({einsum_str!r}): inputs.shape={tuple(inputs.shape)} has rank "
-                f"{inputs.ndim}, the equation's input {xs!r} has rank {len(xs)}."
+                f"{inputs.ndim}, the equation's input {raw!r} has rank "
+                f"{'at least ' if '...' in raw else ''}{named}."
+            )
+        xs, ks, out = self._subscripts(einsum_str, inputs.ndim)
+        c = ks[self.shard_dim]
+        if self.bias is not None and (c in out) != self.column:
+            raise ValueError(
+                f"{owner}(einsum_str={einsum_str!r}): kernel dim {self.shard_dim} (split over "
+                f"{self.axis_name!r}) is {'an' if c in out else 'not an'} output dim here but "
+                f"{'is' if self.column else 'is not'} in {self.einsum_str!r}, for which the "
+                f"bias was laid out. Keep the split dim's role, or build the layer with this "
+                f"equation."
             )
         manual = is_manual(self.mesh)
         n = self.model_size
@@ -201,12 +239,13 @@ class ParallelEinsum(ShardedLayer):
             if k not in ks:
                 continue
             want = self.kernel_shape[ks.index(k)]
-            local = want // n if (manual and k == self.split_letter) else want
-            if inputs.shape[i] != local:
+            local = want // n if (manual and k == c) else want
+            if inputs.shape[i] != local and not (inputs.shape[i] == 1 and k != c):
                 raise ValueError(
                     f"{owner}({einsum_str!r}, kernel_shape={self.kernel_shape}): inputs.shape"
                     f"[{i}]={inputs.shape[i]} (letter {k!r}) must equal the kernel's {local}"
-                    f"{' (its local shard: manual mode)' if local != want else ''}."
+                    f"{' (its local shard: manual mode)' if local != want else ''}"
+                    f"{'; the split dim cannot broadcast' if k == c else ''}."
                 )
         if b is not None and not manual and inputs.shape[0] % self.batch_size_divisor:
             m = self.batch_size_divisor
@@ -215,6 +254,7 @@ class ParallelEinsum(ShardedLayer):
                 f"mesh axes {self.batch_axes} (size {m}): {m} does not divide "
                 f"{inputs.shape[0]}. Use a batch size divisible by {m}."
             )
+        return xs, ks, out
 
     # -------------------------------------------------------------------- call
 
@@ -223,18 +263,19 @@ class ParallelEinsum(ShardedLayer):
     ) -> jax.Array:
         with jax.named_scope(type(self).__name__):
             einsum_str = (einsum_str or self.einsum_str).replace(" ", "")
-            self._check(inputs, einsum_str)
-            x_spec = self.input_spec(einsum_str)
+            xs, ks, out = self._check(inputs, einsum_str)
+            x_spec = self.input_spec(einsum_str, inputs.ndim)
             source, inputs = inputs, self._place(inputs, x_spec)
             arg, arg_spec, unwrap = inputs, x_spec, _identity
-            if self.column:
+            c = ks[self.shard_dim]
+            if c in out and c not in xs:  # column-like: one dx all-reduce per shared input
                 arg, arg_spec, unwrap = shared_model_input(self, source, inputs, x_spec)
 
             def body(x, kernel, bias):
                 kernel, bias = self._replicated_for_grad(kernel, bias)
                 x, kernel, bias = self.promote_dtype((unwrap(x), kernel, bias), dtype=self.dtype)
                 return kernels.parallel_einsum(
-                    einsum_str, x, kernel, bias, split=self.split_letter,
+                    einsum_str, x, kernel, bias, split=self.shard_dim,
                     axis_name=self.axis_name, precision=self.precision,
                     einsum_op=self.einsum_op,
                     preferred_element_type=self.preferred_element_type,
@@ -244,7 +285,7 @@ class ParallelEinsum(ShardedLayer):
                 body,
                 (arg, self.kernel[...], param_value(self.bias)),
                 (arg_spec, self.kernel_spec, self.bias_spec),
-                self.output_spec(einsum_str),
+                self.output_spec(einsum_str, inputs.ndim),
             )
             if out_sharding is not None:
                 y = self._place(y, getattr(out_sharding, "spec", out_sharding))
@@ -257,13 +298,17 @@ class ParallelEinsum(ShardedLayer):
         """The collectives of one call on a global input of `input_shape`.
 
         Column-like: backward 1 all-reduce of dx over the model axis (once per
-        shared input: declare it for one reader of an activation). Row-like:
-        forward 1 all-reduce of the output. With `grad`, 1 all-reduce per
-        parameter over the batch axes.
+        shared input: declare it for one reader of an activation). Batched:
+        none. Row-like: forward 1 all-reduce of the output (and, when the split
+        letter is not an input letter, backward 1 all-reduce of dx). With
+        `grad`, 1 all-reduce per parameter over the batch axes.
         """
         einsum_str = (einsum_str or self.einsum_str).replace(" ", "")
         dtype = dtype or self.dtype or self.param_dtype
-        xs, ks, out = _letters(einsum_str)
+        input_shape = tuple(input_shape)
+        xs, ks, out = self._subscripts(einsum_str, len(input_shape))
+        c = ks[self.shard_dim]
+        n = self.model_size
         sizes = dict(zip(xs, input_shape, strict=True))
         sizes.update(zip(ks, self.kernel_shape, strict=True))
         b = self._batch_letter(xs, ks, out)
@@ -271,15 +316,13 @@ class ParallelEinsum(ShardedLayer):
             sizes[b] //= self.batch_size_divisor
         m = (self.axis_name,)
         res = []
-        if self.column:
-            if grad and input_grad:
-                x_local = [sizes[k] for k in xs]
-                res += self._declare("all-reduce", m, dtype, nbytes(x_local, dtype), "dx")
-        else:
+        x_local = [sizes[k] // (n if k == c else 1) for k in xs]
+        if c not in out:
             y = [sizes[k] for k in out]
             res += self._declare("all-reduce", m, dtype, nbytes(y, dtype), "sum of partials")
+        if c not in xs and grad and input_grad:
+            res += self._declare("all-reduce", m, dtype, nbytes(x_local, dtype), "dx")
         if grad:
-            n = self.model_size
             pd = self.param_dtype
             k_local = list(self.kernel_shape)
             k_local[self.shard_dim] //= n
@@ -287,16 +330,18 @@ class ParallelEinsum(ShardedLayer):
                                  role=Role.GRAD_REDUCE, param="kernel")  # fmt: skip
             if self.bias_shape is not None:
                 bl = list(self.bias_shape)
-                if self.column:
-                    where = [k for k in out if k in ks].index(self.split_letter)
-                    bl[where] //= n
+                if c in out:
+                    bl[[k for k in out if k in ks].index(c)] //= n
                 res += self._declare("all-reduce", self.batch_axes, pd, nbytes(bl, pd), "db",
                                      role=Role.GRAD_REDUCE, param="bias")  # fmt: skip
         return res
 
 
 def _parse(owner: str, einsum_str: str, kernel_shape: Sequence[int]) -> tuple[str, str, str]:
-    """The (input, kernel, output) subscripts, with the checks nnx.Einsum makes (ValueError)."""
+    """The (input, kernel, output) subscripts, with the checks nnx.Einsum makes (ValueError).
+
+    An input ellipsis is read as empty (the input's rank is not known here).
+    """
     if "->" not in einsum_str:
         raise ValueError(
             f'{owner}: `einsum_str` equation must be explicit and include "->", got {einsum_str!r}.'
@@ -306,21 +351,12 @@ def _parse(owner: str, einsum_str: str, kernel_shape: Sequence[int]) -> tuple[st
             f"{owner}: `einsum_str` equation must have exactly two operands and therefore, "
             f"exactly one comma character, instead of {einsum_str.count(',')} ({einsum_str!r})."
         )
-    if "." in einsum_str:
-        raise ValueError(
-            f"{owner}({einsum_str!r}): ellipses are not supported by the parallel einsum; "
-            f"name every dim with a letter (e.g. 'BTD,DF->BTF')."
-        )
-    xs, ks, out = _letters(einsum_str)
-    if len(ks) != len(kernel_shape):
+    raw_k = einsum_str.split("->")[0].split(",")[1]
+    named = len(raw_k.replace("...", ""))
+    if (len(kernel_shape) < named) if "..." in raw_k else (len(kernel_shape) != named):
         raise ValueError(
             f"{owner}({einsum_str!r}, kernel_shape={tuple(kernel_shape)}): the kernel "
-            f"subscripts {ks!r} name {len(ks)} dims, the kernel has {len(kernel_shape)}."
+            f"subscripts {raw_k!r} name {named} dims, the kernel has {len(kernel_shape)}."
         )
-    return xs, ks, out
-
-
-def _letters(einsum_str: str) -> tuple[str, str, str]:
-    lhs, out = einsum_str.split("->")
-    x, k = lhs.split(",")
-    return x, k, out
+    x_named = len(einsum_str.split(",")[0].replace("...", ""))
+    return kernels.einsum_subscripts(einsum_str, (1,) * x_named, tuple(kernel_shape))
