@@ -5,7 +5,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -122,3 +124,64 @@ def test_cross_entropy_errors():
         ValueError, match=r"vocab_size=17\): must be in \[1, logits.shape\[-1\]=16\]"
     ):
         ce(z, jnp.zeros((2, 3), jnp.int32), vocab_size=17, mesh=mesh)
+
+
+class _TiedLM(nnx.Module):
+    """A tied-embedding LM whose logits stay split over the vocabulary."""
+
+    def __init__(self, mesh, rngs):
+        self.emb = shardlax.nn.ParallelEmbed(32, 16, mesh=mesh, rngs=rngs)
+
+    def __call__(self, ids):
+        return self.emb.attend(jnp.tanh(self.emb(ids)))
+
+
+@pytest.mark.standard_dtype_promotion  # optax's Adam mixes Python floats and int32 counts
+@pytest.mark.parametrize(("shape", "strategy"), [((2, 1, 4), "zero2"), ((4, 1, 2), "dp")])
+def test_inside_the_trainer_step_equals_one_device(shape, strategy):
+    """The loss of a Trainer step (manual mode): 3 Adam steps as plain nnx + optax, audited."""
+    mesh = utils.mesh(*shape)
+
+    def loss_fn(model, batch):
+        logits = model(batch["x"])
+        return shardlax.nn.vocab_parallel_cross_entropy(logits, batch["y"], mesh=mesh)
+
+    batches = [
+        {"x": jax.random.randint(jax.random.key(s), (8, 6), 0, 32),
+         "y": jax.random.randint(jax.random.key(s + 10), (8, 6), 0, 32)}
+        for s in range(3)
+    ]  # fmt: skip
+    ref = nnx.Embed(32, 16, rngs=nnx.Rngs(0))
+    opt = nnx.Optimizer(ref, optax.adam(1e-2), wrt=nnx.Param)
+
+    @nnx.jit
+    def ref_step(ref, opt, batch):
+        def loss(ref):
+            logits = ref.attend(jnp.tanh(ref(batch["x"])))
+            return optax.softmax_cross_entropy_with_integer_labels(logits, batch["y"]).mean()
+
+        value, grads = nnx.value_and_grad(loss)(ref)
+        opt.update(ref, grads)
+        return value
+
+    trainer = shardlax.Trainer(
+        _TiedLM(mesh, nnx.Rngs(0)), optax.adam(1e-2), loss_fn, mesh=mesh, strategy=strategy
+    )
+    state = trainer.init()
+    for batch in batches:
+        want = ref_step(ref, opt, batch)
+        state, metrics = trainer.step(state, batch)
+        utils.assert_close(metrics["loss"], want)
+    utils.assert_close(trainer.model(state).emb.embedding[...], ref.embedding[...])
+    report = audit.collectives(trainer.step, state, batches[0])
+    # the loss's 3 [B, S] all-reduces over model and its mean over the batch axes, in the model
+    local = (8 // shape[0], 6)
+    ce = [audit.Declared("all-reduce", ("model",), "f32", 3, 3 * 4 * local[0] * local[1], "ce"),
+          audit.Declared("all-reduce", ("data",), "f32", 1, 4, "ce mean")]  # fmt: skip
+    emb = trainer.model(state).emb
+    model_side = emb.declared_collectives((8, 6), grad=True, attend=True)
+    declared = trainer.declared_collectives(
+        batches[0], model_collectives=[*model_side, *ce], loss_in_model=True
+    )
+    cmp = audit.compare(declared, report)
+    assert cmp.ok, cmp.table()

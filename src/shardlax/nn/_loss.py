@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import kernels
 from shardlax._axes import BATCH_AXES, MODEL
-from shardlax.mesh import axes_size, check_axis, place, present_axes, resolve_mesh
+from shardlax.mesh import axes_size, check_axis, is_manual, place, present_axes, resolve_mesh
+from shardlax.nn._base import run_shard_map
 
 _NAME = "vocab_parallel_cross_entropy"
 
@@ -46,6 +47,11 @@ def vocab_parallel_cross_entropy(
     Collectives: 3 all-reduces of f32 `[B/n, ...]` over the model axis (max,
     sum of exponentials, target logit); with ``'mean'``, 1 scalar all-reduce
     over the batch axes. Backward: none.
+
+    Manual mode (inside a shard_map over the whole mesh, e.g. a `Trainer`
+    step's loss): `logits` and `labels` are the local shards of the layouts
+    above and the per-device body runs as it is; ``'mean'`` is still the
+    global mean over the batch axes.
     """
     mesh = resolve_mesh(mesh, _NAME)
     n = check_axis(mesh, axis_name, _NAME, "axis_name")
@@ -64,7 +70,8 @@ def vocab_parallel_cross_entropy(
             f"{_NAME}: labels.shape={tuple(labels.shape)} must equal logits.shape[:-1] "
             f"(logits.shape={tuple(logits.shape)}). Pass one label per logits row."
         )
-    v = logits.shape[-1]
+    manual = is_manual(mesh)
+    v = logits.shape[-1] * (n if manual else 1)  # the global vocabulary
     if v % n:
         raise ValueError(
             f"{_NAME}: logits.shape[-1]={v} (the vocabulary) cannot be split over mesh axis "
@@ -77,7 +84,7 @@ def vocab_parallel_cross_entropy(
             f"true vocabulary size, at most the (padded) logits width."
         )
     nb = axes_size(mesh, batch_axes)
-    if logits.shape[0] % nb:
+    if not manual and logits.shape[0] % nb:
         raise ValueError(
             f"{_NAME}: logits.shape[0]={logits.shape[0]} (the batch) cannot be sharded over "
             f"mesh axes {batch_axes} (size {nb}): {nb} does not divide {logits.shape[0]}. "
@@ -100,6 +107,4 @@ def vocab_parallel_cross_entropy(
 
     out_spec = P() if reduction == "mean" else labels_spec
     with jax.named_scope(_NAME):
-        return jax.shard_map(
-            body, mesh=mesh, in_specs=(logits_spec, labels_spec), out_specs=out_spec
-        )(logits, labels)
+        return run_shard_map(body, mesh, (logits, labels), (logits_spec, labels_spec), out_spec)
