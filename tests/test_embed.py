@@ -39,13 +39,14 @@ def test_embed_matches_reference(mesh_shape, data):
     d, f, m = mesh_shape
     mesh = utils.mesh(d, f, m)
     sp = data.draw(st.booleans(), label="sequence_parallel")
+    lookup = data.draw(st.sampled_from(["auto", "table", "ids"]), label="fsdp_lookup")
     vocab = m * data.draw(st.integers(1, 3)) * 4
     feats = f * data.draw(st.integers(1, 3)) * 4
     batch, seq = d * f * data.draw(st.integers(1, 2)), m * data.draw(st.integers(1, 2))
     seed = data.draw(st.integers(0, 2**16))
     k = jax.random.split(jax.random.key(seed), 4)
     layer = shardlax.nn.ParallelEmbed(vocab, feats, mesh=mesh, rngs=nnx.Rngs(seed),
-                                      sequence_parallel=sp)  # fmt: skip
+                                      sequence_parallel=sp, fsdp_lookup=lookup)  # fmt: skip
     flax_layer = nnx.Embed(vocab, feats, rngs=nnx.Rngs(seed))
     table = np.asarray(layer.embedding[...])
     np.testing.assert_array_equal(table, np.asarray(flax_layer.embedding[...]))  # same init
@@ -73,11 +74,17 @@ def test_embed_matches_reference(mesh_shape, data):
     utils.assert_close(dq, d_query, err_msg="d query")
 
 
-@pytest.mark.parametrize("mesh_shape", [(2, 1, 4), (2, 2, 2)], ids=str)
+@pytest.mark.parametrize(
+    ("mesh_shape", "lookup"),
+    [((2, 1, 4), "auto"), ((2, 2, 2), "table"), ((2, 2, 2), "ids"), ((1, 4, 2), "auto")],
+    ids=str,
+)
 @pytest.mark.parametrize("sp", [False, True], ids=["tp", "sp"])
-def test_embed_collectives_are_declared(mesh_shape, sp):
+def test_embed_collectives_are_declared(mesh_shape, lookup, sp):
     mesh = utils.mesh(*mesh_shape)
-    layer = shardlax.nn.ParallelEmbed(32, 16, mesh=mesh, rngs=nnx.Rngs(0), sequence_parallel=sp)
+    layer = shardlax.nn.ParallelEmbed(
+        32, 16, mesh=mesh, rngs=nnx.Rngs(0), sequence_parallel=sp, fsdp_lookup=lookup
+    )
     ids = jax.random.randint(jax.random.key(0), (4, 8), 0, 32)
     step = nnx.jit(nnx.grad(lambda m, i: jnp.sum(m.attend(m(i)) ** 2)))
     report = audit.collectives(step, layer, ids, mesh=mesh)
@@ -87,6 +94,30 @@ def test_embed_collectives_are_declared(mesh_shape, sp):
     assert comparison.ok, comparison.table()
     model = report.where(axes=("model",))
     assert model.kinds()["all-gather"] == (2 if sp else 0)  # SP: dy of lookup, x of attend
+
+
+@pytest.mark.parametrize(("batch", "seq", "table"), [(4, 4, False), (4, 8, True), (16, 8, True)])
+def test_fsdp_lookup_moves_the_smaller_of_table_and_tokens(batch, seq, table):
+    """auto: the table's [V/N, D] is gathered iff a device's V/(N F) rows <= its tokens."""
+    mesh = utils.mesh(1, 4, 2)  # 64 rows: 8 per device; tokens per device: batch / 4 * seq
+    layer = shardlax.nn.ParallelEmbed(64, 16, mesh=mesh, rngs=nnx.Rngs(0))
+    ids = jax.random.randint(jax.random.key(1), (batch, seq), 0, 64)
+    step = nnx.jit(nnx.value_and_grad(lambda m, i: jnp.sum(m(i) ** 2)))
+    report = audit.collectives(step, layer, ids, mesh=mesh)
+    loss = audit.Declared("all-reduce", ("fsdp",), "f32", 1, 4, "the loss's sum")
+    cmp = audit.compare([*layer.declared_collectives(ids.shape, grad=True), loss], report)
+    assert cmp.ok, cmp.table()
+    fsdp = report.where(axes=("fsdp",))
+    ids_gathers = [c for c in fsdp if c.kind == "all-gather" and c.dtype == "s32"]
+    table_gathers = [c for c in fsdp if c.kind == "all-gather" and c.bytes == 32 * 16 * 4]
+    assert (len(table_gathers), len(ids_gathers)) == ((1, 0) if table else (0, 1)), report.table()
+    ref = nnx.Embed(64, 16, rngs=nnx.Rngs(0))
+    want_l, want_g = jax.value_and_grad(lambda t: jnp.sum(jnp.take(t, ids, axis=0) ** 2))(
+        ref.embedding[...]
+    )
+    got_l, got_g = step(layer, ids)
+    utils.assert_close(got_l, want_l)
+    utils.assert_close(got_g["embedding"][...], want_g)
 
 
 def test_ids_follow_jnp_take():
@@ -101,6 +132,8 @@ def test_ids_follow_jnp_take():
 
 
 def test_embed_errors():
+    with pytest.raises(ValueError, match=r"fsdp_lookup='rows'\): expected 'auto', 'table'"):
+        shardlax.nn.ParallelEmbed(8, 4, mesh=utils.mesh(), rngs=nnx.Rngs(0), fsdp_lookup="rows")
     mesh = utils.mesh(1, 1, 8)
     msg = r"ParallelEmbed\(num_embeddings=60\) cannot be sharded over mesh axis 'model' \(size 8\)"
     with pytest.raises(ValueError, match=msg + r": 8 does not divide 60"):

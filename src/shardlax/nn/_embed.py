@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any
@@ -17,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.declarations import Declared, Role
-from shardlax.mesh import live_axes
+from shardlax.mesh import is_manual, live_axes
 from shardlax.nn._base import AUTO, nbytes, run_shard_map
 from shardlax.nn._linear import metadata_param
 from shardlax.nn._sequence import SequenceLayer
@@ -60,10 +61,21 @@ class ParallelEmbed(SequenceLayer):
     Collectives (N = model axis size), forward / backward:
       `__call__`: 1 all-reduce `[B, S, D]` / none (SP: 1 reduce-scatter / 1 all-gather).
       `attend`:   none / 1 all-reduce of dx (SP: 1 all-gather / 1 reduce-scatter).
-      Table gradient: 1 all-reduce of `[V/N, D]` over the batch axes per use;
-      with FSDP (`fsdp_axis`, default on when the mesh has 'fsdp') the table is
-      also split over the features on the fsdp axis, all-gathered per use and
-      its gradient reduce-scattered.
+      Table gradient: 1 all-reduce of `[V/N, D]` over the batch axes per use.
+
+    FSDP (`fsdp_axis`, default on when the mesh has 'fsdp'): the table is
+    split further over the vocabulary on the fsdp axis, `[V/(N F), D]` per
+    device, and a lookup moves whichever is smaller (`fsdp_lookup="auto"`):
+    the table's rows or the tokens' rows. `"table"` all-gathers the table
+    over fsdp (`[V/N, D]`, FSDP's usual gather; backward 1 reduce-scatter of
+    its gradient, no re-gather: a lookup's backward does not read the table);
+    `"ids"` never gathers the table: it all-gathers the F batch shards' ids
+    (ints), looks up the rows it owns for all of them and reduce-scatters
+    `[F B, S, D]` back to their batch shards (backward 1 all-gather of
+    `[F B, S, D]`). Auto picks `"table"` when a device's table rows `V/(N F)`
+    are at most its tokens `B S` (the bytes and the temporary memory both
+    scale with those counts), so a large cluster never moves the global
+    batch's activations. `attend` always gathers the table.
 
     References:
       Shoeybi et al., "Megatron-LM", 2019 (arXiv:1909.08053).
@@ -87,10 +99,17 @@ class ParallelEmbed(SequenceLayer):
         sequence_parallel: bool = False,
         fsdp_axis: str | None = AUTO,
         reshard_after_forward: bool = True,
+        fsdp_lookup: str = "auto",
     ):
         self._setup_mesh(mesh, axis_name, batch_axes)
         self._setup_fsdp(fsdp_axis, reshard_after_forward)
         owner = type(self).__name__
+        if fsdp_lookup not in ("auto", "table", "ids"):
+            raise ValueError(
+                f"{owner}(fsdp_lookup={fsdp_lookup!r}): expected 'auto', 'table' (all-gather "
+                f"the table over fsdp) or 'ids' (all-gather the ids, reduce-scatter the rows)."
+            )
+        self.fsdp_lookup = fsdp_lookup
         n = self.model_size
         if num_embeddings % n:
             padded = -(-num_embeddings // n) * n
@@ -187,18 +206,31 @@ class ParallelEmbed(SequenceLayer):
             y = self._lookup(inputs)
             return y if out_sharding is None else self._place(y, _spec(out_sharding))
 
+    def _gathers_table(self, tokens: int) -> bool:
+        """Whether a lookup of `tokens` ids per device all-gathers the table over fsdp."""
+        if not self._fsdp_live or self.fsdp_lookup == "ids":
+            return False
+        rows = self.num_embeddings // (self.model_size * self.fsdp_size)
+        return self.fsdp_lookup == "table" or rows <= tokens
+
     def _lookup(self, inputs: jax.Array) -> jax.Array:
         ids_spec = self.ids_spec(inputs.ndim)
+        tokens = math.prod(inputs.shape)  # per device (manual mode: a local shard already)
+        if not is_manual(self.mesh) and inputs.ndim:
+            tokens //= self.batch_size_divisor
+        gathers_table = self._gathers_table(tokens)
         inputs = self._place(inputs, ids_spec)
 
         def body(ids, table):
-            # never gathered: its gradient is summed over the pure data axes only
-            table = kernels.ensure_varying(table, self._lookup_grad_axes())
+            if gathers_table:  # FSDP's gather of [V/N, D]; backward: its reduce-scatter
+                table = self._use_param(self, table, 0)
+            else:  # never gathered: its gradient is summed over the pure data axes only
+                table = kernels.ensure_varying(table, self._lookup_grad_axes())
             (table,) = self.promote_dtype((table,), dtype=self.dtype, inexact=False)
             return kernels.vocab_parallel_embed(
                 ids, table, num_embeddings=self.vocab_size, axis_name=self.axis_name,
                 sequence_parallel=self.sequence_parallel,
-                fsdp_axis=self.fsdp_axis if self._fsdp_live else None,
+                fsdp_axis=self.fsdp_axis if self._fsdp_live and not gathers_table else None,
             )  # fmt: skip
 
         return run_shard_map(
@@ -269,7 +301,13 @@ class ParallelEmbed(SequenceLayer):
         m, sp = (self.axis_name,), self.sequence_parallel
         kind = "reduce-scatter" if sp else "all-reduce"
         out = first = self._declare(kind, m, dtype, nbytes(full, dtype), "embed: sum of row shards")
-        if self._fsdp_live:
+        gathers_table = self._gathers_table(math.prod(ids_shape))
+        if gathers_table:
+            table = (self.num_embeddings // self.model_size, self.features)
+            out += self._declare_param(self, table, 0, grad=grad, regather=False, why="embedding")
+            if grad and sp:
+                out += self._declare("all-gather", m, dtype, nbytes(full, dtype), "embed: dy")
+        elif self._fsdp_live:
             f, lf = self.fsdp_size, (self.fsdp_axis,)
             ids_all = nbytes((full[0] * f, *full[1:-1]), jnp.int32)
             rows_all = nbytes((full[0] * f, *full[1:]), dtype)
@@ -280,7 +318,7 @@ class ParallelEmbed(SequenceLayer):
                 "reduce-scatter", lf, dtype, rows_all, "embed: rows to their batch"
             )
             out += first
-        if grad:
+        if grad and not gathers_table:
             if sp:
                 out += self._declare("all-gather", m, dtype, nbytes(full, dtype), "embed: dy")
             if self._fsdp_live:
