@@ -16,6 +16,7 @@ from jax.sharding import PartitionSpec as P
 from shardlax import audit
 from shardlax.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from tests import utils
+from tests.models import rngs_at_call
 
 D, H, V, B = 8, 16, 12, 8
 
@@ -181,6 +182,17 @@ def test_forward_methods_and_pytrees():
     np.testing.assert_array_equal(np.asarray(out["y"]) == 0, np.asarray(want["y"]) == 0)
     assert float(out["n"]) == 2.0 and out["none"] is None
     assert int(r.dropout.count[...]) == int(r_ref.dropout.count[...]) == 1
+
+    # attributes that are not methods are the wrapped module's own: a submodule, an nnx.Rngs
+    # (callable, yet no forward method), data
+    assert unit.lin is unit.module.lin and unit.drop is unit.module.drop
+    owned = fully_shard(rngs_at_call.make(0), mesh=mesh)
+    assert owned.rngs is owned.module.rngs and isinstance(owned.rngs, nnx.Rngs)
+    x = jax.random.normal(jax.random.key(4), (B, rngs_at_call.IN))
+    ref_owned = rngs_at_call.make(0)
+    got = nnx.jit(lambda m, x: m(x, rngs=m.rngs))(owned, x)
+    utils.assert_close(got, ref_owned(x, rngs=ref_owned.rngs))
+    assert int(owned.rngs.dropout.count[...]) == int(ref_owned.rngs.dropout.count[...]) == 1
 
     with pytest.raises(AttributeError):
         unit._double(h)  # private methods are not forward methods until registered

@@ -73,6 +73,7 @@ References:
 from __future__ import annotations
 
 import functools
+import types
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -259,8 +260,8 @@ class FSDPModule(nnx.Module):
         if module is None or name.startswith("__"):
             raise AttributeError(name)
         attr = getattr(module, name)
-        if not callable(attr):
-            return attr
+        if not isinstance(attr, types.MethodType):
+            return attr  # data, a submodule, an nnx.Rngs (callable, but not a forward method)
         if not name.startswith("_") or name in self.__dict__.get("forward_methods", ()):
             return functools.partial(self._run, name)
         raise AttributeError(
