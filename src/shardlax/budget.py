@@ -66,6 +66,8 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
+from shardlax._figures import Figures, figures_of
+
 __all__ = ["Choice", "Figures", "Plan", "measure", "plan"]
 
 
@@ -90,24 +92,6 @@ class Choice:
 
 #: the three levels a unit can take, least memory first (see the module docstring)
 LEVELS = (Choice(True, True), Choice(True, False), Choice(False, False))
-
-
-@dataclasses.dataclass(frozen=True)
-class Figures:
-    """Per-device figures of one compiled training step (bytes)."""
-
-    arguments: int
-    outputs: int
-    temp: int
-    alias: int
-    wire_bytes: float  # bytes each device sends per step (`Report.executed_wire_bytes`)
-    all_gathers: int  # all-gathers executed per step (loops counted per trip)
-    compile_s: float = dataclasses.field(default=0.0, compare=False)
-
-    @property
-    def peak(self) -> int:
-        """arguments + outputs + temp - aliased (donated) bytes (`audit.Memory.peak_estimate`)."""
-        return self.arguments + self.outputs + self.temp - self.alias
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,22 +197,9 @@ def measure(
       build, batch, loss: as `plan`.
       choices: unit -> `Choice`.
     """
-    from shardlax import audit
-
     t0 = time.perf_counter()
     compiled, mesh = _compile(build(dict(choices)), batch, loss)
-    dt = time.perf_counter() - t0
-    mem = audit.memory(compiled)
-    report = audit.collectives(compiled, mesh=mesh)
-    return Figures(
-        arguments=mem.arguments,
-        outputs=mem.outputs,
-        temp=mem.temp,
-        alias=mem.alias,
-        wire_bytes=float(report.executed_wire_bytes()),
-        all_gathers=sum(c.operands * c.trips for c in report.where("all-gather")),
-        compile_s=dt,
-    )
+    return figures_of(compiled, mesh=mesh, compile_s=time.perf_counter() - t0)
 
 
 def _check_args(budget_bytes, units, order, build, remat) -> tuple[int, list, list]:

@@ -40,6 +40,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from shardlax._figures import Figures, figures_of
+
 #: TinyLM configurations of the scale-out study (parameters ~1.1B and ~6.7B).
 PRESETS = {
     "1b": dict(vocab=32000, d_model=2048, n_layers=20, n_heads=16, d_ff=5632),
@@ -48,20 +50,6 @@ PRESETS = {
 }
 STRATEGIES = ("fsdp", "fsdp+tp")
 MAX_DEVICES = 512
-
-
-@dataclasses.dataclass(frozen=True)
-class Figures:
-    """Per-device figures of one compiled step."""
-
-    arguments: int
-    outputs: int
-    temp: int
-    alias: int
-    collectives: int  # tensors moved per step (loops counted per trip)
-    wire_bytes: float  # bytes each device sends per step
-    kinds: dict[str, int]
-    compile_s: float
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +91,9 @@ class Study:
 
     def to_dict(self) -> dict:
         out = dataclasses.asdict(self)
+        for name in ("shardlax", "gspmd", "single"):
+            f = getattr(self, name)
+            out[name] = None if f is None else f.to_dict()
         out["devices"] = self.devices
         out["ideal_temp"] = self.ideal_temp
         out["goals"] = self.goals()
@@ -153,23 +144,7 @@ class Study:
 
 
 def _figures(compiled, t: float, mesh=None) -> Figures:
-    from shardlax import audit
-
-    m = compiled.memory_analysis()
-    report = audit.collectives(compiled, mesh=mesh)
-    kinds: dict[str, int] = {}
-    for c in report:
-        kinds[c.kind] = kinds.get(c.kind, 0) + c.operands * c.trips
-    return Figures(
-        arguments=int(m.argument_size_in_bytes),
-        outputs=int(m.output_size_in_bytes),
-        temp=int(m.temp_size_in_bytes),
-        alias=int(m.alias_size_in_bytes),
-        collectives=sum(kinds.values()),
-        wire_bytes=float(report.executed_wire_bytes()),
-        kinds=kinds,
-        compile_s=t,
-    )
+    return figures_of(compiled, mesh=mesh, compile_s=t)
 
 
 def _check(config, strategy: str, mesh_shape: dict[str, int], batch: int) -> None:
