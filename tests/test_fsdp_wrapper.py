@@ -202,6 +202,14 @@ def test_fully_shard_scan_matches_loop(remat, reshard, gathers):
     assert all(c.in_loop for c in report.where("all-gather"))
     assert len(report.where("all-gather", ("fsdp",))) == gathers
     assert report.counts()[("reduce-scatter", ("fsdp",), "f32")] == 2
+    # derived from the scanned gradient, no hand-written regathered= list
+    declared = model.declared_collectives(x)
+    regathered = {"remat": ("linear.bias", "linear.kernel"), "reshard": ("linear.kernel",)}
+    mode = "remat" if remat else "reshard" if reshard else "keep"
+    assert declared == model.declared_collectives(regathered=regathered.get(mode, ()))
+    declared.append(audit.Declared("all-reduce", ("data", "fsdp"), "f32", 1, 4, "loss"))
+    cmp = audit.compare(declared, report)
+    assert cmp.ok, cmp.table()
 
 
 def test_fully_shard_output_dtype():

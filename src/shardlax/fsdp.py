@@ -459,7 +459,8 @@ class FSDPModule(nnx.Module):
         of `sum(outputs)` with respect to the parameters and the floating
         inputs is traced (abstractly, nothing runs), dead code is removed as
         XLA does, and the all-gathers left are counted per parameter; nested
-        units' declarations are included (each from the same trace).
+        units' declarations are included (each from the same trace). With
+        `scan`, the loops' bodies are read the same way (one layer's gathers).
 
         Args:
           *args, **kwargs: example arguments of a call (arrays or
@@ -484,11 +485,6 @@ class FSDPModule(nnx.Module):
         if self.axis_size == 1:
             return []
         if regathered is None and (args or kwargs):
-            if self.scan:
-                raise ValueError(
-                    "FSDPModule(scan=True).declared_collectives: pass regathered= by hand; "
-                    "the derivation does not look inside scan loops."
-                )
             derived = self._derive_regathered(args, kwargs) if grad else {}
             out = self.declared_collectives(grad=grad, regathered=derived.get(id(self), ()))
             for unit in _inner_units(self):
@@ -578,7 +574,7 @@ class FSDPModule(nnx.Module):
                 unit.param_paths(), p_leaves, unit.dims, unit.owned, strict=True
             ):
                 if o and d is not None:
-                    local = list(x.shape)
+                    local = list(x.shape[1:] if unit.scan else x.shape)  # a scan: one layer's
                     local[d] //= unit.axis_size
                     groups.setdefault(tuple(local), []).append((unit, path))
         out: dict[int, list] = {}
