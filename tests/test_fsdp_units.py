@@ -8,15 +8,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+import shardlax
 from shardlax import audit
 from shardlax.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 from tests import utils
-from tests.models import rngs_at_call
+from tests.models import counter, rngs_at_call
 
 D, H, V, B = 8, 16, 12, 8
 
@@ -249,6 +251,33 @@ def test_error_state_updated_from_the_batch_shard():
         nnx.jit(lambda m, x: m(x))(unit, jnp.ones((B, D)))
 
 
+@pytest.mark.standard_dtype_promotion  # optax's Adam mixes Python floats and int32 counts
+def test_state_mean_over_the_batch_in_a_unit_is_declared():
+    """fully_shard(state_reduction='mean'): a running mean of activations, as one device;
+    its all-reduce is in the Trainer's declaration and in the compiled step."""
+    mesh = utils.mesh(1, 4, 1)
+    unit = fully_shard(counter.make(0), mesh=mesh, state_reduction="mean")
+    trainer = shardlax.Trainer(unit, optax.adam(1e-2), counter.loss_fn, mesh=mesh)
+    batch = counter.make_batch(jax.random.key(0), 8)
+    state, _ = trainer.step(trainer.init(), batch)
+    ref = counter.make(0)
+    nnx.jit(lambda m, b: counter.loss_fn(m, b))(ref, batch)
+    got = trainer.model(state).module.hidden_mean[...]
+    utils.assert_close(got, ref.hidden_mean[...])
+    report = audit.collectives(trainer.step, state, batch)
+    declared = trainer.declared_collectives(
+        batch, model_collectives=unit.declared_collectives(batch["x"], input_grad=False)
+    )
+    cmp = audit.compare(declared, report)
+    assert cmp.ok, cmp.table()
+    assert any(d.bytes == counter.HIDDEN * 4 for d in declared if d.kind == "all-reduce")
+    with pytest.raises(ValueError, match=r"state_reduction='median'\): expected None"):
+        fully_shard(counter.make(0), mesh=mesh, state_reduction="median")
+    plain = fully_shard(counter.make(0), mesh=mesh)
+    with pytest.raises(ValueError, match=r"Pass fully_shard\(\.\.\., state_reduction='mean'\)"):
+        nnx.jit(lambda m, x: m(x))(plain, batch["x"])
+
+
 def test_error_output_reduced_over_the_batch_shard():
     class Mean(nnx.Module):
         def __init__(self):
@@ -305,11 +334,18 @@ def test_declared_collectives_derived_from_example_inputs(nested):
     else:
         unit = fully_shard(Block(nnx.Rngs(0)), mesh=mesh)
         x = jax.random.normal(jax.random.key(1), (B, D))
-    fn = nnx.jit(nnx.value_and_grad(_loss))
+    fn = nnx.jit(nnx.value_and_grad(_loss))  # no gradient of x: input_grad=False
     report = audit.collectives(fn, unit, x, mesh=mesh)
-    declared = unit.declared_collectives(x)
+    declared = unit.declared_collectives(x, input_grad=False)
     declared.append(audit.Declared("all-reduce", ("data", "fsdp"), "f32", 1, 4, "loss"))
     comparison = audit.compare(declared, report)
     assert comparison.ok, comparison.table()
     regathers = sum(d.count - 1 for d in declared if d.kind == "all-gather")
     assert regathers >= 1  # a kernel feeding a later layer's gradient is gathered again
+    if not nested:  # with the input's gradient, the first kernel is gathered again too
+        fn_dx = nnx.jit(nnx.value_and_grad(_loss, argnums=(0, 1)))
+        with_dx = unit.declared_collectives(x)
+        with_dx.append(audit.Declared("all-reduce", ("data", "fsdp"), "f32", 1, 4, "loss"))
+        cmp = audit.compare(with_dx, audit.collectives(fn_dx, unit, x, mesh=mesh))
+        assert cmp.ok, cmp.table()
+        assert sum(d.count - 1 for d in with_dx if d.kind == "all-gather") == regathers + 1

@@ -45,6 +45,8 @@ class _Recorder:
 
     def __init__(self):
         self.stats: list[tuple[tuple[str, ...], int, bool]] = []
+        # fully_shard(state_reduction='mean'): (axes, where, bytes, dtype) of each mean
+        self.state_means: list[tuple[tuple[str, ...], str, int, Any]] = []
 
 
 def recorder() -> _Recorder | None:

@@ -100,7 +100,7 @@ class _Declarations:
                     Declared("all-reduce", axes, "f32", 1, features * 4, f"BatchNorm {w}")
                     for w in ("mean", "variance")
                 ]
-        for axes, where, nbytes, dtype in self._state_reductions:
+        for axes, where, nbytes, dtype in [*self._state_reductions, *rec.state_means]:
             out.append(Declared("all-reduce", axes, hlo_dtype(dtype), 1, nbytes,
                                 f"state {where}: mean over the batch"))  # fmt: skip
         for axes, dtype in self._norm_reductions or ():

@@ -73,6 +73,7 @@ References:
 from __future__ import annotations
 
 import functools
+import math
 import types
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -84,7 +85,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlax import _fsdp_state, kernels
+from shardlax import _flax_layers, _fsdp_state, kernels
 from shardlax._axes import BATCH_AXES, FSDP
 from shardlax.declarations import Declared, Role, hlo_dtype
 from shardlax.mesh import axes_size, check_axis, is_manual, live_axes, present_axes, resolve_mesh
@@ -139,8 +140,15 @@ class FSDPModule(nnx.Module):
         batch_axes: Sequence[str] | None = None,
         scan: bool = False,
         remat: bool = False,
+        state_reduction: str | None = None,
     ):
         owner = f"fully_shard({type(module).__name__})"
+        if state_reduction not in (None, "mean"):
+            raise ValueError(
+                f"{owner}(state_reduction={state_reduction!r}): expected None (state updated "
+                f"from the batch shard is an error) or 'mean' (it is averaged over the batch "
+                f"axes: a running mean over the batch)."
+            )
         if not isinstance(module, nnx.Module):
             raise TypeError(
                 f"fully_shard(module={type(module).__name__}): expected a flax.nnx.Module. "
@@ -182,6 +190,7 @@ class FSDPModule(nnx.Module):
         self.policy = policy
         self.scan = bool(scan)
         self.remat = bool(remat)
+        self.state_reduction = state_reduction
         self.forward_methods = ("__call__",)
 
         # nested units: their parameters keep their specs and are gathered by them
@@ -368,6 +377,8 @@ class FSDPModule(nnx.Module):
 
         reshard = self.reshard_after_forward and self.axis_size > 1
 
+        reduction = self.state_reduction
+
         def body(p_vals, r_vals, n_vals, a_vals):
             own = tuple(p for p, o in zip(p_vals, owned, strict=True) if o)
             other = tuple(p for p, o in zip(p_vals, owned, strict=True) if not o)
@@ -386,10 +397,12 @@ class FSDPModule(nnx.Module):
                     a_vals,
                     remat=self.remat,
                     reshard=reshard,
-                    check=functools.partial(_check_scan_state, owner, r_paths, n_paths),
+                    check=functools.partial(
+                        _check_scan_state, owner, r_paths, n_paths, reduction=reduction
+                    ),
                 )
-            new_r = _check_state(owner, "state", r_paths, r_vals, new_r)
-            new_n = _check_state(owner, "argument state", None, n_vals, new_n)
+            new_r = _check_state(owner, "state", r_paths, r_vals, new_r, reduction, live)
+            new_n = _check_state(owner, "argument state", None, n_vals, new_n, reduction, live)
             return out, new_r, new_n
 
         inputs = (tuple(p_leaves), tuple(r_leaves), tuple(n_leaves), tuple(arrays))
@@ -450,8 +463,9 @@ class FSDPModule(nnx.Module):
         return tuple(_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
 
     def declared_collectives(
-        self, *args: Any, grad: bool = True, regathered: Sequence[str] | None = None, **kwargs: Any
-    ) -> list[Declared]:
+        self, *args: Any, grad: bool = True, regathered: Sequence[str] | None = None,
+        input_grad: bool = True, **kwargs: Any,
+    ) -> list[Declared]:  # fmt: skip
         """The FSDP collectives of one call (and its backward, with `grad`).
 
         With example call arguments (`unit.declared_collectives(x)`) the
@@ -466,6 +480,9 @@ class FSDPModule(nnx.Module):
           *args, **kwargs: example arguments of a call (arrays or
             `jax.ShapeDtypeStruct`s), to derive `regathered`.
           grad: include the backward.
+          input_grad: the backward also takes the gradient of the floating
+            inputs (False for a unit that reads the batch itself: a whole model,
+            the first block), which decides the re-gathers derived.
           regathered: with `reshard_after_forward`, the paths (see
             `param_paths`) of the parameters whose *value* the backward uses,
             which it gathers again: a matmul's weight when the gradient of its
@@ -485,7 +502,7 @@ class FSDPModule(nnx.Module):
         if self.axis_size == 1:
             return []
         if regathered is None and (args or kwargs):
-            derived = self._derive_regathered(args, kwargs) if grad else {}
+            derived = self._derive_regathered(args, kwargs, input_grad) if grad else {}
             out = self.declared_collectives(grad=grad, regathered=derived.get(id(self), ()))
             for unit in _inner_units(self):
                 out += unit.declared_collectives(grad=grad, regathered=derived.get(id(unit), ()))
@@ -529,7 +546,9 @@ class FSDPModule(nnx.Module):
                                         role=Role.GRAD_REDUCE, param=path))  # fmt: skip
         return out
 
-    def _derive_regathered(self, args: tuple, kwargs: dict) -> dict[int, tuple[str, ...]]:
+    def _derive_regathered(
+        self, args: tuple, kwargs: dict, input_grad: bool = True
+    ) -> dict[int, tuple[str, ...]]:
         """{id(unit): paths its backward gathers again}, from the DCE'd gradient jaxpr."""
         from jax._src import core as jax_core
         from jax._src.interpreters import partial_eval as pe
@@ -538,21 +557,24 @@ class FSDPModule(nnx.Module):
             return {}
         graphdef, params, rest = nnx.split(self, nnx.Param, ...)
         leaves, tree = jax.tree.flatten((args, kwargs))
-        is_float = [_is_array(x) and jnp.issubdtype(x.dtype, jnp.floating) for x in leaves]
+        is_float = [
+            input_grad and _is_array(x) and jnp.issubdtype(x.dtype, jnp.floating) for x in leaves
+        ]
         floats = [x for x, f in zip(leaves, is_float, strict=True) if f]
 
         def loss(params, floats):
             it = iter(floats)
             full = [next(it) if f else x for x, f in zip(leaves, is_float, strict=True)]
             call_args, call_kwargs = jax.tree.unflatten(tree, full)
-            out = nnx.merge(graphdef, params, rest)(*call_args, **call_kwargs)
+            out = nnx.merge(graphdef, params, rest, copy=True)(*call_args, **call_kwargs)
             return sum(
                 jnp.sum(o.astype(jnp.float32))
                 for o in jax.tree.leaves(out)
                 if jnp.issubdtype(o.dtype, jnp.floating)
             )
 
-        closed = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(params, floats)
+        # value and gradient, as a train step: the forward stays live (the loss is an output)
+        closed = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(params, floats)
         jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
 
         def walk(j):
@@ -642,19 +664,41 @@ def _out_spec(owner, method, t, live, batch_entry, local_batch) -> P:
     )
 
 
-def _check_state(owner, what, paths, old, new):
-    """Updated non-parameter state must be the same on every device (it is stored replicated)."""
+def _check_state(owner, what, paths, old, new, reduction=None, batch_axes=()):
+    """Updated non-parameter state must be the same on every device (it is stored replicated).
+
+    A floating value computed from this device's batch shard alone is averaged
+    over the batch axes it varies over with `reduction='mean'` (recorded for
+    the Trainer's declarations), else it is an error.
+    """
     out = []
     for i, (o, n) in enumerate(zip(old, new, strict=True)):
-        if n is o or not kernels.varying_axes(n) - kernels.varying_axes(o):
+        extra = kernels.varying_axes(n) - kernels.varying_axes(o)
+        if n is o or not extra:
             out.append(n)
             continue
         name = paths[i] if paths else f"leaf {i}"
+        mean = extra <= set(batch_axes) and jnp.issubdtype(n.dtype, jnp.floating)
+        if reduction == "mean" and mean:
+            axes = tuple(a for a in batch_axes if a in extra)
+            count = math.prod(kernels.axis_size(a) for a in axes)
+            out.append(kernels.all_reduce(n, axes) / jnp.asarray(count, n.dtype))
+            rec = _flax_layers.recorder()
+            if rec is not None:
+                rec.state_means.append((axes, f"{owner} {name}", n.size * n.dtype.itemsize,
+                                        n.dtype))  # fmt: skip
+            continue
+        hint = (
+            "Pass fully_shard(..., state_reduction='mean') if it is a mean over the batch "
+            "(a running mean of activations), or compute"
+            if mean
+            else "Compute"
+        )
         raise ValueError(
             f"{owner}: the forward updates {what} {name!r} from this device's batch shard "
             f"(it varies over mesh axes {sorted(kernels.varying_axes(n))}); one device would "
             f"compute it from the whole batch, and the unit stores it replicated. nnx.BatchNorm "
-            f"and nnx.Dropout are handled by the unit; compute other state from the global batch "
+            f"and nnx.Dropout are handled by the unit. {hint} other state from the global batch "
             f"(e.g. shardlax.kernels collectives) or update it outside the unit."
         )
     return tuple(out)
@@ -706,7 +750,8 @@ def _scan_layers(fn, gather, p_shards, r_vals, n_vals, a_vals, *, remat, reshard
     return h, tuple(new_r), tuple(new_n)
 
 
-def _check_scan_state(owner, r_paths, n_paths, h, out, r_old, r_new, n_old, n_new):
+def _check_scan_state(owner, r_paths, n_paths, h, out, r_old, r_new, n_old, n_new, *,
+                      reduction=None):  # fmt: skip
     """What one scanned layer returns must fit the loop: a clear error where it cannot.
 
     The output is the next layer's input (same shape and dtype as the carry);
@@ -726,7 +771,8 @@ def _check_scan_state(owner, r_paths, n_paths, h, out, r_old, r_new, n_old, n_ne
         ("state", r_paths, r_old, r_new),
         ("argument state", n_paths, n_old, n_new),
     ):
-        _check_state(owner, what, paths, old, new)
+        if reduction is None:  # (with 'mean', reduced once after the loop)
+            _check_state(owner, what, paths, old, new)
         for i, (o, n) in enumerate(zip(old, new, strict=True)):
             if (o.shape, o.dtype) != (n.shape, n.dtype):
                 raise ValueError(
@@ -833,6 +879,7 @@ def fully_shard(
     reshard_after_forward: bool = True,
     policy: MixedPrecision | None = None,
     batch_axes: Sequence[str] | None = None,
+    state_reduction: str | None = None,
 ) -> FSDPModule:
     """Make `module` an FSDP unit: parameters 1/N per device, gathered on use.
 
@@ -854,6 +901,11 @@ def fully_shard(
         `reduce_dtype`, outputs cast to `output_dtype`.
       batch_axes: mesh axes the leading dim of every input is split over;
         default whichever of ``('data', 'fsdp')`` the mesh has.
+      state_reduction: ``'mean'``: a floating Variable the forward computes
+        from the device's batch shard (a running mean of activations) is
+        averaged over the batch axes (1 all-reduce each, declared by the
+        Trainer), as `Trainer(state_reduction='mean')` does outside units;
+        ``None`` (default): such an update is an error.
 
     Returns:
       An `FSDPModule`; call it like the module, inside `nnx.jit`.
@@ -865,4 +917,5 @@ def fully_shard(
         reshard_after_forward=reshard_after_forward,
         policy=policy,
         batch_axes=batch_axes,
+        state_reduction=state_reduction,
     )
