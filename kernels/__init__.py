@@ -23,6 +23,7 @@ from ._collectives import ring_shift as ring_shift
 from ._collectives import varying_axes as varying_axes
 from ._cross_entropy import global_mean as global_mean
 from ._cross_entropy import vocab_parallel_cross_entropy as vocab_parallel_cross_entropy
+from ._dropout import global_bernoulli as global_bernoulli
 from ._dropout import global_uniform_bits as global_uniform_bits
 from ._dropout import shard_offsets as shard_offsets
 from ._dropout import sharding_invariant_dropout as sharding_invariant_dropout
@@ -79,6 +80,7 @@ __all__ = [
     "gather_bits_dtype",
     "gather_sequence",
     "global_batch_moments",
+    "global_bernoulli",
     "global_mean",
     "global_uniform_bits",
     "head_parallel_attention",

@@ -95,6 +95,35 @@ def uniform_from_bits(bits: jax.Array) -> jax.Array:
     return lax.max(jnp.float32(0.0), floats - jnp.float32(1.0))
 
 
+def global_bernoulli(
+    key_data: jax.Array,
+    p: float,
+    local_shape: Sequence[int],
+    global_shape: Sequence[int],
+    spec: Sequence[SpecEntry],
+    *,
+    broadcast_dims: Sequence[int] = (),
+) -> jax.Array:
+    """This shard of `jax.random.bernoulli(key, p, global_shape)`, bit for bit.
+
+    The shard is the one of a global array of `global_shape` laid out as
+    `spec` (offsets from `axis_index`); dims in `broadcast_dims` share one
+    value (size 1 in the drawn mask, broadcast back). Returns bool of
+    `local_shape`. Collectives: none.
+    """
+    local_mask_shape = list(local_shape)
+    global_mask_shape = list(global_shape)
+    offsets = shard_offsets(tuple(local_shape), spec)
+    for d in broadcast_dims:
+        d = d % len(local_shape)
+        local_mask_shape[d] = 1
+        global_mask_shape[d] = 1
+        offsets[d] = 0
+    bits = global_uniform_bits(key_data, local_mask_shape, global_mask_shape, offsets)
+    keep = uniform_from_bits(bits) < jnp.float32(p)
+    return jnp.broadcast_to(keep, tuple(local_shape))
+
+
 def sharding_invariant_dropout(
     x_shard: jax.Array,
     key_data: jax.Array,
@@ -112,17 +141,9 @@ def sharding_invariant_dropout(
     none, forward or backward.
     """
     keep_prob = 1.0 - rate
-    local_mask_shape = list(x_shard.shape)
-    global_mask_shape = list(global_shape)
-    offsets = shard_offsets(x_shard.shape, spec)
-    for d in broadcast_dims:
-        d = d % x_shard.ndim
-        local_mask_shape[d] = 1
-        global_mask_shape[d] = 1
-        offsets[d] = 0
-    bits = global_uniform_bits(key_data, local_mask_shape, global_mask_shape, offsets)
-    keep = uniform_from_bits(bits) < jnp.float32(keep_prob)
-    keep = jnp.broadcast_to(keep, x_shard.shape)
+    keep = global_bernoulli(
+        key_data, keep_prob, x_shard.shape, global_shape, spec, broadcast_dims=broadcast_dims
+    )
     return lax.select(
         keep, x_shard / jnp.asarray(keep_prob, x_shard.dtype), jnp.zeros_like(x_shard)
     )

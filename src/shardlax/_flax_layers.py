@@ -137,6 +137,77 @@ class GlobalMaskDropout(nnx.Dropout):
         )
 
 
+class GlobalMaskAttention:
+    """An `nnx.MultiHeadAttention.attention_fn` whose per-example dropout is the one-device mask.
+
+    With `broadcast_dropout=False` flax draws one mask over the whole
+    attention weights `[batch..., heads, q, k]`; on a batch shard that draw
+    has the local shape, so every device would repeat the first examples'
+    mask. Here the weights come from flax's `dot_product_attention_weights`
+    without dropout, and the mask multiplying them is this device's slice of
+    `jax.random.bernoulli(key, 1 - rate, global_shape)` (`kernels.global_bernoulli`),
+    applied as flax applies it. Broadcast dropout (one `[q, k]` mask, flax's
+    default), no dropout, or an unsplit batch call the original function.
+    """
+
+    def __init__(self, fn: Any, batch_axes: Any, owner: str):
+        self.fn, self.batch_axes, self.owner = fn, batch_axes, owner
+
+    def __call__(self, query, key, value, **kw):
+        from flax.nnx.nn import attention
+
+        axes = self.batch_axes() if callable(self.batch_axes) else self.batch_axes
+        split = tuple(a for a in axes if a in kernels.varying_axes(query))
+        rate, rng = kw.get("dropout_rate", 0.0), kw.get("dropout_rng")
+        if (
+            kw.get("deterministic", False) or not rate or rng is None
+            or kw.get("broadcast_dropout", True) or not split
+        ):  # fmt: skip
+            return self.fn(query, key, value, **kw)
+        if self.fn is not attention.dot_product_attention:
+            raise ValueError(
+                f"{self.owner}: nnx.MultiHeadAttention(dropout_rate={rate}, broadcast_dropout="
+                f"False) with a custom attention_fn draws a per-example mask on each device's "
+                f"batch shard, which cannot equal the one-device mask. Use flax's default "
+                f"attention_fn, broadcast_dropout=True, or dropout_rate=0."
+            )
+        if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
+            rng = jax.random.key_data(rng)
+        if rng.shape != (2,):
+            raise ValueError(
+                f"{self.owner}: nnx.MultiHeadAttention dropout key has data shape "
+                f"{tuple(rng.shape)}, not the threefry (2,) uint32 the one-device mask needs. "
+                f"Use the default PRNG implementation."
+            )
+        promote = kw.get("promote_dtype", attention.dtypes.promote_dtype)
+        query, key, value = promote((query, key, value), dtype=kw.get("dtype"))
+        dtype = query.dtype
+        weights = attention.dot_product_attention_weights(
+            query, key, kw.get("bias"), kw.get("mask"), True, None, 0.0, True, dtype,
+            kw.get("precision"), kw.get("module"), promote, kw.get("is_causal", False),
+        )  # fmt: skip
+        if weights.shape[-3] != value.shape[-2]:
+            raise ValueError(
+                f"{self.owner}: grouped-query heads ({weights.shape[-3]} query, "
+                f"{value.shape[-2]} value) with per-example attention dropout on a batch "
+                f"shard are not supported; use broadcast_dropout=True."
+            )
+        global_shape = (weights.shape[0] * kernels.axis_size(split), *weights.shape[1:])
+        spec = (split if len(split) > 1 else split[0],)
+        keep_prob = 1.0 - rate
+        keep = kernels.global_bernoulli(rng, keep_prob, weights.shape, global_shape, spec)
+        weights = weights * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype=dtype))
+        return jnp.einsum("...hqk,...khd->...qhd", weights, value, precision=kw.get("precision"))
+
+
+def global_mask_attention(module: nnx.Module, batch_axes: Any, owner: str) -> None:
+    """Give every `nnx.MultiHeadAttention` in `module` a `GlobalMaskAttention` (in place)."""
+    for _, m in nnx.iter_modules(module):
+        wrapped = isinstance(getattr(m, "attention_fn", None), GlobalMaskAttention)
+        if isinstance(m, nnx.MultiHeadAttention) and m.dropout_rate > 0.0 and not wrapped:
+            m.attention_fn = GlobalMaskAttention(m.attention_fn, batch_axes, owner)
+
+
 def adapt(model: nnx.Module, batch_axes: tuple[str, ...], *, sync_batch_stats: bool) -> None:
     """Swap the model's `nnx.BatchNorm` / `nnx.Dropout` for their global-batch twins.
 
@@ -153,6 +224,14 @@ def adapt(model: nnx.Module, batch_axes: tuple[str, ...], *, sync_batch_stats: b
         elif type(m) is nnx.Dropout:
             m.__class__ = GlobalMaskDropout
             m._shardlax_batch = tuple(batch_axes)
+    global_mask_attention(model, tuple(batch_axes), "shardlax.Trainer step")
 
 
-__all__ = ["GlobalMaskDropout", "SyncBatchNorm", "adapt", "recording"]
+__all__ = [
+    "GlobalMaskAttention",
+    "GlobalMaskDropout",
+    "SyncBatchNorm",
+    "adapt",
+    "global_mask_attention",
+    "recording",
+]

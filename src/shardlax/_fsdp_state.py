@@ -144,14 +144,26 @@ _SWAPS = {nnx.BatchNorm: _UnitBatchNorm, nnx.Dropout: _UnitDropout}
 
 @contextlib.contextmanager
 def global_batch_layers(roots, batch: UnitBatch) -> Iterator[None]:
-    """While active, BatchNorm / Dropout modules under `roots` compute on the global batch."""
-    swapped = []
+    """While active, BatchNorm / Dropout modules under `roots` compute on the global batch.
+
+    So does the per-example attention dropout of `nnx.MultiHeadAttention`
+    (`shardlax._flax_layers.GlobalMaskAttention`).
+    """
+    from shardlax._flax_layers import GlobalMaskAttention
+
+    swapped, attention = [], []
     for root in roots:
         for _, node in nnx.iter_graph(root):
             new = _SWAPS.get(type(node))
             if new is not None:
                 swapped.append((node, type(node)))
                 object.__setattr__(node, "__class__", new)
+            elif isinstance(node, nnx.MultiHeadAttention) and node.dropout_rate > 0.0:
+                fn = node.attention_fn
+                if not isinstance(fn, GlobalMaskAttention):  # per-example masks: global ones
+                    attention.append((node, fn))
+                    wrapped = GlobalMaskAttention(fn, lambda: _batch().axes, batch.owner)
+                    object.__setattr__(node, "attention_fn", wrapped)
     _CURRENT.append(batch)
     try:
         yield
@@ -159,6 +171,8 @@ def global_batch_layers(roots, batch: UnitBatch) -> Iterator[None]:
         _CURRENT.pop()
         for node, cls in swapped:
             object.__setattr__(node, "__class__", cls)
+        for node, fn in attention:
+            object.__setattr__(node, "attention_fn", fn)
 
 
 def _attrs(node) -> dict:
