@@ -36,6 +36,17 @@ EINSUM_PLAN = {
 }
 
 
+#: nnx.MultiHeadAttention's LinearGeneral projections: heads over the model axis
+VIT_ATTENTION_PLAN = {
+    "blocks.*.attn.query": Colwise(dim=1),  # kernel (D, N, H): heads
+    "blocks.*.attn.key": Colwise(dim=1),
+    "blocks.*.attn.value": Colwise(dim=1),
+    "blocks.*.attn.out": Rowwise(dim=0),  # kernel (N, H, D)
+    "blocks.*.fc1": Colwise(),
+    "blocks.*.fc2": Rowwise(),
+}
+
+
 def _mesh(shape):
     d, f, m = shape
     return utils.mesh(data=d, fsdp=f, model=m, axis_types="auto")
@@ -245,8 +256,9 @@ def test_einsum_decoder_trains_like_one_device():
     [
         (mlp, {"l1": Colwise(), "l2": Rowwise()}, (1, 2, 2)),
         (vit, {"blocks.*.fc1": Colwise(), "blocks.*.fc2": Rowwise()}, (2, 1, 2)),
+        (vit, VIT_ATTENTION_PLAN, (1, 1, 2)),
     ],
-    ids=["mlp", "vit"],
+    ids=["mlp", "vit", "vit_attention"],
 )
 def test_mlp_and_vit(mod, plan, shape):
     mesh = _mesh(shape)
@@ -318,3 +330,18 @@ def test_einsum_with_ellipses():
     got_l, got_g = f(state, _batch(mesh, x))
     utils.assert_close(got_l, want_l)
     _assert_tree_close(_pure(nnx.state(got_g, nnx.Param)), want_g)
+
+
+def test_linear_general_twin_errors():
+    mesh = _mesh((1, 1, 2))
+
+    class Lg(nnx.Module):
+        def __init__(self, **kw):
+            self.proj = nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0), **kw)
+
+    with pytest.raises(ValueError, match=r"'proj'.*LinearGeneral\(axis=\(1,\).*negative axes"):
+        parallelize(Lg(axis=1), {"proj": Colwise(dim=1)}, mesh=mesh)
+    with pytest.raises(ValueError, match=r"'proj'.*custom dot_general has no tensor-parallel"):
+        parallelize(Lg(dot_general=lambda *a, **k: None), {"proj": Colwise(dim=1)}, mesh=mesh)
+    with pytest.raises(ValueError, match=r"'proj'.*Colwise\(\) on '...a,abc->...bc'.*choose one"):
+        parallelize(Lg(), {"proj": Colwise()}, mesh=mesh)

@@ -8,7 +8,8 @@ with plain nnx + optax on one device; one compile of the step.
 Plans: the Gemma-style decoder (`nnx.Einsum` heads) with its embedder whole
 (its tied `attend` feeds a plain cross-entropy, which needs whole logits), the
 Llama-style decoder (fused kv and gate/up via `Colwise(parts=2)`, head counts
-read from the arrays), the ViT's MLPs, the plain MLP.
+read from the arrays), the ViT's MLPs (and its nnx.MultiHeadAttention's
+LinearGeneral projections), the plain MLP.
 """
 
 from __future__ import annotations
@@ -44,6 +45,19 @@ MODELS = {
     "llama": (lambda: llama.make(0, num_layers=1), llama, LLAMA_PLAN),
     "vit": (vit.make, vit, {"blocks.*.fc1": Colwise(), "blocks.*.fc2": Rowwise()}),
     "mlp": (mlp.make, mlp, MLP_PLAN),
+    # nnx.MultiHeadAttention's LinearGeneral projections split over the heads too
+    "vit_attention": (
+        vit.make,
+        vit,
+        {
+            "blocks.*.attn.query": Colwise(dim=1),
+            "blocks.*.attn.key": Colwise(dim=1),
+            "blocks.*.attn.value": Colwise(dim=1),
+            "blocks.*.attn.out": Rowwise(dim=0),
+            "blocks.*.fc1": Colwise(),
+            "blocks.*.fc2": Rowwise(),
+        },
+    ),
 }
 RUNS = [
     ("decoder", "dp", (2, 1, 2)),
@@ -54,6 +68,8 @@ RUNS = [
     ("llama", "zero2", (1, 2, 2)),
     ("vit", "zero1", (1, 2, 2)),
     ("vit", "zero2", (2, 1, 2)),
+    ("vit_attention", "zero2", (2, 1, 2)),
+    ("vit_attention", "dp", (1, 1, 2)),
     ("mlp", "dp", (2, 1, 2)),
     ("mlp", "zero1", (2, 1, 2)),
 ]

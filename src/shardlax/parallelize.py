@@ -2,7 +2,7 @@
 
 A plan maps glob patterns over the nnx path of a submodule (``'layers.*.attn.q_proj'``,
 ``*`` matches one level) to a style. `parallelize` swaps every matched
-`nnx.Linear`, `nnx.Einsum` and `nnx.Embed` for its shardlax twin in place,
+`nnx.Linear`, `nnx.LinearGeneral`, `nnx.Einsum` and `nnx.Embed` for its shardlax twin in place,
 keeping every value, every global parameter shape and so the checkpoint
 layout, and places every other variable replicated on the mesh. The model's
 own `__call__` runs unchanged.
@@ -47,10 +47,12 @@ import dataclasses
 import fnmatch
 import re
 import traceback
+import types
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 from jax.sharding import Mesh, NamedSharding
@@ -225,6 +227,14 @@ def _twin(
                 f"state), or write the projection as an nnx.Linear."
             )
         return _einsum_twin(module, style, common)
+    if isinstance(style, (Colwise, Rowwise)) and isinstance(module, nnx.LinearGeneral):
+        if fsdp_axis is not None:
+            raise ValueError(
+                f"parallelize(fsdp_axis={fsdp_axis!r}): the nnx.LinearGeneral twin "
+                f"(ParallelEinsum) does not split its kernel over an fsdp axis. Pass "
+                f"fsdp_axis=None (and strategy='zero2' for sharded optimizer state)."
+            )
+        return _einsum_twin(_as_einsum(module), style, common)
     if isinstance(style, VocabParallel) and isinstance(module, nnx.Embed):
         return ParallelEmbed(
             module.num_embeddings, module.features, dtype=module.dtype,
@@ -233,8 +243,8 @@ def _twin(
             sequence_parallel=style.sequence_parallel, fsdp_axis=fsdp_axis, **common,
         )  # fmt: skip
     fits = {
-        Colwise: "nnx.Linear or nnx.Einsum",
-        Rowwise: "nnx.Linear or nnx.Einsum",
+        Colwise: "nnx.Linear, nnx.LinearGeneral or nnx.Einsum",
+        Rowwise: "nnx.Linear, nnx.LinearGeneral or nnx.Einsum",
         VocabParallel: "nnx.Embed",
     }[type(style)]
     raise ValueError(
@@ -273,7 +283,34 @@ def _linear_twin(module: nnx.Linear, style: Any, common: dict) -> Any:
     return RowParallelLinear(module.in_features, module.out_features, **kw)
 
 
-def _einsum_twin(module: nnx.Einsum, style: Any, common: dict) -> Any:
+def _as_einsum(module: nnx.LinearGeneral) -> types.SimpleNamespace:
+    """`module` as the nnx.Einsum it computes (``'...D,DNH->...NH'`` for D -> (N, H))."""
+    k, n = len(module.in_features), len(module.out_features)
+    if module.batch_axis or tuple(module.axis) != tuple(range(-k, 0)):
+        raise ValueError(
+            f"nnx.LinearGeneral(axis={tuple(module.axis)}, batch_axis="
+            f"{dict(module.batch_axis)}): only a contraction of the trailing input dims, "
+            f"written as negative axes (axis={tuple(range(-k, 0))}), without batch_axis, has "
+            f"a tensor-parallel twin. Use Replicate() for this module."
+        )
+    if module.dot_general not in (None, jax.lax.dot_general) or module.dot_general_cls:
+        raise ValueError(
+            "nnx.LinearGeneral with a custom dot_general has no tensor-parallel twin (the "
+            "twin computes jnp.einsum). Use Replicate() for this module."
+        )
+    letters = "abcdefghijklmnopqrstuvwxyz"
+    lhs, rhs = letters[:k], letters[k : k + n]
+    return types.SimpleNamespace(
+        einsum_str=f"...{lhs},{lhs}{rhs}->...{rhs}",
+        kernel_shape=(*module.in_features, *module.out_features),
+        bias_shape=tuple(module.out_features) if module.bias is not None else None,
+        dtype=module.dtype, param_dtype=module.param_dtype, precision=module.precision,
+        kernel=module.kernel, bias=module.bias, promote_dtype=module.promote_dtype,
+        einsum_op=jnp.einsum, preferred_element_type=module.preferred_element_type,
+    )  # fmt: skip
+
+
+def _einsum_twin(module: Any, style: Any, common: dict) -> Any:
     if isinstance(style, Colwise) and style.parts != 1:
         raise ValueError(
             f"Colwise(parts={style.parts}) is for a fused nnx.Linear; an nnx.Einsum with a "
