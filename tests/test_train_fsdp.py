@@ -198,6 +198,15 @@ def test_fsdp_needs_a_split_model():
         r".*shardlax.fully_shard\(block, mesh=mesh\).*strategy='zero2'",
     ):
         train.Trainer(plain, optax.sgd(0.1), loss_fn, mesh=mesh, strategy="fsdp")
+    # wrapped, but no dim divisible by the fsdp size: every parameter was kept whole
+    mesh3 = utils.mesh(1, 3, 1)
+    unit = shardlax.fully_shard(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), mesh=mesh3)
+    with pytest.raises(
+        ValueError,
+        match=r"has 1 fully_shard unit\(s\), but mesh axis 'fsdp' \(size 3\) divides no dim "
+        r"of any parameter .*\(e\.g\. \[2, 4, 8\]\)",
+    ):
+        train.Trainer(unit, optax.sgd(0.1), loss_fn, mesh=mesh3, strategy="fsdp")
 
 
 def test_fsdp_axis_missing_from_the_mesh():

@@ -219,6 +219,9 @@ class Trainer(_Layout, _Declarations, _Steps):
         self._rest_specs = jax.tree.map(
             lambda x: placement.spec_of(x, self.mesh, _OWNER, "state"), rest
         )
+        from shardlax.fsdp import FSDPModule
+
+        self._fsdp_units = sum(isinstance(m, FSDPModule) for _, m in nnx.iter_modules(model))
         self.strategy.validate(self)
         if self.strategy.shard_state:
             self._check_tx_on_flat_shards()

@@ -36,6 +36,28 @@ class FullyShard(DataParallel):
             axis = getattr(trainer, argument)
             size = trainer.mesh.shape[axis]
             if size > 1 and not _split_over(trainer, axis):
+                units = getattr(trainer, "_fsdp_units", 0)
+                if argument == "fsdp_axis" and units:
+                    good = sorted(
+                        {
+                            n
+                            for p in trainer.placements
+                            for d in p.shape
+                            for n in (2, 4, 8, 16)
+                            if d % n == 0
+                        }
+                    )[:3]
+                    shapes = sorted(
+                        {tuple(p.shape) for p in trainer.placements if p.shape}, key=len
+                    )[:4]
+                    raise ValueError(
+                        f"Trainer(strategy={self.name!r}, fsdp_axis={axis!r}): the model has "
+                        f"{units} fully_shard unit(s), but mesh axis {axis!r} (size "
+                        f"{size}) divides no dim of any parameter (shapes such as {shapes}), "
+                        f"so every one was kept whole and fsdp would shard nothing. Use an "
+                        f"fsdp size that divides the parameters' dims (e.g. {good}), or "
+                        f"strategy='zero2' to split the optimizer state over any size."
+                    )
                 fix = (
                     f"Wrap the model, or each block, with shardlax.fully_shard(block, mesh=mesh) "
                     f"(FSDP2's pattern), or build it from shardlax.nn layers on this mesh (they "
