@@ -587,6 +587,79 @@ def check_flat_shard_exact(
     _check_padding(tx, treedef, leaves, owner, strategy, n, exact_reductions)
 
 
+def check_local_shard_exact(
+    tx: Any,
+    param_shapes: Any,
+    local_shapes: Any,
+    owner: str = "Trainer",
+    *,
+    strategy: str = "fsdp",
+    norm_hook: bool = True,
+) -> None:
+    """Raise unless `tx.update` on each device's parameter shards equals it on the arrays.
+
+    Under fsdp (and tensor parallelism) `tx.update` runs per device on the
+    local shards of the split parameters (their ndim kept): an elementwise
+    transform is exact there, one that reduces over a parameter (per-parameter
+    norms, factored statistics, Newton-Schulz orthogonalization) or draws
+    noise of a parameter's shape is not. `local_shapes` holds the per-device
+    shapes; parameters whose local shape is their logical one are whole on
+    every device and could take anything, but one traced program serves all,
+    so the check is over the whole tree.
+
+    Raises:
+      ValueError: naming the transform, why it is not exact and the fixes.
+    """
+    tx = normalize_tx(tx, owner)
+    logical = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), param_shapes)
+    local = jax.tree.map(lambda x: jax.ShapeDtypeStruct(tuple(x.shape), x.dtype), local_shapes)
+    leaves, _ = jax.tree.flatten(logical)
+    split = [
+        (tuple(a.shape), tuple(b.shape))
+        for a, b in zip(leaves, jax.tree.leaves(local), strict=True)
+        if tuple(a.shape) != tuple(b.shape)
+    ]
+    if not split:
+        return
+
+    def refuse(who, reason):
+        shapes = ", ".join(f"{a} -> {b}" for a, b in split[:3]) + (
+            ", ..." if len(split) > 3 else ""
+        )
+        raise ValueError(
+            f"{owner}(strategy={strategy!r}, tx=...): {who} is not exact on the per-device "
+            f"parameter shards: {reason}. Under {strategy} each device runs tx.update on its "
+            f"shards of the split parameters (logical shape -> per-device shape: {shapes}), so "
+            f"a transform that reduces over a parameter, reads its shape or draws noise of its "
+            f"shape computes something else than on one device. Use an elementwise transform "
+            f"(Adam, SGD, Lion, ...; optax's global norm is exact), or strategy='dp' with "
+            f"unsplit parameters."
+        )
+
+    progs = []
+    for params, which in ((logical, "logical"), (local, "per-device")):
+        try:
+            progs.append(_trace(tx, params, norm_hook))
+        except Exception as e:  # any tracing failure is a refusal
+            refuse("tx", f"tx.update fails to trace on the {which} shapes ({type(e).__name__}: "
+                   f"{str(e).splitlines()[0][:200]})")  # fmt: skip
+    for (j, state), params in zip(progs, (logical, local), strict=True):
+        args = jax.tree.leaves((params, state, params))
+        try:
+            _check(j.jaxpr, _kinds(args), True, False)
+        except NotExact as e:
+            refuse(_transform_name(*e.eqns), e.reason)
+    a, b = _canon(progs[0][0].jaxpr), _canon(progs[1][0].jaxpr)
+    if a != b:
+        i = _first_difference(a, b)
+        eqns = [e for e in (*_eqns(progs[0][0].jaxpr, i), *_eqns(progs[1][0].jaxpr, i)) if e]
+        refuse(
+            _transform_name(*eqns),
+            "its update is a different program on the per-device "
+            "shards than on the logical shapes (an option decided from a parameter's shape)",
+        )
+
+
 def _eqns(jaxpr, i: int) -> list:
     """The i-th equation of `jaxpr` counted as `_canon` counts (rank-only ops skipped)."""
     k = 0

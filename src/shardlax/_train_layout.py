@@ -92,13 +92,25 @@ class _Layout:
 
     def _opt_specs(self) -> Any:
         """Optimizer state that follows a parameter is laid out like its (flat) shards."""
+
+        def follow(x, spec, shape):
+            # a MaskedNode (optax.masked, multi_transform) holds no state; state of another
+            # shape than its parameter (sm3's per-dim accumulators) is replicated
+            if isinstance(x, optax.MaskedNode):
+                return x
+            if isinstance(x, list | tuple) or tuple(getattr(x, "shape", ())) != shape:
+                return jax.tree.map(lambda _: P(), x)
+            return spec
+
+        placements = self.placements
         return optax.tree_utils.tree_map_params(
             self.tx,
-            lambda _, spec: spec,
+            follow,
             jax.eval_shape(self.tx.init, self._flat_params()),
-            jax.tree.unflatten(self._treedef, [p.state_spec for p in self.placements]),
+            jax.tree.unflatten(self._treedef, [p.state_spec for p in placements]),
+            jax.tree.unflatten(self._treedef, [p.state_shape for p in placements]),
             transform_non_params=lambda _: P(),
-            is_leaf=lambda x: isinstance(x, P),
+            is_leaf=lambda x: isinstance(x, P | optax.MaskedNode | list) or type(x) is tuple,
         )
 
     def state_specs(self) -> TrainState:

@@ -225,6 +225,8 @@ class Trainer(_Layout, _Declarations, _Steps):
         self.strategy.validate(self)
         if self.strategy.shard_state:
             self._check_tx_on_flat_shards()
+        else:
+            self._check_tx_on_local_shards()
         self.bucket_groups = self._plan_buckets(bucket_bytes)
         self.buckets = tuple(b for bs in self.bucket_groups.values() for b in bs)
         self._norm_reductions: list[tuple[tuple[str, ...], Any]] | None = None
@@ -265,6 +267,20 @@ class Trainer(_Layout, _Declarations, _Steps):
         n = max(p.n_replicated for p in sharded)
         _optax_check.check_flat_shard_exact(
             self.tx, local, n, _OWNER, strategy=self.strategy.name,
+            norm_hook=self.optax_norm_hook,
+        )  # fmt: skip
+
+    def _check_tx_on_local_shards(self) -> None:
+        """Split parameters (fsdp, tensor parallelism) meet `tx.update` as local shards:
+        refuse a transform that is not exact there (`_optax_check.check_local_shard_exact`)."""
+        from shardlax import _optax_check
+
+        shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in self._shapes]
+        local = [jax.ShapeDtypeStruct(p.local_shape, s.dtype)
+                 for p, s in zip(self.placements, self._shapes, strict=True)]  # fmt: skip
+        _optax_check.check_local_shard_exact(
+            self.tx, jax.tree.unflatten(self._treedef, shapes),
+            jax.tree.unflatten(self._treedef, local), _OWNER, strategy=self.strategy.name,
             norm_hook=self.optax_norm_hook,
         )  # fmt: skip
 
