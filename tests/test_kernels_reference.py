@@ -209,6 +209,24 @@ def test_parallel_einsum_column_and_row(shape):
 
 
 @pytest.mark.parametrize("shape", MESHES, ids=str)
+def test_parallel_einsum_batched_with_an_ellipsis(shape):
+    """A split letter of the input and the output (heads), named by its kernel dim through
+    an ellipsis: each device's slice alone, no collective."""
+    mesh, nm = _meshes(shape)
+    eq = "...nh,nhk->...nk"
+    assert K.einsum_subscripts(eq, (2, 4, 4, 2), (4, 2, 3))[1][0] == "n"
+    x, w, b = _rand(31, 2, 4, 4, 2), _rand(32, 4, 2, 3), _rand(33, 4, 3)
+    specs = [P("a", None, "b"), P("b"), P("b")]
+    kernel = lambda x, w, b: K.parallel_einsum(eq, x, w, b, split=0, axis_name="b")
+    want = nm.map(lambda x, w, b: np.einsum("btnh,nhk->btnk", x, w) + b[None, None],
+                  *(nm.shard(v, s) for v, s in zip((x, w, b), specs, strict=True)))  # fmt: skip
+    utils.assert_per_device(utils.per_device(kernel, mesh, specs, x, w, b), want)
+    ref = lambda x, w, b: jnp.einsum("btnh,nhk->btnk", x, w) + b[None, None]
+    utils.assert_vjp_close(_sharded(kernel, mesh, tuple(specs), P("a", None, "b")), ref,
+                           (x, w, b), _rand(34, 2, 4, 4, 3))  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", MESHES, ids=str)
 def test_fused_column_matmul(shape):
     """Each device gathers the fused kernel and keeps its columns of every part."""
     mesh, nm = _meshes(shape)

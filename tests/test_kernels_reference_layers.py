@@ -325,6 +325,19 @@ def test_sharding_invariant_dropout(shape, broadcast_dims):
     utils.assert_per_device(dropped, nm.shard(want, spec))
 
 
+@pytest.mark.parametrize("shape", MESHES, ids=str)
+def test_global_bernoulli(shape):
+    """Each device's block of `jax.random.bernoulli(key, p, whole shape)`, bit for bit."""
+    mesh, nm = _meshes(shape)
+    key = jax.random.key(9)
+    x = _rand(61, 4, 8, 3)
+    spec = P("a", "b")
+    body = lambda x, k: K.global_bernoulli(k, 0.6, x.shape, (4, 8, 3), spec)
+    got = utils.per_device(body, mesh, [spec, P()], x, np.asarray(jax.random.key_data(key)))
+    full = np.asarray(jax.jit(lambda k: jax.random.bernoulli(k, 0.6, (4, 8, 3)))(key))
+    utils.assert_per_device(got, nm.shard(full, spec), exact=True)
+
+
 # ----------------------------------------------------- FSDP and batch statistics
 
 

@@ -286,7 +286,8 @@ def test_errors_name_the_path():
     with pytest.raises(ValueError, match=r"'layers\.0\.attn\.kv_einsum'.*4 does not divide 2"):
         parallelize(model(), {"layers.*.attn.kv_einsum": Colwise(dim=2)}, mesh=mesh)
     with pytest.raises(
-        ValueError, match=r"'embedder'.*Colwise fits nnx\.Linear or nnx\.Einsum, not Embed"
+        ValueError,
+        match=r"'embedder'.*Colwise fits nnx\.Linear, nnx\.LinearGeneral or nnx\.Einsum, not Embed",
     ):
         parallelize(model(), {"embedder": Colwise()}, mesh=mesh)
     with pytest.raises(ValueError, match=r"'final_norm'.*fits nnx\.Embed, not RMSNorm"):
