@@ -103,3 +103,26 @@ def test_global_bernoulli_is_the_slice_of_the_one_device_draw():
         jax.random.key_data(key)
     )
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_a_key_that_is_not_threefry_is_refused():
+    """The global masks are threefry's bits of the global index: another PRNG is an error."""
+    mesh = utils.mesh(2, 1, 1)
+    batch = make_batch(jax.random.key(0), 8)
+
+    class Drop(nnx.Module):
+        def __init__(self):
+            self.lin = nnx.Linear(D, OUT, rngs=nnx.Rngs(0))
+            self.drop = nnx.Dropout(0.5, rngs=nnx.Rngs(dropout=jax.random.key(0, impl="rbg")))
+
+        def __call__(self, x):
+            return self.drop(self.lin(x)).mean(1)
+
+    rbg = nnx.Rngs(0, dropout=jax.random.key(0, impl="rbg"))
+    for model, who in ((Drop(), r"nnx\.Dropout\(rate=0\.5\)"),
+                       (Attend(rbg), r"nnx\.MultiHeadAttention\(dropout_rate=0\.5\)")):  # fmt: skip
+        trainer = shardlax.Trainer(model, optax.sgd(1e-2), loss_fn, mesh=mesh, strategy="dp")
+        with pytest.raises(
+            ValueError, match=who + r".*key has data shape \(4,\), not the threefry"
+        ):
+            trainer.step(trainer.init(), batch)

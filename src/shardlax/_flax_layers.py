@@ -77,6 +77,19 @@ class SyncBatchNorm(nnx.BatchNorm):
         return super().__call__(x, use_running_average=use_running_average, mask=mask)
 
 
+def threefry_data(key: jax.Array, who: str) -> jax.Array:
+    """The uint32[2] data of a threefry key (typed or raw), which the global masks need."""
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    if key.shape != (2,):
+        raise ValueError(
+            f"{who}: its key has data shape {tuple(key.shape)}, not the threefry (2,) uint32 "
+            f"that shardlax's sharding-invariant mask needs. Use the default PRNG "
+            f"implementation (jax.random.key with 'threefry2x32')."
+        )
+    return key
+
+
 class GlobalMaskDropout(nnx.Dropout):
     """`nnx.Dropout` whose mask is this device's slice of the one-device mask."""
 
@@ -97,15 +110,7 @@ class GlobalMaskDropout(nnx.Dropout):
         key = draw_key(rngs, self.rng_collection)
         if key is None:  # flax's own error for what it does not accept
             return nnx.Dropout.__call__(self, inputs, deterministic=deterministic, rngs=rngs)
-        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-            key = jax.random.key_data(key)
-        if key.shape != (2,):
-            raise ValueError(
-                f"nnx.Dropout(rate={self.rate}) in a shardlax.Trainer step: its key has data "
-                f"shape {tuple(key.shape)}, not the threefry (2,) uint32 that shardlax's "
-                f"sharding-invariant mask needs. Use the default PRNG implementation "
-                f"(jax.random.key with 'threefry2x32')."
-            )
+        key = threefry_data(key, f"nnx.Dropout(rate={self.rate}) in a shardlax.Trainer step")
         batch = self._shardlax_batch
         vary = kernels.varying_axes(inputs)
         if not vary <= set(batch):
@@ -171,14 +176,7 @@ class GlobalMaskAttention:
                 f"batch shard, which cannot equal the one-device mask. Use flax's default "
                 f"attention_fn, broadcast_dropout=True, or dropout_rate=0."
             )
-        if jnp.issubdtype(rng.dtype, jax.dtypes.prng_key):
-            rng = jax.random.key_data(rng)
-        if rng.shape != (2,):
-            raise ValueError(
-                f"{self.owner}: nnx.MultiHeadAttention dropout key has data shape "
-                f"{tuple(rng.shape)}, not the threefry (2,) uint32 the one-device mask needs. "
-                f"Use the default PRNG implementation."
-            )
+        rng = threefry_data(rng, f"{self.owner}: nnx.MultiHeadAttention(dropout_rate={rate})")
         promote = kw.get("promote_dtype", attention.dtypes.promote_dtype)
         query, key, value = promote((query, key, value), dtype=kw.get("dtype"))
         dtype = query.dtype

@@ -218,23 +218,16 @@ def _twin(
         return module
     if isinstance(style, (Colwise, Rowwise)) and isinstance(module, nnx.Linear):
         return _linear_twin(module, style, dict(common, fsdp_axis=fsdp_axis))
-    if isinstance(style, (Colwise, Rowwise)) and isinstance(module, nnx.Einsum):
+    if isinstance(style, (Colwise, Rowwise)) and isinstance(module, nnx.Einsum | nnx.LinearGeneral):
         if fsdp_axis is not None:
             raise ValueError(
-                f"parallelize(fsdp_axis={fsdp_axis!r}): the nnx.Einsum twin (ParallelEinsum) "
-                f"does not split its kernel over an fsdp axis, so FSDP would silently not apply "
-                f"to it. Pass fsdp_axis=None (and strategy='zero2' for sharded optimizer "
-                f"state), or write the projection as an nnx.Linear."
+                f"parallelize(fsdp_axis={fsdp_axis!r}): the {kind} twin (ParallelEinsum) does "
+                f"not split its kernel over an fsdp axis, so FSDP would silently not apply to "
+                f"it. Pass fsdp_axis=None (and strategy='zero2' for sharded optimizer state), "
+                f"or write the projection as an nnx.Linear."
             )
-        return _einsum_twin(module, style, common)
-    if isinstance(style, (Colwise, Rowwise)) and isinstance(module, nnx.LinearGeneral):
-        if fsdp_axis is not None:
-            raise ValueError(
-                f"parallelize(fsdp_axis={fsdp_axis!r}): the nnx.LinearGeneral twin "
-                f"(ParallelEinsum) does not split its kernel over an fsdp axis. Pass "
-                f"fsdp_axis=None (and strategy='zero2' for sharded optimizer state)."
-            )
-        return _einsum_twin(_as_einsum(module), style, common)
+        einsum = module if isinstance(module, nnx.Einsum) else _as_einsum(module)
+        return _einsum_twin(einsum, style, common)
     if isinstance(style, VocabParallel) and isinstance(module, nnx.Embed):
         return ParallelEmbed(
             module.num_embeddings, module.features, dtype=module.dtype,
