@@ -72,7 +72,8 @@ CASES = [
     ("decoder_linear", "per_block", "fsdp", (1, 8, 1)),
     ("decoder", "nested", "fsdp", (2, 4, 1)),
     ("vit", "whole", "fsdp", (1, 8, 1)),
-    ("counter", "whole", "fsdp", (1, 4, 1)),  # its running mean: state_reduction='mean'
+    # its running mean: Trainer(state_reduction='mean'), which the unit inherits
+    ("counter", "whole", "fsdp", (1, 4, 1)),
     ("rngs_at_call", "whole", "fsdp", (2, 4, 1)),
     ("cnn", "whole", "fsdp", (4, 2, 1)),
 ]
@@ -83,8 +84,11 @@ def test_fully_shard_units_train_like_one_device(name, how, strategy, shape):
     mesh = utils.mesh(*shape)
     ref, data = reference(name)
     ctor, _, loss_fn = CORPUS[name]
-    model = wrap(ctor(), how, mesh, "mean" if name == "counter" else None)
-    trainer = shardlax.Trainer(model, tx(), loss_fn, mesh=mesh, strategy=strategy)
+    model = wrap(ctor(), how, mesh)
+    reduction = "mean" if name == "counter" else None
+    trainer = shardlax.Trainer(
+        model, tx(), loss_fn, mesh=mesh, strategy=strategy, state_reduction=reduction
+    )
     assert any("fsdp" in str(p.spec) for p in trainer.placements)
     state = trainer.init()
     losses = []

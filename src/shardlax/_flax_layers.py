@@ -53,6 +53,25 @@ def recorder() -> _Recorder | None:
     return getattr(_RECORD, "current", None)
 
 
+def inherited_state_reduction() -> str | None:
+    """The `state_reduction` of the Trainer whose step is being traced (None outside one)."""
+    return getattr(_RECORD, "state_reduction", None)
+
+
+class state_reduction_scope:
+    """Context: `fully_shard` units without a `state_reduction` of their own take `value`."""
+
+    def __init__(self, value: str | None):
+        self.value = value
+
+    def __enter__(self) -> None:
+        self._saved = inherited_state_reduction()
+        _RECORD.state_reduction = self.value
+
+    def __exit__(self, *exc) -> None:
+        _RECORD.state_reduction = self._saved
+
+
 class recording:
     """Context: record the BatchNorm statistics collectives traced inside."""
 
@@ -231,5 +250,7 @@ __all__ = [
     "SyncBatchNorm",
     "adapt",
     "global_mask_attention",
+    "inherited_state_reduction",
     "recording",
+    "state_reduction_scope",
 ]

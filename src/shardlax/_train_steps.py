@@ -98,7 +98,8 @@ class _Steps:
         # tensor-parallel twins return local shards here: model code that trips over a
         # local size (a reshape with a global head count, a softmax over split logits)
         # gets an error naming the twin and the fix
-        loss = call_local(self.loss_fn, model, batch, axis_name=self.tp_axis)
+        with _flax_layers.state_reduction_scope(self.state_reduction):
+            loss = call_local(self.loss_fn, model, batch, axis_name=self.tp_axis)
         if not hasattr(loss, "shape") or loss.shape != ():
             raise ValueError(
                 f"Trainer(loss_fn={getattr(self.loss_fn, '__name__', self.loss_fn)!r}): "

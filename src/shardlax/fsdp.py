@@ -377,7 +377,8 @@ class FSDPModule(nnx.Module):
 
         reshard = self.reshard_after_forward and self.axis_size > 1
 
-        reduction = self.state_reduction
+        # a unit's own choice, else the enclosing Trainer's (Trainer(state_reduction=...))
+        reduction = self.state_reduction or _flax_layers.inherited_state_reduction()
 
         def body(p_vals, r_vals, n_vals, a_vals):
             own = tuple(p for p, o in zip(p_vals, owned, strict=True) if o)
@@ -689,7 +690,8 @@ def _check_state(owner, what, paths, old, new, reduction=None, batch_axes=()):
                                         n.dtype))  # fmt: skip
             continue
         hint = (
-            "Pass fully_shard(..., state_reduction='mean') if it is a mean over the batch "
+            "Pass fully_shard(..., state_reduction='mean') (or Trainer(state_reduction="
+            "'mean')) if it is a mean over the batch "
             "(a running mean of activations), or compute"
             if mean
             else "Compute"
