@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 from collections.abc import Iterator
 
 import jax
@@ -26,7 +27,7 @@ from flax import nnx
 from flax.nnx.nn import normalization
 from flax.nnx.nn.stochastic import first_from
 
-from shardlax import kernels
+from shardlax import _flax_layers, kernels
 from shardlax.nn._dropout import draw_key
 
 
@@ -230,3 +231,44 @@ def _same(a, b) -> bool:
         return bool(a == b)
     except Exception:  # an attribute whose == is not a bool: compare identity
         return a is b
+
+
+def check_state(owner, what, paths, old, new, reduction=None, batch_axes=()):
+    """Updated non-parameter state must be the same on every device (it is stored replicated).
+
+    A floating value computed from this device's batch shard alone is averaged
+    over the batch axes it varies over with `reduction='mean'` (recorded for
+    the Trainer's declarations), else it is an error.
+    """
+    out = []
+    for i, (o, n) in enumerate(zip(old, new, strict=True)):
+        extra = kernels.varying_axes(n) - kernels.varying_axes(o)
+        if n is o or not extra:
+            out.append(n)
+            continue
+        name = paths[i] if paths else f"leaf {i}"
+        mean = extra <= set(batch_axes) and jnp.issubdtype(n.dtype, jnp.floating)
+        if reduction == "mean" and mean:
+            axes = tuple(a for a in batch_axes if a in extra)
+            count = math.prod(kernels.axis_size(a) for a in axes)
+            out.append(kernels.all_reduce(n, axes) / jnp.asarray(count, n.dtype))
+            rec = _flax_layers.recorder()
+            if rec is not None:
+                rec.state_means.append((axes, f"{owner} {name}", n.size * n.dtype.itemsize,
+                                        n.dtype))  # fmt: skip
+            continue
+        hint = (
+            "Pass fully_shard(..., state_reduction='mean') (or Trainer(state_reduction="
+            "'mean')) if it is a mean over the batch "
+            "(a running mean of activations), or compute"
+            if mean
+            else "Compute"
+        )
+        raise ValueError(
+            f"{owner}: the forward updates {what} {name!r} from this device's batch shard "
+            f"(it varies over mesh axes {sorted(kernels.varying_axes(n))}); one device would "
+            f"compute it from the whole batch, and the unit stores it replicated. nnx.BatchNorm "
+            f"and nnx.Dropout are handled by the unit. {hint} other state from the global batch "
+            f"(e.g. shardlax.kernels collectives) or update it outside the unit."
+        )
+    return tuple(out)

@@ -73,9 +73,8 @@ References:
 from __future__ import annotations
 
 import functools
-import math
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -87,6 +86,10 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import _flax_layers, _fsdp_state, kernels
 from shardlax._axes import BATCH_AXES, FSDP
+from shardlax._fsdp_scan import check_scan_state as _check_scan_state
+from shardlax._fsdp_scan import fully_shard_scan as fully_shard_scan
+from shardlax._fsdp_scan import scan_layers as _scan_layers
+from shardlax._fsdp_state import check_state as _check_state
 from shardlax.declarations import Declared, Role, hlo_dtype
 from shardlax.mesh import axes_size, check_axis, is_manual, live_axes, present_axes, resolve_mesh
 from shardlax.nn._base import ShardedLayer, gather_hlo_dtype
@@ -665,127 +668,6 @@ def _out_spec(owner, method, t, live, batch_entry, local_batch) -> P:
     )
 
 
-def _check_state(owner, what, paths, old, new, reduction=None, batch_axes=()):
-    """Updated non-parameter state must be the same on every device (it is stored replicated).
-
-    A floating value computed from this device's batch shard alone is averaged
-    over the batch axes it varies over with `reduction='mean'` (recorded for
-    the Trainer's declarations), else it is an error.
-    """
-    out = []
-    for i, (o, n) in enumerate(zip(old, new, strict=True)):
-        extra = kernels.varying_axes(n) - kernels.varying_axes(o)
-        if n is o or not extra:
-            out.append(n)
-            continue
-        name = paths[i] if paths else f"leaf {i}"
-        mean = extra <= set(batch_axes) and jnp.issubdtype(n.dtype, jnp.floating)
-        if reduction == "mean" and mean:
-            axes = tuple(a for a in batch_axes if a in extra)
-            count = math.prod(kernels.axis_size(a) for a in axes)
-            out.append(kernels.all_reduce(n, axes) / jnp.asarray(count, n.dtype))
-            rec = _flax_layers.recorder()
-            if rec is not None:
-                rec.state_means.append((axes, f"{owner} {name}", n.size * n.dtype.itemsize,
-                                        n.dtype))  # fmt: skip
-            continue
-        hint = (
-            "Pass fully_shard(..., state_reduction='mean') (or Trainer(state_reduction="
-            "'mean')) if it is a mean over the batch "
-            "(a running mean of activations), or compute"
-            if mean
-            else "Compute"
-        )
-        raise ValueError(
-            f"{owner}: the forward updates {what} {name!r} from this device's batch shard "
-            f"(it varies over mesh axes {sorted(kernels.varying_axes(n))}); one device would "
-            f"compute it from the whole batch, and the unit stores it replicated. nnx.BatchNorm "
-            f"and nnx.Dropout are handled by the unit. {hint} other state from the global batch "
-            f"(e.g. shardlax.kernels collectives) or update it outside the unit."
-        )
-    return tuple(out)
-
-
-def _scan_layers(fn, gather, p_shards, r_vals, n_vals, a_vals, *, remat, reshard, check):
-    """`lax.scan` over the stacked layers: carry = the (single) input, one FSDP unit per step.
-
-    State: layer l's non-parameter state (`r_vals`, stacked on a leading layer
-    dim: BatchNorm statistics, counters, the layers' own rng keys and counts)
-    goes in as step l's slice and comes out stacked again, so every update
-    a layer makes comes back as it would from a Python loop over the layers;
-    state of the call's arguments (`n_vals`: an `nnx.Rngs` passed at call) is
-    a loop carry, advanced by each layer in turn, as in that loop. `check`
-    raises for an update the scan cannot carry (see `_check_scan_state`).
-
-    With `remat`, each step runs under `jax.checkpoint` (nothing saved but the
-    carry): the backward loop recomputes the step, all-gather included, so a
-    step's gathered parameters live only while it runs, in the forward loop
-    and again in the backward loop (2 all-gathers per layer). Without
-    `remat`, `reshard` chooses between `fsdp_call`'s re-gather (activations
-    saved, 2 all-gathers) and keeping every layer's gathered parameters as
-    scan residuals (1 all-gather, the whole model in memory).
-    """
-    if len(a_vals) != 1:
-        raise TypeError(
-            f"fully_shard(scan=True): the stacked layers are called with one array (the "
-            f"carry), got {len(a_vals)} inputs. Pass the activation only."
-        )
-
-    def step(carry, xs):
-        h, n_carry = carry
-        p_layer, r_layer = xs
-        inputs = ((h,), tuple(r_layer), tuple(n_carry), ())
-        if remat:
-            out, new_r, new_n = fn(gather(p_layer), inputs)
-        else:
-            out, new_r, new_n = kernels.fsdp_call(
-                fn, tuple(p_layer), inputs, gather=gather, reshard_after_forward=reshard
-            )
-        check(h, out, tuple(r_layer), tuple(new_r), tuple(n_carry), tuple(new_n))
-        return (out, tuple(new_n)), tuple(new_r)
-
-    if remat:
-        step = jax.checkpoint(step)
-    (h, new_n), new_r = jax.lax.scan(
-        step, (a_vals[0], tuple(n_vals)), (tuple(p_shards), tuple(r_vals))
-    )
-    return h, tuple(new_r), tuple(new_n)
-
-
-def _check_scan_state(owner, r_paths, n_paths, h, out, r_old, r_new, n_old, n_new, *,
-                      reduction=None):  # fmt: skip
-    """What one scanned layer returns must fit the loop: a clear error where it cannot.
-
-    The output is the next layer's input (same shape and dtype as the carry);
-    every updated Variable keeps its per-layer shape and dtype (it is stacked
-    again over the layers, or carried to the next layer) and does not come
-    from this device's batch shard alone (it is stored replicated).
-    """
-    if not isinstance(out, jax.Array) or (out.shape, out.dtype) != (h.shape, h.dtype):
-        got = f"{out.dtype}{list(out.shape)}" if isinstance(out, jax.Array) else type(out).__name__
-        raise TypeError(
-            f"{owner}(scan=True): a layer returned {got} for an input of {h.dtype}"
-            f"{list(h.shape)} (per device); the scanned layers pass their output on as the next "
-            f"layer's input, so each must return one array of its input's shape and dtype. Use "
-            f"fully_shard per layer for layers that change it."
-        )
-    for what, paths, old, new in (
-        ("state", r_paths, r_old, r_new),
-        ("argument state", n_paths, n_old, n_new),
-    ):
-        if reduction is None:  # (with 'mean', reduced once after the loop)
-            _check_state(owner, what, paths, old, new)
-        for i, (o, n) in enumerate(zip(old, new, strict=True)):
-            if (o.shape, o.dtype) != (n.shape, n.dtype):
-                raise ValueError(
-                    f"{owner}(scan=True): the forward changes {what} {paths[i]!r} of one layer "
-                    f"from {o.dtype}{list(o.shape)} to {n.dtype}{list(n.shape)}; the scan stacks "
-                    f"each layer's state over the layers (and carries the call's), so an update "
-                    f"must keep the Variable's shape and dtype. Assign values of the same "
-                    f"shape and dtype (e.g. `var[...] = new.astype(var.dtype)`)."
-                )
-
-
 def _gather_all(
     shards: Sequence[jax.Array],
     dims: Sequence[int | None],
@@ -815,61 +697,6 @@ def _gather_all(
 def _cast_floats(tree: Any, dtype: Any) -> Any:
     return jax.tree.map(
         lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree
-    )
-
-
-def fully_shard_scan(
-    make_layer: Callable[[nnx.Rngs], nnx.Module],
-    num_layers: int,
-    *,
-    rngs: nnx.Rngs,
-    mesh: Mesh | None = None,
-    axis: str = FSDP,
-    remat: bool = True,
-    reshard_after_forward: bool = True,
-    policy: MixedPrecision | None = None,
-    batch_axes: Sequence[str] | None = None,
-) -> FSDPModule:
-    """`num_layers` copies of `make_layer(rngs)`, stacked and scanned, each layer an FSDP unit.
-
-    The layers are built with `nnx.split_rngs` + `nnx.vmap` (the flax
-    scan-over-layers pattern), so every parameter gets a leading layer dim of
-    size `num_layers`, which is never split; one other dim is split over
-    `axis`. The call runs `lax.scan` over the layers inside one `shard_map`:
-    step l all-gathers layer l's parameters, applies the layer to the carry,
-    and frees them. Per step of training, per layer: 2 all-gathers (forward
-    loop, backward loop) and 1 reduce-scatter; with `remat=False,
-    reshard_after_forward=False`, 1 all-gather and every layer's gathered
-    parameters kept for the backward.
-
-    Args:
-      make_layer: builds one layer from `rngs`; the layer maps an array to an
-        array of the same shape and dtype (the scan carry).
-      num_layers: the number of layers.
-      rngs: the rngs, split `num_layers` ways.
-      mesh, axis, reshard_after_forward, policy, batch_axes: as `fully_shard`.
-      remat: run each layer under `jax.checkpoint` (save only the carry per
-        layer; the backward recomputes the layer and re-gathers its
-        parameters). Memory: params/N + about one layer's gathered parameters
-        + one activation per layer.
-    """
-    if not isinstance(num_layers, int) or num_layers < 1:
-        raise ValueError(f"fully_shard_scan(num_layers={num_layers!r}): expected a positive int.")
-
-    @nnx.split_rngs(splits=num_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0)
-    def create(rngs):
-        return make_layer(rngs)
-
-    return FSDPModule(
-        create(rngs),
-        mesh=mesh,
-        axis=axis,
-        reshard_after_forward=reshard_after_forward,
-        policy=policy,
-        batch_axes=batch_axes,
-        scan=True,
-        remat=remat,
     )
 
 
