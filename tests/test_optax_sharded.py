@@ -43,7 +43,7 @@ EXACT = {
     "clip_by_global_norm": lambda: optax.chain(optax.clip_by_global_norm(1e-3), optax.adam(1e-2)),
 }
 REFUSED = {
-    "muon": (lambda: optax.contrib.muon(1e-2), r"orthogonalize_via_newton_schulz"),
+    "muon": (lambda: optax.contrib.muon(1e-2), r"orthogonalize_via_newton_schulz|scale_by_muon"),
     "adafactor": (lambda: optax.adafactor(1e-2), r"clip_by_block_rms|factored"),
     "adaptive_grad_clip": (
         lambda: optax.chain(optax.adaptive_grad_clip(0.01), optax.sgd(1e-2)),
