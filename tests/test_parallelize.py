@@ -346,3 +346,16 @@ def test_linear_general_twin_errors():
         parallelize(Lg(dot_general=lambda *a, **k: None), {"proj": Colwise(dim=1)}, mesh=mesh)
     with pytest.raises(ValueError, match=r"'proj'.*Colwise\(\) on '...a,abc->...bc'.*choose one"):
         parallelize(Lg(), {"proj": Colwise()}, mesh=mesh)
+
+
+def test_linear_general_twin_refuses_an_fsdp_axis():
+    class Lg(nnx.Module):
+        def __init__(self):
+            self.proj = nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0))
+
+    with pytest.raises(
+        ValueError,
+        match=r"'proj'.*the nnx\.LinearGeneral twin \(ParallelEinsum\) does not split its kernel "
+        r"over an fsdp axis.*Pass fsdp_axis=None",
+    ):
+        parallelize(Lg(), {"proj": Colwise(dim=1)}, mesh=_mesh((1, 2, 2)), fsdp_axis="fsdp")

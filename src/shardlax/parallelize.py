@@ -221,7 +221,7 @@ def _twin(
     if isinstance(style, (Colwise, Rowwise)) and isinstance(module, nnx.Einsum | nnx.LinearGeneral):
         if fsdp_axis is not None:
             raise ValueError(
-                f"parallelize(fsdp_axis={fsdp_axis!r}): the {kind} twin (ParallelEinsum) does "
+                f"parallelize(fsdp_axis={fsdp_axis!r}): the nnx.{kind} twin (ParallelEinsum) does "
                 f"not split its kernel over an fsdp axis, so FSDP would silently not apply to "
                 f"it. Pass fsdp_axis=None (and strategy='zero2' for sharded optimizer state), "
                 f"or write the projection as an nnx.Linear."
