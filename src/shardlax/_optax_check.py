@@ -552,38 +552,20 @@ def check_flat_shard_exact(
          for x in leaves],
     )  # fmt: skip
 
-    def program(params, which):
-        try:
-            return _trace(tx, params, norm_hook)
-        except Exception as e:  # any tracing failure is a refusal
-            _refuse(owner, strategy, "tx", f"tx.update fails to trace on the {which} shapes "
-                    f"({type(e).__name__}: {str(e).splitlines()[0][:200]})", n, leaves)  # fmt: skip
+    def refuse(who, reason, why):
+        extra = ""
+        if why == "reduce" and not norm_hook:
+            extra = ", or keep optax_norm_hook=True"
+            reason += " (with optax_norm_hook=False optax's global norm is such a reduction)"
+        if why == "program":
+            extra = _MASK_HINT
+            reason += (" (a mask or an option decided from a parameter's ndim or shape "
+                       "resolves differently on 1-D shards)")  # fmt: skip
+        _refuse(owner, strategy, who, reason, n, leaves, extra)
 
-    (j_log, s_log), (j_flat, s_flat) = program(logical, "logical"), program(flat, "flat shard")
-    for j, params, state, kinds in ((j_log, logical, s_log, _kinds),
-                                    (j_flat, flat, s_flat, _flat_kinds)):  # fmt: skip
-        args = jax.tree.leaves((params, state, params))
-        try:
-            # a marked norm is exact: optax's is marked only under the hook
-            _check(j.jaxpr, kinds(args), True, exact_reductions)
-        except NotExact as e:
-            extra = "" if norm_hook else ", or keep optax_norm_hook=True"
-            reason = e.reason
-            if not norm_hook:
-                reason += (" (with optax_norm_hook=False optax's global norm is such a "
-                           "reduction)")  # fmt: skip
-            _refuse(owner, strategy, _transform_name(*e.eqns), reason, n, leaves, extra)
-    a, b = _canon(j_log.jaxpr), _canon(j_flat.jaxpr)
-    if a != b:
-        i = _first_difference(a, b)
-        eqns = [e for e in (*_eqns(j_log.jaxpr, i), *_eqns(j_flat.jaxpr, i)) if e is not None]
-        who = _transform_name(*eqns)
-        reason = (
-            "its update is a different program on the flat shards than on the logical shapes "
-            "(a mask or an option decided from a parameter's ndim or shape resolves "
-            "differently on 1-D shards)"
-        )
-        _refuse(owner, strategy, who, reason, n, leaves, _MASK_HINT)
+    _compare_programs(tx, logical, flat, _flat_kinds, norm_hook=norm_hook,
+                      reduce_ok=exact_reductions, where=("flat shard", "flat shards"),
+                      refuse=refuse)  # fmt: skip
     _check_padding(tx, treedef, leaves, owner, strategy, n, exact_reductions)
 
 
@@ -636,28 +618,44 @@ def check_local_shard_exact(
             f"unsplit parameters."
         )
 
+    def refuse_local(who, reason, why):
+        if why == "program":
+            reason += " (an option decided from a parameter's shape)"
+        refuse(who, reason)
+
+    _compare_programs(tx, logical, local, _kinds, norm_hook=norm_hook, reduce_ok=False,
+                      where=("per-device", "per-device shards"), refuse=refuse_local)  # fmt: skip
+
+
+def _compare_programs(tx, logical, shards, shard_kinds, *, norm_hook, reduce_ok, where, refuse):
+    """`refuse(who, reason, why)` unless `tx.update` is elementwise and one program on both.
+
+    Traces the update on the `logical` parameter shapes and on the per-device
+    `shards`; `why` is ``'trace'`` (it does not trace), ``'reduce'`` (a
+    reduction or shape dependence `_check` finds; a marked norm is exact) or
+    ``'program'`` (the two programs differ). `where`: how the shards' shapes
+    and the shards are named in the reasons.
+    """
     progs = []
-    for params, which in ((logical, "logical"), (local, "per-device")):
+    for params, which in ((logical, "logical"), (shards, where[0])):
         try:
             progs.append(_trace(tx, params, norm_hook))
         except Exception as e:  # any tracing failure is a refusal
             refuse("tx", f"tx.update fails to trace on the {which} shapes ({type(e).__name__}: "
-                   f"{str(e).splitlines()[0][:200]})")  # fmt: skip
-    for (j, state), params in zip(progs, (logical, local), strict=True):
-        args = jax.tree.leaves((params, state, params))
+                   f"{str(e).splitlines()[0][:200]})", "trace")  # fmt: skip
+    for (j, state), params, kinds in zip(progs, (logical, shards), (_kinds, shard_kinds),
+                                         strict=True):  # fmt: skip
         try:
-            _check(j.jaxpr, _kinds(args), True, False)
+            _check(j.jaxpr, kinds(jax.tree.leaves((params, state, params))), True, reduce_ok)
         except NotExact as e:
-            refuse(_transform_name(*e.eqns), e.reason)
-    a, b = _canon(progs[0][0].jaxpr), _canon(progs[1][0].jaxpr)
+            refuse(_transform_name(*e.eqns), e.reason, "reduce")
+    (j_log, _), (j_shard, _) = progs
+    a, b = _canon(j_log.jaxpr), _canon(j_shard.jaxpr)
     if a != b:
         i = _first_difference(a, b)
-        eqns = [e for e in (*_eqns(progs[0][0].jaxpr, i), *_eqns(progs[1][0].jaxpr, i)) if e]
-        refuse(
-            _transform_name(*eqns),
-            "its update is a different program on the per-device "
-            "shards than on the logical shapes (an option decided from a parameter's shape)",
-        )
+        eqns = [e for e in (*_eqns(j_log.jaxpr, i), *_eqns(j_shard.jaxpr, i)) if e is not None]
+        refuse(_transform_name(*eqns), f"its update is a different program on the {where[1]} "
+               f"than on the logical shapes", "program")  # fmt: skip
 
 
 def _eqns(jaxpr, i: int) -> list:
