@@ -279,14 +279,43 @@ def test_error_fully_shard_bad_policy_and_module():
         fully_shard(lambda x: x, mesh=mesh)
     with pytest.raises(ValueError, match=r"the batch must be split over the fsdp axis"):
         fully_shard(nnx.Linear(4, 4, rngs=nnx.Rngs(0)), mesh=mesh, batch_axes=("data",))
-    tp = nnx.Sequential(shardlax.nn.ColumnParallelLinear(4, 4, mesh=mesh, rngs=nnx.Rngs(0)))
+    col = shardlax.nn.ColumnParallelLinear(4, 4, mesh=mesh, rngs=nnx.Rngs(0), fsdp_axis=None)
     with pytest.raises(
-        TypeError,
-        match=r"fully_shard\(Sequential\): the module contains shardlax layers "
-        r"\(ColumnParallelLinear\), which run their own shard_map .* build them with "
-        r"fsdp_axis='fsdp'",
+        ValueError,
+        match=r"fully_shard\(Sequential\): the shardlax layer ColumnParallelLinear at "
+        r"'layers\.0' was built with mesh axes .*batch_axes=\('data', 'fsdp'\)"
+        r".*with the same batch_axes",
     ):
-        fully_shard(tp, mesh=mesh)
+        fully_shard(nnx.Sequential(col), mesh=mesh, batch_axes=("fsdp",))
+
+
+@pytest.mark.parametrize("fsdp_axis", [None, "fsdp"])
+def test_fully_shard_runs_shardlax_layers_inside(fsdp_axis):
+    """A block of hand-built tensor-parallel layers in a unit on (1, 2, 2): the unit splits
+    the layers' kernels over fsdp too (or leaves a layer with fsdp_axis to gather its own);
+    forward and every gradient equal the same nnx.Linear math on one device."""
+    mesh = utils.mesh(1, 2, 2)
+    kw = dict(mesh=mesh, fsdp_axis=fsdp_axis)
+    col = shardlax.nn.ColumnParallelLinear(D, 2 * D, rngs=nnx.Rngs(1), **kw)
+    row = shardlax.nn.RowParallelLinear(2 * D, D, rngs=nnx.Rngs(2), **kw)
+    ref = nnx.Sequential(nnx.Linear(D, 2 * D, rngs=nnx.Rngs(1)), nnx.relu,
+                         nnx.Linear(2 * D, D, rngs=nnx.Rngs(2)))  # fmt: skip
+    unit = fully_shard(nnx.Sequential(col, nnx.relu, row), mesh=mesh)
+    assert unit.param_specs[1] == P("fsdp", "model"), unit.param_specs  # col.kernel
+    assert unit.owned == ((fsdp_axis is None),) * 4, unit.owned
+    x = jax.random.normal(jax.random.key(3), (8, D))
+
+    def loss(m, x):
+        return jnp.sum(jnp.sin(m(x)))
+
+    got_l, got_g = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(unit, x)
+    want_l, want_g = nnx.value_and_grad(loss, argnums=(0, 1))(ref, x)
+    utils.assert_close(np.asarray(got_l), np.asarray(want_l))
+    utils.assert_close(np.asarray(got_g[1]), np.asarray(want_g[1]))
+    g = jax.tree.leaves(nnx.state(got_g[0], nnx.Param))
+    w = jax.tree.leaves(nnx.state(want_g[0], nnx.Param))
+    for a, b in zip(g, w, strict=True):
+        utils.assert_close(np.asarray(a), np.asarray(b))
 
 
 def test_fully_shard_in_a_model_with_shardlax_layers():
@@ -304,3 +333,13 @@ def test_fully_shard_in_a_model_with_shardlax_layers():
     r_b, r_h = nnx.grad(loss, argnums=(0, 1))(ref, ref2, np.asarray(x))
     utils.assert_close(g_h["kernel"][...], r_h["kernel"][...])
     utils.assert_close(g_b["module"]["up"]["kernel"][...], r_b["up"]["kernel"][...])
+
+
+def test_a_submodule_named_value_keeps_its_path():
+    """nnx.MultiHeadAttention has a `value` projection: its parameters are not the Variable's
+    `.value` (their paths once lost that level, so the spec metadata and lookups missed it)."""
+    mesh = utils.mesh(1, 2, 1)
+    attn = nnx.MultiHeadAttention(2, D, qkv_features=8, decode=False, rngs=nnx.Rngs(0))
+    unit = fully_shard(attn, mesh=mesh)
+    assert unit.spec_of(("value", "kernel")) == P("fsdp", None, None)
+    assert unit.module.value.kernel.get_metadata()["out_sharding"] == P("fsdp", None, None)

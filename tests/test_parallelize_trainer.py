@@ -18,7 +18,7 @@ import pytest
 from flax import nnx
 
 import shardlax
-from shardlax import Colwise, Replicate, Rowwise, VocabParallel, parallelize
+from shardlax import Colwise, Rowwise, VocabParallel, parallelize
 from shardlax.parallelize import call_local
 from tests import utils
 from tests.models import batches, decoder, host, llama, mlp, one_device_reference
@@ -51,14 +51,22 @@ def train(model, loss_fn, mesh, strategy, data):
     return trainer, state, losses, compiles.count
 
 
+def logical(tree):
+    """{dotted nnx path: host leaf}, without the `module` hop of a fully_shard unit."""
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(host(tree))[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        out[".".join(k for k in keys if k not in ("module", "value"))] = x
+    return out
+
+
 def assert_like_reference(trainer, state, losses, ref, what):
     utils.assert_close(np.array(losses), np.array(ref.losses), err_msg=f"{what} losses")
     model = trainer.model(state)
-    got = jax.tree_util.tree_flatten_with_path(host(nnx.state(model, nnx.Param)))[0]
-    want = jax.tree_util.tree_flatten_with_path(ref.params)[0]
-    assert [p for p, _ in got] == [p for p, _ in want], what
-    for (path, g), (_, w) in zip(got, want, strict=True):
-        utils.assert_close(g, w, err_msg=f"{what} {jax.tree_util.keystr(path)}")
+    got, want = logical(nnx.state(model, nnx.Param)), logical(ref.params)
+    assert list(got) == list(want), what
+    for path, w in want.items():
+        utils.assert_close(got[path], w, err_msg=f"{what} {path}")
     # the optimizer state: optax's step count advanced as on one device
     counts = [x for x in jax.tree.leaves(host(state.opt_state)) if x.dtype == np.int32]
     assert counts and all(int(c) == N_STEPS for c in counts), counts
@@ -180,20 +188,81 @@ def test_parallelize_fsdp_axis_refuses_einsum_twins():
                     fsdp_axis="fsdp")  # fmt: skip
 
 
-def test_twins_inside_fully_shard_are_refused_in_both_orders():
+def wrap_blocks(model, mesh, name="layers"):
+    """FSDP2's pattern: every block a fully_shard unit (after parallelize, as torchtitan)."""
+    blocks = getattr(model, name)
+    for i, block in enumerate(blocks):
+        blocks[i] = shardlax.fully_shard(block, mesh=mesh)
+    return model
+
+
+def test_fully_shard_after_parallelize_trains_like_one_device_as_declared():
+    """Llama, TP plan then a unit per block, (2, 2, 2) fsdp+tp: 3 AdamW steps == one device;
+    the unit stores the twins' kernels split over fsdp and model; declared == HLO."""
+    mesh = utils.mesh(2, 2, 2)
+    data = batches(llama.make_batch, BATCH, N_STEPS)
+    ref = one_device_reference(lambda: llama.make(0, num_layers=2), llama.loss_fn, tx(), data)
+    model = wrap_blocks(parallelize(llama.make(0, num_layers=2), LLAMA_PLAN, mesh=mesh), mesh)
+    unit = model.layers[0]
+    specs = dict(zip(unit.param_paths(), unit.param_specs, strict=True))
+    assert specs["attn.q_proj.kernel"] == jax.P("fsdp", "model"), specs
+    assert specs["attn.o_proj.kernel"] == jax.P(("model", "fsdp"), None), specs
+    assert specs["pre_ffw_norm.scale"] == jax.P("fsdp"), specs
+    utils.assert_sharding(unit.module.attn.q_proj.kernel[...], mesh, jax.P("fsdp", "model"))
+    trainer, state, losses, compiles = train(model, llama.loss_fn, mesh, "fsdp+tp", data)
+    assert compiles == 1, f"the step compiled {compiles} times in {N_STEPS} steps"
+    assert_like_reference(trainer, state, losses, ref, "llama units fsdp+tp")
+    b, t = data[0]["inputs"].shape
+    d, hidden = 16, 32
+    x = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
+    declared_model = []
+    for unit in model.layers:
+        block = unit.module
+        declared_model += unit.declared_collectives(x)  # fsdp: the twins' shards too
+        declared_model += block.attn.q_proj.declared_collectives((b, t, d), grad=True)
+        # kv_proj reads q_proj's input: their input gradients are summed, all-reduced once
+        declared_model += block.attn.kv_proj.declared_collectives(
+            (b, t, d), grad=True, input_grad=False
+        )
+        declared_model += block.attn.o_proj.declared_collectives((b, t, d), grad=True)
+        declared_model += block.mlp.gate_up_proj.declared_collectives((b, t, d), grad=True)
+        declared_model += block.mlp.down_proj.declared_collectives((b, t, hidden), grad=True)
+    report = shardlax.audit.collectives(trainer.step, state, data[0])
+    cmp = shardlax.audit.compare(
+        trainer.declared_collectives(data[0], model_collectives=declared_model), report
+    )
+    assert cmp.ok, cmp.table()
+    # each unit gathers its 7 parameters over fsdp forward, the 5 kernels again backward
+    # (reshard_after_forward; the norms' scales too: their input gradient reads them)
+    gathers = report.where("all-gather", ("fsdp",))
+    assert len(gathers) == 2 * 7 + 2 * 3, report.table()
+
+
+def test_parallelize_inside_a_unit_is_refused():
     mesh = utils.mesh(2, 2, 2)
     model = llama.make(0, num_layers=1)
     model.layers[0] = shardlax.fully_shard(model.layers[0], mesh=mesh)
     with pytest.raises(
         ValueError,
         match=r"'layers\.0\.module\.attn\.q_proj' \(plan\['layers\.\*\.module\.attn\.q_proj'\]\) "
-        r"is inside the fully_shard unit 'layers\.0'.*fsdp_axis='fsdp'\) instead of wrapping",
+        r"is inside the fully_shard unit 'layers\.0'.*Apply the plan first, then wrap",
     ):
         parallelize(model, {"layers.*.module.attn.q_proj": Colwise()}, mesh=mesh)
-    model = parallelize(llama.make(0, num_layers=1), {"layers.*.attn.q_proj": Colwise(),
-                        "layers.*.pre_ffw_norm": Replicate()}, mesh=mesh)  # fmt: skip
-    with pytest.raises(TypeError, match=r"contains shardlax layers \(ColumnParallelLinear\)"):
-        shardlax.fully_shard(model.layers[0], mesh=mesh)
+
+
+def test_unit_errors_for_twins_it_cannot_run():
+    mesh = utils.mesh(1, 2, 2)
+    sp = parallelize(mlp.make(), {"l1": Colwise(sequence_parallel=True)}, mesh=mesh)
+    with pytest.raises(ValueError, match=r"ColumnParallelLinear at 'l1' is sequence-parallel"):
+        shardlax.fully_shard(sp, mesh=mesh)
+    other = parallelize(mlp.make(), MLP_PLAN, mesh=utils.mesh(2, 1, 2))
+    with pytest.raises(ValueError, match=r"ColumnParallelLinear at 'l1' was built with mesh"):
+        shardlax.fully_shard(other, mesh=mesh)
+    # a unit that ends in a column twin would return a model-split output
+    half = shardlax.fully_shard(parallelize(mlp.make(), {"l1": Colwise()}, mesh=mesh).l1,
+                                mesh=mesh)  # fmt: skip
+    with pytest.raises(ValueError, match=r"varies over mesh axis 'model'.*gather_output=True"):
+        nnx.jit(lambda m, x: m(x))(half, jnp.ones((4, mlp.IN)))
 
 
 # --------------------------------------------------------- the first-step check

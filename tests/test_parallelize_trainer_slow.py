@@ -28,6 +28,7 @@ from tests.test_parallelize_trainer import (
     assert_like_reference,
     train,
     tx,
+    wrap_blocks,
 )
 
 pytestmark = [pytest.mark.slow, pytest.mark.standard_dtype_promotion]
@@ -106,3 +107,23 @@ def test_vit_fsdp_tp_trains_like_one_device():
     trainer, state, losses, compiles = train(model, mod.loss_fn, mesh, "fsdp+tp", data)
     assert compiles == 1
     assert_like_reference(trainer, state, losses, ref, "vit fsdp+tp")
+
+
+UNIT_RUNS = [
+    ("decoder", (1, 2, 2)),
+    ("vit_attention", (2, 2, 2)),
+    ("llama", (1, 4, 2)),
+]
+
+
+@pytest.mark.parametrize(("name", "shape"), UNIT_RUNS, ids=str)
+def test_parallelized_blocks_in_fully_shard_units_train_like_one_device(name, shape):
+    """torchtitan's order: the TP plan, then a fully_shard unit per block, fsdp+tp."""
+    mesh = utils.mesh(*shape)
+    ref, data = reference(name)
+    ctor, mod, plan = MODELS[name]
+    model = parallelize(ctor(), plan, mesh=mesh)
+    model = wrap_blocks(model, mesh, "blocks" if name.startswith("vit") else "layers")
+    trainer, state, losses, compiles = train(model, mod.loss_fn, mesh, "fsdp+tp", data)
+    assert compiles == 1, f"the step compiled {compiles} times in {N_STEPS} steps"
+    assert_like_reference(trainer, state, losses, ref, f"{name} units fsdp+tp {shape}")

@@ -42,6 +42,13 @@ What a unit does with a call (FSDP2's contract, made exact):
     mask of the global array (`kernels.sharding_invariant_dropout`):
     bit-identical to the unwrapped module on one device, rng counters
     advancing as there.
+  - tensor parallelism: shardlax layers inside the unit (the twins of
+    `shardlax.parallelize`, applied first, as torchtitan applies TP before
+    FSDP) run as per-device code in the unit's `shard_map`, their collectives
+    over the model axis their own; the unit stores each of their parameters
+    split over the fsdp axis too (`P('fsdp', 'model')` for a column kernel)
+    and gathers the model-local shard over fsdp. A layer built with
+    `fsdp_axis` gathers its own. Sequence-parallel layers are refused.
   - nesting: `fully_shard` blocks, then the root: the root gathers only the
     parameters no inner unit owns; inner units run as per-device code inside
     the root's `shard_map`.
@@ -79,45 +86,27 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from shardlax import _flax_layers, _fsdp_state, kernels
 from shardlax._axes import BATCH_AXES, FSDP
+from shardlax._fsdp_declare import UnitDeclarations, is_array
+from shardlax._fsdp_place import layer_specs, shard_dim
+from shardlax._fsdp_place import path_key as _path_key
 from shardlax._fsdp_scan import check_scan_state as _check_scan_state
 from shardlax._fsdp_scan import fully_shard_scan as fully_shard_scan
 from shardlax._fsdp_scan import scan_layers as _scan_layers
 from shardlax._fsdp_state import check_state as _check_state
-from shardlax.declarations import Declared, Role, hlo_dtype
 from shardlax.mesh import axes_size, check_axis, is_manual, live_axes, present_axes, resolve_mesh
-from shardlax.nn._base import ShardedLayer, gather_hlo_dtype
-from shardlax.placement import path_str, storage_spec
+from shardlax.placement import local_shape, path_str, spec_axes, storage_spec
 from shardlax.precision import MixedPrecision
 
 _path_str = path_str  # one spelling of nnx paths (shardlax.placement)
 
 
-def _path_key(path: Sequence[Any]) -> tuple:
-    """A parameter's path as a tuple of names (attribute names and list indices)."""
-    out = []
-    for k in path:
-        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-        if name != "value":
-            out.append(name)
-    return tuple(out)
-
-
-def shard_dim(shape: Sequence[int], n: int) -> int | None:
-    """The dim FSDP splits: 0 if `n` divides it, else the first dim `n` divides."""
-    for d, size in enumerate(shape):
-        if size % n == 0:
-            return d
-    return None
-
-
-class FSDPModule(nnx.Module):
+class FSDPModule(UnitDeclarations, nnx.Module):
     """A module whose parameters are FSDP-sharded and gathered on use (see `fully_shard`).
 
     Attributes:
@@ -156,15 +145,6 @@ class FSDPModule(nnx.Module):
             raise TypeError(
                 f"fully_shard(module={type(module).__name__}): expected a flax.nnx.Module. "
                 f"Pass an nnx module such as nnx.Linear(...) or your own block."
-            )
-        inner = [type(m).__name__ for _, m in nnx.iter_graph(module) if isinstance(m, ShardedLayer)]
-        if inner:
-            raise TypeError(
-                f"{owner}: the module contains shardlax layers ({', '.join(sorted(set(inner)))}), "
-                f"which run their own shard_map and cannot be nested in fully_shard's. They "
-                f"shard their parameters over the fsdp axis themselves: build them with "
-                f"fsdp_axis='fsdp' (the default on a mesh with an fsdp axis) and call them "
-                f"without fully_shard."
             )
         self.mesh = resolve_mesh(mesh, owner)
         n = check_axis(self.mesh, axis, owner, "axis")
@@ -214,6 +194,9 @@ class FSDPModule(nnx.Module):
                 f"{owner}(scan=True): the stacked layers cannot contain fully_shard units."
             )
 
+        # shardlax layers (parallelize's twins): they run as per-device code in the unit
+        own_specs = layer_specs(owner, module, self.mesh, axis, batch_axes, units, self.scan)
+
         params = nnx.state(module, nnx.Param)
         dims, specs, owned = [], [], []
         lead = 1 if self.scan else 0  # a stacked layer dim is never split
@@ -225,6 +208,18 @@ class FSDPModule(nnx.Module):
                 specs.append(u.spec_of(key[len(q) + 1 :]))  # skip the unit's 'module'
                 dims.append(None)
                 owned.append(False)
+                continue
+            if key in own_specs:
+                base = own_specs[key]
+                if axis in spec_axes(base):  # the layer gathers it over fsdp itself
+                    specs.append(base)
+                    dims.append(None)
+                    owned.append(False)
+                    continue
+                d = shard_dim(local_shape(x.shape, base, self.mesh), n) if n > 1 else None
+                dims.append(d)  # the unit gathers the layer's (model-local) shard over fsdp
+                specs.append(storage_spec(x.ndim, [(d, axis)] if d is not None else [], base))
+                owned.append(True)
                 continue
             if self.scan and x.ndim == 0:
                 raise ValueError(
@@ -308,13 +303,13 @@ class FSDPModule(nnx.Module):
         )
         kinds, arrays, nodes, statics = [], [], [], []
         batch = next(
-            (x.shape[0] for x in leaves if _is_array(x) and x.ndim >= 1), None
+            (x.shape[0] for x in leaves if is_array(x) and x.ndim >= 1), None
         )  # the batch size: the leading dim of the first array argument
         for x in leaves:
             if isinstance(x, nnx.Pytree | nnx.Variable):
                 kinds.append("node")
                 nodes.append(nnx.split(x))
-            elif _is_array(x):
+            elif is_array(x):
                 kinds.append("array")
                 arrays.append(x)
             else:
@@ -461,164 +456,6 @@ class FSDPModule(nnx.Module):
             nnx.update(x, state)
         return out
 
-    def param_paths(self) -> tuple[str, ...]:
-        """The dotted path of every parameter, in the order of `dims`."""
-        params = nnx.state(self.module, nnx.Param)
-        return tuple(_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
-
-    def declared_collectives(
-        self, *args: Any, grad: bool = True, regathered: Sequence[str] | None = None,
-        input_grad: bool = True, **kwargs: Any,
-    ) -> list[Declared]:  # fmt: skip
-        """The FSDP collectives of one call (and its backward, with `grad`).
-
-        With example call arguments (`unit.declared_collectives(x)`) the
-        re-gathered parameters are derived, not listed by hand: the gradient
-        of `sum(outputs)` with respect to the parameters and the floating
-        inputs is traced (abstractly, nothing runs), dead code is removed as
-        XLA does, and the all-gathers left are counted per parameter; nested
-        units' declarations are included (each from the same trace). With
-        `scan`, the loops' bodies are read the same way (one layer's gathers).
-
-        Args:
-          *args, **kwargs: example arguments of a call (arrays or
-            `jax.ShapeDtypeStruct`s), to derive `regathered`.
-          grad: include the backward.
-          input_grad: the backward also takes the gradient of the floating
-            inputs (False for a unit that reads the batch itself: a whole model,
-            the first block), which decides the re-gathers derived.
-          regathered: with `reshard_after_forward`, the paths (see
-            `param_paths`) of the parameters whose *value* the backward uses,
-            which it gathers again: a matmul's weight when the gradient of its
-            input is needed, a norm's scale when the gradient of the norm's
-            input is needed; not a bias, not an embedding table. XLA removes
-            the re-gather of the others as dead code.
-
-        Each gathered parameter: 1 all-gather over the fsdp axis (forward),
-        1 reduce-scatter (backward), 1 all-reduce of its shard over the other
-        live batch axes (backward). A parameter kept whole: 1 all-reduce of
-        its gradient over the live batch axes (backward). Parameters of nested
-        units are declared by those units (`unit.declared_collectives`). The
-        loss and anything outside the unit are not included. With `scan`, the
-        collectives are those of one layer, inside the scan loops (the HLO
-        holds each once; it runs once per layer).
-        """
-        if self.axis_size == 1:
-            return []
-        if regathered is None and (args or kwargs):
-            derived = self._derive_regathered(args, kwargs, input_grad) if grad else {}
-            out = self.declared_collectives(grad=grad, regathered=derived.get(id(self), ()))
-            for unit in _inner_units(self):
-                out += unit.declared_collectives(grad=grad, regathered=derived.get(id(unit), ()))
-            return out
-        regathered = () if regathered is None else tuple(regathered)
-        params = jax.tree.leaves(nnx.state(self.module, nnx.Param))
-        paths = self.param_paths()
-        unknown = set(regathered) - set(paths)
-        if unknown:
-            raise ValueError(
-                f"FSDPModule.declared_collectives(regathered={sorted(unknown)}): no such "
-                f"parameter. The parameters are {paths}."
-            )
-        live = live_axes(self.mesh, self.batch_axes)
-        others = tuple(a for a in live if a != self.axis)
-        out = []
-        for path, x, d, o in zip(paths, params, self.dims, self.owned, strict=True):
-            if not o:
-                continue
-            stored = x.dtype
-            gdt = stored if self.policy is None else self.policy.gather_dtype(stored)
-            rdt = stored if self.policy is None else self.policy.grad_reduce_dtype(stored)
-            size = x.size // x.shape[0] if self.scan else x.size  # one layer's, in a scan
-            rbytes, rname = size * jnp.dtype(rdt).itemsize, hlo_dtype(rdt)
-            if d is None:  # kept whole: its gradient is all-reduced over the batch axes
-                if grad:
-                    out.append(Declared("all-reduce", live, rname, 1, rbytes, path,
-                                        role=Role.GRAD_REDUCE, param=path))  # fmt: skip
-                continue
-            gname = gather_hlo_dtype(gdt)
-            full = size * jnp.dtype(gdt).itemsize
-            gathers = 1 + (grad and self.reshard_after_forward and path in regathered)
-            out.append(Declared("all-gather", (self.axis,), gname, gathers, gathers * full, path,
-                                role=Role.PARAM_GATHER, param=path))  # fmt: skip
-            if grad:
-                out.append(Declared("reduce-scatter", (self.axis,), rname, 1, rbytes, path,
-                                    role=Role.GRAD_REDUCE, param=path))  # fmt: skip
-                if others:
-                    shard = rbytes // self.axis_size
-                    out.append(Declared("all-reduce", others, rname, 1, shard, path,
-                                        role=Role.GRAD_REDUCE, param=path))  # fmt: skip
-        return out
-
-    def _derive_regathered(
-        self, args: tuple, kwargs: dict, input_grad: bool = True
-    ) -> dict[int, tuple[str, ...]]:
-        """{id(unit): paths its backward gathers again}, from the DCE'd gradient jaxpr."""
-        from jax._src import core as jax_core
-        from jax._src.interpreters import partial_eval as pe
-
-        if not self.reshard_after_forward:
-            return {}
-        graphdef, params, rest = nnx.split(self, nnx.Param, ...)
-        leaves, tree = jax.tree.flatten((args, kwargs))
-        is_float = [
-            input_grad and _is_array(x) and jnp.issubdtype(x.dtype, jnp.floating) for x in leaves
-        ]
-        floats = [x for x, f in zip(leaves, is_float, strict=True) if f]
-
-        def loss(params, floats):
-            it = iter(floats)
-            full = [next(it) if f else x for x, f in zip(leaves, is_float, strict=True)]
-            call_args, call_kwargs = jax.tree.unflatten(tree, full)
-            out = nnx.merge(graphdef, params, rest, copy=True)(*call_args, **call_kwargs)
-            return sum(
-                jnp.sum(o.astype(jnp.float32))
-                for o in jax.tree.leaves(out)
-                if jnp.issubdtype(o.dtype, jnp.floating)
-            )
-
-        # value and gradient, as a train step: the forward stays live (the loss is an output)
-        closed = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(params, floats)
-        jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
-
-        def walk(j):
-            for e in j.eqns:
-                if e.primitive.name == "all_gather" and self.axis in _as_names(
-                    e.params.get("axis_name")
-                ):
-                    yield tuple(e.invars[0].aval.shape)
-                for sub in jax_core.jaxprs_in_params(e.params):
-                    yield from walk(sub)
-
-        counts: dict[tuple, int] = {}
-        for shape in walk(jaxpr):
-            counts[shape] = counts.get(shape, 0) + 1
-        groups: dict[tuple, list] = {}  # local shard shape -> [(unit, path)] gathered once each
-        for unit in (self, *_inner_units(self)):
-            p_leaves = jax.tree.leaves(nnx.state(unit.module, nnx.Param))
-            for path, x, d, o in zip(
-                unit.param_paths(), p_leaves, unit.dims, unit.owned, strict=True
-            ):
-                if o and d is not None:
-                    local = list(x.shape[1:] if unit.scan else x.shape)  # a scan: one layer's
-                    local[d] //= unit.axis_size
-                    groups.setdefault(tuple(local), []).append((unit, path))
-        out: dict[int, list] = {}
-        for shape, members in groups.items():
-            extra = max(0, counts.get(shape, 0) - len(members))  # gathered again
-            for unit, path in members[:extra]:
-                out.setdefault(id(unit), []).append(path)
-        return {k: tuple(v) for k, v in out.items()}
-
-
-def _as_names(axis_name: Any) -> tuple:
-    return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
-
-
-def _inner_units(unit: FSDPModule) -> list[FSDPModule]:
-    """The FSDP units nested in `unit.module`, at any depth."""
-    return [m for _, m in nnx.iter_graph(unit.module) if isinstance(m, FSDPModule)]
-
 
 def register_fsdp_forward_method(unit: FSDPModule, name: str) -> None:
     """Run `unit.<name>(...)` through the unit (parameters gathered), like FSDP2's API.
@@ -639,12 +476,6 @@ def register_fsdp_forward_method(unit: FSDPModule, name: str) -> None:
     unit.forward_methods = (*unit.forward_methods, name)
 
 
-def _is_array(x: Any) -> bool:
-    return isinstance(x, jax.Array | np.ndarray) or (
-        hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, np.generic)
-    )
-
-
 def _is_probe_leaf(t: Any) -> bool:
     return isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], frozenset)
 
@@ -655,6 +486,16 @@ def _replicate(x: Any, mesh: Mesh) -> Any:
 
 def _out_spec(owner, method, t, live, batch_entry, local_batch) -> P:
     shape, varying = t
+    split = sorted(varying - set(live))
+    if split:
+        raise ValueError(
+            f"{owner}.{method}: an output of per-device shape {tuple(shape)} varies over mesh "
+            f"axis {split[0]!r}, which the unit does not split the batch over: it is a "
+            f"tensor-parallel layer's split output (a Colwise twin's, a ColumnParallelLinear's "
+            f"without gather_output), and the unit returns whole arrays. End the unit with a "
+            f"layer whose output is whole (a Rowwise twin), or build the last column layer "
+            f"with gather_output=True."
+        )
     if not (varying & set(live)):
         return P()  # the same on every device: replicated
     if len(shape) >= 1 and shape[0] == local_batch and set(live) <= varying:

@@ -35,10 +35,15 @@ axis, which `call_local` refuses, naming the twin. What no check can see (a
 between a column and a row twin) is wrong on local shards: fuse with
 `Colwise(parts=k)`, and keep such code out of the span between twins.
 
-FSDP + TP: `parallelize(..., fsdp_axis='fsdp')` builds the linear and
-embedding twins with their parameters split over the fsdp axis too (gathered
-per use inside the twin, `strategy='fsdp+tp'`). `fully_shard` cannot wrap a
-twin (each runs its own shard_map): both orders are refused with that fix.
+FSDP + TP (`strategy='fsdp+tp'`), two ways: parallelize first, then wrap
+each block with `fully_shard` (torchtitan's order): the unit stores the twins'
+parameters split over fsdp too (`P('fsdp', 'model')`), gathers their
+model-local shards over fsdp, and runs the twins as per-device code in its
+`shard_map`, with every other parameter of the block (norms) sharded as
+usual. Or `parallelize(..., fsdp_axis='fsdp')` builds the linear and
+embedding twins with their parameters split over the fsdp axis themselves
+(gathered per use inside the twin). Applying a plan inside an existing unit
+(the other order) is refused: the unit has already laid out the parameters.
 """
 
 from __future__ import annotations
@@ -557,10 +562,10 @@ def _refuse_inside_units(model: nnx.Module, chosen: Mapping[tuple, Any]) -> None
         where = _dotted(unit) or type(model).__name__
         raise ValueError(
             f"parallelize: {_dotted(path)!r} (plan[{pattern!r}]) is inside the fully_shard unit "
-            f"{where!r}; a tensor-parallel twin runs its own shard_map and cannot be nested in "
-            f"the unit's. Apply the plan to the model before fully_shard, and split the twins' "
-            f"parameters over fsdp with parallelize(model, plan, mesh=mesh, "
-            f"fsdp_axis='fsdp') instead of wrapping them."
+            f"{where!r}, which has already laid out its parameters for FSDP: a twin swapped "
+            f"in there would not match that layout. Apply the plan first, then wrap: "
+            f"parallelize(model, plan, mesh=mesh), then fully_shard(block, mesh=mesh) (the "
+            f"unit splits the twins' parameters over fsdp too)."
         )
 
 

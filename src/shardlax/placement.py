@@ -75,6 +75,20 @@ def storage_spec(
     return P(*entries)
 
 
+def local_shape(shape: Sequence[int], spec: P, sizes: Any) -> tuple[int, ...]:
+    """The shape of one device's shard of an array of `shape` stored as `spec`.
+
+    `sizes`: the mesh axis sizes (a `Mesh`, or ``{axis: size}``).
+    """
+    sizes = dict(sizes.shape) if isinstance(sizes, Mesh) else sizes
+    entries = list(spec) + [None] * (len(shape) - len(spec))
+    out = []
+    for d, entry in zip(shape, entries, strict=True):
+        axes = () if entry is None else ((entry,) if isinstance(entry, str) else entry)
+        out.append(int(d) // math.prod(sizes[a] for a in axes))
+    return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class Placement:
     """Where one parameter is stored and how its gradient and optimizer state are laid out.
@@ -104,13 +118,7 @@ class Placement:
     @property
     def local_shape(self) -> tuple[int, ...]:
         """The shape of one device's shard of `spec`."""
-        sizes = self.sizes
-        entries = list(self.spec) + [None] * (len(self.shape) - len(self.spec))
-        out = []
-        for d, entry in zip(self.shape, entries, strict=True):
-            axes = () if entry is None else ((entry,) if isinstance(entry, str) else entry)
-            out.append(d // math.prod(sizes[a] for a in axes))
-        return tuple(out)
+        return local_shape(self.shape, self.spec, self.sizes)
 
     @property
     def n_replicated(self) -> int:

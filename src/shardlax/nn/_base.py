@@ -120,9 +120,11 @@ class ShardedLayer(nnx.Module):
         call to avoid it), and a value laid out with *other* mesh axes is a
         ValueError naming the parameter and the fix (resharding it would be a
         collective the layer does not declare). A no-op in manual mode (inside
-        the Trainer's step every value is already a local shard).
+        the Trainer's step every value is already a local shard), and for a
+        layer inside a `fully_shard` unit (the unit stores and places its
+        parameters).
         """
-        if is_manual(self.mesh):
+        if is_manual(self.mesh) or getattr(self, "in_fsdp_unit", False):
             return
         for name, var in list(vars(self).items()):
             if not isinstance(var, nnx.Param):

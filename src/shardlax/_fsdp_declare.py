@@ -1,0 +1,203 @@
+"""What a `fully_shard` unit promises to communicate: `declared_collectives`.
+
+`FSDPModule` (`shardlax.fsdp`) inherits it from `UnitDeclarations`; the
+re-gathers a backward runs are derived from the traced gradient, not listed
+by hand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from shardlax.declarations import Declared, Role, hlo_dtype
+from shardlax.mesh import live_axes
+from shardlax.nn._base import gather_hlo_dtype
+from shardlax.placement import local_shape, path_str
+
+
+class UnitDeclarations:
+    """The declarations half of `shardlax.fsdp.FSDPModule` (see the module docstring)."""
+
+    def _gathered_shape(self, shape: Sequence[int], d: int | None, spec: P) -> tuple[int, ...]:
+        """One layer's parameter (a scan) as the unit gathers it: whole over `axis`, and a
+        shardlax layer's model-local shard (split over the model axis as the layer stores it)."""
+        local = list(local_shape(shape, spec, self.mesh))
+        if d is not None:
+            local[d + self.scan] *= self.axis_size
+        return tuple(local[1:] if self.scan else local)
+
+    def param_paths(self) -> tuple[str, ...]:
+        """The dotted path of every parameter, in the order of `dims`."""
+        params = nnx.state(self.module, nnx.Param)
+        return tuple(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
+
+    def declared_collectives(
+        self, *args: Any, grad: bool = True, regathered: Sequence[str] | None = None,
+        input_grad: bool = True, **kwargs: Any,
+    ) -> list[Declared]:  # fmt: skip
+        """The FSDP collectives of one call (and its backward, with `grad`).
+
+        With example call arguments (`unit.declared_collectives(x)`) the
+        re-gathered parameters are derived, not listed by hand: the gradient
+        of `sum(outputs)` with respect to the parameters and the floating
+        inputs is traced (abstractly, nothing runs), dead code is removed as
+        XLA does, and the all-gathers left are counted per parameter; nested
+        units' declarations are included (each from the same trace). With
+        `scan`, the loops' bodies are read the same way (one layer's gathers).
+
+        Args:
+          *args, **kwargs: example arguments of a call (arrays or
+            `jax.ShapeDtypeStruct`s), to derive `regathered`.
+          grad: include the backward.
+          input_grad: the backward also takes the gradient of the floating
+            inputs (False for a unit that reads the batch itself: a whole model,
+            the first block), which decides the re-gathers derived.
+          regathered: with `reshard_after_forward`, the paths (see
+            `param_paths`) of the parameters whose *value* the backward uses,
+            which it gathers again: a matmul's weight when the gradient of its
+            input is needed, a norm's scale when the gradient of the norm's
+            input is needed; not a bias, not an embedding table. XLA removes
+            the re-gather of the others as dead code.
+
+        Each gathered parameter: 1 all-gather over the fsdp axis (forward),
+        1 reduce-scatter (backward), 1 all-reduce of its shard over the other
+        live batch axes (backward). A parameter kept whole: 1 all-reduce of
+        its gradient over the live batch axes (backward). Parameters of nested
+        units are declared by those units (`unit.declared_collectives`). The
+        loss and anything outside the unit are not included. With `scan`, the
+        collectives are those of one layer, inside the scan loops (the HLO
+        holds each once; it runs once per layer).
+        """
+        if self.axis_size == 1:
+            return []
+        if regathered is None and (args or kwargs):
+            derived = self._derive_regathered(args, kwargs, input_grad) if grad else {}
+            out = self.declared_collectives(grad=grad, regathered=derived.get(id(self), ()))
+            for unit in inner_units(self):
+                out += unit.declared_collectives(grad=grad, regathered=derived.get(id(unit), ()))
+            return out
+        regathered = () if regathered is None else tuple(regathered)
+        params = jax.tree.leaves(nnx.state(self.module, nnx.Param))
+        paths = self.param_paths()
+        unknown = set(regathered) - set(paths)
+        if unknown:
+            raise ValueError(
+                f"FSDPModule.declared_collectives(regathered={sorted(unknown)}): no such "
+                f"parameter. The parameters are {paths}."
+            )
+        live = live_axes(self.mesh, self.batch_axes)
+        others = tuple(a for a in live if a != self.axis)
+        out = []
+        for path, x, d, o, spec in zip(
+            paths, params, self.dims, self.owned, self.param_specs, strict=True
+        ):
+            if not o:
+                continue
+            stored = x.dtype
+            gdt = stored if self.policy is None else self.policy.gather_dtype(stored)
+            rdt = stored if self.policy is None else self.policy.grad_reduce_dtype(stored)
+            # the gathered size: one layer's in a scan, a shardlax layer's model-local shard
+            size = math.prod(self._gathered_shape(x.shape, d, spec))
+            rbytes, rname = size * jnp.dtype(rdt).itemsize, hlo_dtype(rdt)
+            if d is None:  # kept whole: its gradient is all-reduced over the batch axes
+                if grad:
+                    out.append(Declared("all-reduce", live, rname, 1, rbytes, path,
+                                        role=Role.GRAD_REDUCE, param=path))  # fmt: skip
+                continue
+            gname = gather_hlo_dtype(gdt)
+            full = size * jnp.dtype(gdt).itemsize
+            gathers = 1 + (grad and self.reshard_after_forward and path in regathered)
+            out.append(Declared("all-gather", (self.axis,), gname, gathers, gathers * full, path,
+                                role=Role.PARAM_GATHER, param=path))  # fmt: skip
+            if grad:
+                out.append(Declared("reduce-scatter", (self.axis,), rname, 1, rbytes, path,
+                                    role=Role.GRAD_REDUCE, param=path))  # fmt: skip
+                if others:
+                    shard = rbytes // self.axis_size
+                    out.append(Declared("all-reduce", others, rname, 1, shard, path,
+                                        role=Role.GRAD_REDUCE, param=path))  # fmt: skip
+        return out
+
+    def _derive_regathered(
+        self, args: tuple, kwargs: dict, input_grad: bool = True
+    ) -> dict[int, tuple[str, ...]]:
+        """{id(unit): paths its backward gathers again}, from the DCE'd gradient jaxpr."""
+        from jax._src import core as jax_core
+        from jax._src.interpreters import partial_eval as pe
+
+        if not self.reshard_after_forward:
+            return {}
+        graphdef, params, rest = nnx.split(self, nnx.Param, ...)
+        leaves, tree = jax.tree.flatten((args, kwargs))
+        is_float = [
+            input_grad and is_array(x) and jnp.issubdtype(x.dtype, jnp.floating) for x in leaves
+        ]
+        floats = [x for x, f in zip(leaves, is_float, strict=True) if f]
+
+        def loss(params, floats):
+            it = iter(floats)
+            full = [next(it) if f else x for x, f in zip(leaves, is_float, strict=True)]
+            call_args, call_kwargs = jax.tree.unflatten(tree, full)
+            out = nnx.merge(graphdef, params, rest, copy=True)(*call_args, **call_kwargs)
+            return sum(
+                jnp.sum(o.astype(jnp.float32))
+                for o in jax.tree.leaves(out)
+                if jnp.issubdtype(o.dtype, jnp.floating)
+            )
+
+        # value and gradient, as a train step: the forward stays live (the loss is an output)
+        closed = jax.make_jaxpr(jax.value_and_grad(loss, argnums=(0, 1)))(params, floats)
+        jaxpr, _ = pe.dce_jaxpr(closed.jaxpr, [True] * len(closed.jaxpr.outvars))
+
+        def walk(j):
+            for e in j.eqns:
+                if e.primitive.name == "all_gather" and self.axis in _as_names(
+                    e.params.get("axis_name")
+                ):
+                    yield tuple(e.invars[0].aval.shape)
+                for sub in jax_core.jaxprs_in_params(e.params):
+                    yield from walk(sub)
+
+        counts: dict[tuple, int] = {}
+        for shape in walk(jaxpr):
+            counts[shape] = counts.get(shape, 0) + 1
+        groups: dict[tuple, list] = {}  # local shard shape -> [(unit, path)] gathered once each
+        for unit in (self, *inner_units(self)):
+            p_leaves = jax.tree.leaves(nnx.state(unit.module, nnx.Param))
+            for path, x, d, o, spec in zip(
+                unit.param_paths(), p_leaves, unit.dims, unit.owned, unit.param_specs,
+                strict=True,
+            ):  # fmt: skip
+                if o and d is not None:
+                    local = list(unit._gathered_shape(x.shape, d, spec))
+                    local[d] //= unit.axis_size
+                    groups.setdefault(tuple(local), []).append((unit, path))
+        out: dict[int, list] = {}
+        for shape, members in groups.items():
+            extra = max(0, counts.get(shape, 0) - len(members))  # gathered again
+            for unit, path in members[:extra]:
+                out.setdefault(id(unit), []).append(path)
+        return {k: tuple(v) for k, v in out.items()}
+
+
+def _as_names(axis_name: Any) -> tuple:
+    return tuple(axis_name) if isinstance(axis_name, tuple | list) else (axis_name,)
+
+
+def inner_units(unit: Any) -> list[Any]:
+    """The FSDP units nested in `unit.module`, at any depth."""
+    return [m for _, m in nnx.iter_graph(unit.module) if isinstance(m, UnitDeclarations)]
+
+
+def is_array(x: Any) -> bool:
+    return isinstance(x, jax.Array | np.ndarray) or (
+        hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, np.generic)
+    )
