@@ -213,20 +213,20 @@ def test_fully_shard_after_parallelize_trains_like_one_device_as_declared():
     assert compiles == 1, f"the step compiled {compiles} times in {N_STEPS} steps"
     assert_like_reference(trainer, state, losses, ref, "llama units fsdp+tp")
     b, t = data[0]["inputs"].shape
-    d, hidden = 16, 32
-    x = jax.ShapeDtypeStruct((b, t, d), jnp.float32)
-    declared_model = []
+    x = jax.ShapeDtypeStruct((b, t, 16), jnp.float32)
+    # each unit declares its fsdp collectives (the twins' shards included) and the twins'
+    # own, traced: kv_proj reads q_proj's input, so their dx is all-reduced once
+    declared_model = [d for unit in model.layers for d in unit.declared_collectives(x)]
+    by_hand = []
     for unit in model.layers:
-        block = unit.module
-        declared_model += unit.declared_collectives(x)  # fsdp: the twins' shards too
-        declared_model += block.attn.q_proj.declared_collectives((b, t, d), grad=True)
-        # kv_proj reads q_proj's input: their input gradients are summed, all-reduced once
-        declared_model += block.attn.kv_proj.declared_collectives(
-            (b, t, d), grad=True, input_grad=False
-        )
-        declared_model += block.attn.o_proj.declared_collectives((b, t, d), grad=True)
-        declared_model += block.mlp.gate_up_proj.declared_collectives((b, t, d), grad=True)
-        declared_model += block.mlp.down_proj.declared_collectives((b, t, hidden), grad=True)
+        attn, mlp_ = unit.module.attn, unit.module.mlp
+        by_hand += attn.q_proj.declared_collectives((b, t, 16), grad=True)
+        by_hand += attn.kv_proj.declared_collectives((b, t, 16), grad=True, input_grad=False)
+        by_hand += attn.o_proj.declared_collectives((b, t, 16), grad=True)
+        by_hand += mlp_.gate_up_proj.declared_collectives((b, t, 16), grad=True)
+        by_hand += mlp_.down_proj.declared_collectives((b, t, 32), grad=True)
+    tp = [d for d in declared_model if d.axes == ("model",)]
+    assert tp == [d for d in by_hand if d.axes == ("model",)], tp
     report = shardlax.audit.collectives(trainer.step, state, data[0])
     cmp = shardlax.audit.compare(
         trainer.declared_collectives(data[0], model_collectives=declared_model), report

@@ -52,6 +52,10 @@ class UnitDeclarations:
         XLA does, and the all-gathers left are counted per parameter; nested
         units' declarations are included (each from the same trace). With
         `scan`, the loops' bodies are read the same way (one layer's gathers).
+        The shardlax layers the unit runs (`parallelize`'s twins) add their
+        own collectives (tensor parallelism over the model axis), each for
+        the global shape a traced forward called it with; column layers that
+        read one activation declare its dx all-reduce once.
 
         Args:
           *args, **kwargs: example arguments of a call (arrays or
@@ -76,14 +80,17 @@ class UnitDeclarations:
         collectives are those of one layer, inside the scan loops (the HLO
         holds each once; it runs once per layer).
         """
-        if self.axis_size == 1:
-            return []
         if regathered is None and (args or kwargs):
+            out = self._layer_declarations(args, kwargs, grad, input_grad)
+            if self.axis_size == 1:
+                return out
             derived = self._derive_regathered(args, kwargs, input_grad) if grad else {}
-            out = self.declared_collectives(grad=grad, regathered=derived.get(id(self), ()))
+            out += self.declared_collectives(grad=grad, regathered=derived.get(id(self), ()))
             for unit in inner_units(self):
                 out += unit.declared_collectives(grad=grad, regathered=derived.get(id(unit), ()))
             return out
+        if self.axis_size == 1:
+            return []
         regathered = () if regathered is None else tuple(regathered)
         params = jax.tree.leaves(nnx.state(self.module, nnx.Param))
         paths = self.param_paths()
@@ -124,6 +131,55 @@ class UnitDeclarations:
                     shard = rbytes // self.axis_size
                     out.append(Declared("all-reduce", others, rname, 1, shard, path,
                                         role=Role.GRAD_REDUCE, param=path))  # fmt: skip
+        return out
+
+    def _layer_declarations(
+        self, args: tuple, kwargs: dict, grad: bool, input_grad: bool
+    ) -> list[Declared]:
+        """The shardlax layers' own collectives (tensor parallelism), from one traced forward.
+
+        Each layer the unit runs declares itself for the global input shape it
+        was called with (`declared_collectives(shape, grad=..., input_grad=...)`);
+        column layers that read one activation declare its dx all-reduce once
+        (the first one), as they run it. A layer whose parameters the unit
+        gathers leaves their gradient reduction to the unit (its reduce-scatter
+        is declared above), so its own all-reduce over the batch axes is dropped.
+        """
+        from shardlax.nn import ParallelEmbed
+        from shardlax.nn._base import recording_calls
+
+        graphdef, state = nnx.split(self)
+        with recording_calls() as calls:
+            jax.eval_shape(
+                lambda s, a, k: nnx.merge(graphdef, s, copy=True)(*a, **k), state, args, kwargs
+            )
+        batch = set(self.batch_axes)
+        out: list[Declared] = []
+        shared: list[Any] = []  # activations a column layer has declared the dx of
+        for layer, method, x, shape, dtype, call_kwargs in calls:
+            owner = f"FSDPModule({type(self.module).__name__}).declared_collectives"
+            if method != "__call__" or shape is None:
+                raise ValueError(
+                    f"{owner}: the unit calls {type(layer).__name__}.{method}, whose "
+                    f"collectives it cannot derive. Pass regathered= (the fsdp collectives "
+                    f"only) and add the layer's declared_collectives(...) by hand."
+                )
+            if isinstance(layer, ParallelEmbed):
+                mine = layer.declared_collectives(shape, grad=grad)
+            else:
+                ig = input_grad and dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+                if _shares_input(layer):
+                    ig = ig and not any(x is s for s in shared)
+                    shared.append(x)
+                extra = {"einsum_str": call_kwargs["einsum_str"]} if call_kwargs.get(
+                    "einsum_str"
+                ) else {}  # fmt: skip
+                mine = layer.declared_collectives(shape, grad=grad, input_grad=ig, **extra)
+            if not getattr(layer, "_fsdp_live", False):
+                mine = [
+                    d for d in mine if not (d.role is Role.GRAD_REDUCE and set(d.axes) <= batch)
+                ]
+            out += mine
         return out
 
     def _derive_regathered(
@@ -201,3 +257,13 @@ def is_array(x: Any) -> bool:
     return isinstance(x, jax.Array | np.ndarray) or (
         hasattr(x, "shape") and hasattr(x, "dtype") and not isinstance(x, np.generic)
     )
+
+
+def _shares_input(layer: Any) -> bool:
+    """A column layer that sums its dx with the other readers of its input (see
+    `shared_model_input`)."""
+    from shardlax.nn import ColumnParallelLinear, ParallelEinsum
+
+    if isinstance(layer, ColumnParallelLinear):
+        return layer.shared_input or layer.parts > 1
+    return isinstance(layer, ParallelEinsum) and layer.column

@@ -100,6 +100,7 @@ from shardlax._fsdp_scan import fully_shard_scan as fully_shard_scan
 from shardlax._fsdp_scan import scan_layers as _scan_layers
 from shardlax._fsdp_state import check_state as _check_state
 from shardlax.mesh import axes_size, check_axis, is_manual, live_axes, present_axes, resolve_mesh
+from shardlax.nn._base import recorded_calls
 from shardlax.placement import local_shape, path_str, spec_axes, storage_spec
 from shardlax.precision import MixedPrecision
 
@@ -429,10 +430,14 @@ class FSDPModule(UnitDeclarations, nnx.Module):
                 probe.append(jax.tree.map(lambda o: (o.shape, kernels.varying_axes(o)), body(*xs)))
                 return ()
 
+            calls = recorded_calls()
+            seen = None if calls is None else len(calls)
             jax.eval_shape(
                 jax.shard_map(probe_body, mesh=self.mesh, in_specs=in_specs, out_specs=()),
                 *inputs,
             )
+            if calls is not None:
+                del calls[seen:]  # the probe's trace: the layers are recorded by the real one
             out_types, _, _ = probe[0]
             out_specs = jax.tree.map(
                 lambda t: _out_spec(owner, method, t, live, batch_entry, local_batch),

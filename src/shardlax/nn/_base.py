@@ -28,8 +28,10 @@ are total/N.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -543,11 +545,47 @@ def place_params(module: nnx.Module) -> nnx.Module:
     return module
 
 
+#: (layer, method, input, global input shape, input dtype, kwargs) of the outermost layer
+#: calls traced under `recording_calls` (None: not recording).
+_CALLS: contextvars.ContextVar[list | None] = contextvars.ContextVar("shardlax_calls", default=None)
+_IN_LAYER: contextvars.ContextVar[bool] = contextvars.ContextVar("shardlax_in_layer", default=False)
+
+
+@contextlib.contextmanager
+def recording_calls() -> Iterator[list]:
+    """Record the shardlax layer calls traced inside (not the inner layers of a composite).
+
+    A `fully_shard` unit declares the collectives of the layers it runs from
+    these (each layer's `declared_collectives` for the global shape it saw).
+    """
+    calls: list = []
+    token = _CALLS.set(calls)
+    try:
+        yield calls
+    finally:
+        _CALLS.reset(token)
+
+
+def recorded_calls() -> list | None:
+    """The list `recording_calls` is filling, or None."""
+    return _CALLS.get()
+
+
 def _placing(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def method(self, *args: Any, **kwargs: Any) -> Any:
         self.place_params()
-        return fn(self, *args, **kwargs)
+        calls = _CALLS.get()
+        if calls is None or _IN_LAYER.get():
+            return fn(self, *args, **kwargs)
+        x = args[0] if args else None
+        shape = tuple(self._global_view(x).shape) if hasattr(x, "shape") else None
+        calls.append((self, fn.__name__, x, shape, getattr(x, "dtype", None), dict(kwargs)))
+        token = _IN_LAYER.set(True)
+        try:
+            return fn(self, *args, **kwargs)
+        finally:
+            _IN_LAYER.reset(token)
 
     method._places_params = True
     return method
