@@ -304,3 +304,24 @@ def test_the_first_step_check_passes_a_right_plan_and_runs_once():
     assert trainer.step._checked and compiles == 1
     ref = [float(decoder.loss_fn(decoder.make(0, num_layers=1), host(data[0])))]
     utils.assert_close(np.array(losses[:1]), np.array(ref))
+
+
+def test_unit_declarations_refuse_a_method_they_cannot_derive():
+    """A unit that calls a VocabParallel twin's `attend` says to declare that layer by hand."""
+    mesh = utils.mesh(1, 2, 2)
+
+    class Head(nnx.Module):
+        def __init__(self):
+            self.embedder = nnx.Embed(8, 4, rngs=nnx.Rngs(0))
+
+        def __call__(self, h):  # per-device code: the logits' sum over the whole vocabulary
+            return shardlax.kernels.all_reduce(self.embedder.attend(h).sum(-1), "model")
+
+    head = parallelize(Head(), {"embedder": VocabParallel()}, mesh=mesh)
+    unit = shardlax.fully_shard(head, mesh=mesh)
+    with pytest.raises(
+        ValueError,
+        match=r"FSDPModule\(Head\)\.declared_collectives: the unit calls ParallelEmbed\.attend, "
+        r"whose collectives it cannot derive\. Pass regathered=",
+    ):
+        unit.declared_collectives(jax.ShapeDtypeStruct((4, 4), jnp.float32))
