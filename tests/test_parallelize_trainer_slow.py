@@ -110,20 +110,23 @@ def test_vit_fsdp_tp_trains_like_one_device():
 
 
 UNIT_RUNS = [
-    ("decoder", (1, 2, 2)),
-    ("vit_attention", (2, 2, 2)),
-    ("llama", (1, 4, 2)),
+    ("decoder", "fsdp+tp", (1, 2, 2)),
+    ("vit_attention", "fsdp+tp", (2, 2, 2)),
+    ("llama", "fsdp+tp", (1, 4, 2)),
+    ("llama", "zero2", (2, 2, 2)),
+    ("decoder", "dp", (2, 1, 2)),
 ]
 
 
-@pytest.mark.parametrize(("name", "shape"), UNIT_RUNS, ids=str)
-def test_parallelized_blocks_in_fully_shard_units_train_like_one_device(name, shape):
-    """torchtitan's order: the TP plan, then a fully_shard unit per block, fsdp+tp."""
+@pytest.mark.parametrize(("name", "strategy", "shape"), UNIT_RUNS, ids=str)
+def test_parallelized_blocks_in_fully_shard_units_train_like_one_device(name, strategy, shape):
+    """torchtitan's order: the TP plan, then a fully_shard unit per block; fsdp+tp, and the
+    strategies that keep the units' shards and split the optimizer state further."""
     mesh = utils.mesh(*shape)
     ref, data = reference(name)
     ctor, mod, plan = MODELS[name]
     model = parallelize(ctor(), plan, mesh=mesh)
     model = wrap_blocks(model, mesh, "blocks" if name.startswith("vit") else "layers")
-    trainer, state, losses, compiles = train(model, mod.loss_fn, mesh, "fsdp+tp", data)
+    trainer, state, losses, compiles = train(model, mod.loss_fn, mesh, strategy, data)
     assert compiles == 1, f"the step compiled {compiles} times in {N_STEPS} steps"
-    assert_like_reference(trainer, state, losses, ref, f"{name} units fsdp+tp {shape}")
+    assert_like_reference(trainer, state, losses, ref, f"{name} units {strategy} {shape}")
