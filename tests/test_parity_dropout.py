@@ -74,3 +74,28 @@ def test_second_nnx_jit_call_does_not_retrace():
     f(model, x)
     assert len(traces) == 1
     assert not np.array_equal(np.asarray(a), np.asarray(b))  # the stream advanced
+
+
+@pytest.mark.parametrize("model_axis", [1, 2])
+def test_call_time_rngs_made_on_the_mesh_do_not_retrace(model_axis):
+    """flax's `dropout_internal_rngs` sequence, with the call-time rngs made under
+    `jax.set_mesh`: module rngs and call-time rngs give the same masks, two traces in all."""
+    mesh = utils.mesh(model=model_axis, axis_types="auto")
+    traces = []
+
+    @nnx.jit
+    def f(m, x, rngs=None):
+        traces.append(1)
+        return m(x, rngs=rngs)
+
+    with jax.set_mesh(mesh):
+        owned = shardlax.nn.Dropout(0.5, deterministic=False, rngs=nnx.Rngs(dropout=0))
+        bare = shardlax.nn.Dropout(0.5, deterministic=False)
+        rngs = nnx.Rngs(dropout=0).fork()
+        x = jnp.ones((1, 10))
+        for step in (1, 2):
+            a = f(owned, x)
+            b = f(bare, x, rngs=rngs)
+            assert int(owned.rngs.count[...]) == step and int(rngs.dropout.count[...]) == step
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert len(traces) == 2

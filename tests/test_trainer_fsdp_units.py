@@ -76,6 +76,9 @@ CASES = [
     ("counter", "whole", "fsdp", (1, 4, 1)),
     ("rngs_at_call", "whole", "fsdp", (2, 4, 1)),
     ("cnn", "whole", "fsdp", (4, 2, 1)),
+    # flax's nnx.RNN and the model's own fori_loop / cond / scan with constant carries
+    ("recurrent", "whole", "fsdp", (2, 2, 1)),
+    ("recurrent", "whole", "zero2", (1, 4, 1)),
 ]
 
 

@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from shardlax import _flax_layers, kernels, zero
+from shardlax._control_flow import varying_carries
 from shardlax.placement import path_str, spec_axes
 
 
@@ -98,7 +99,7 @@ class _Steps:
         # tensor-parallel twins return local shards here: model code that trips over a
         # local size (a reshape with a global head count, a softmax over split logits)
         # gets an error naming the twin and the fix
-        with _flax_layers.state_reduction_scope(self.state_reduction):
+        with _flax_layers.state_reduction_scope(self.state_reduction), varying_carries():
             loss = call_local(self.loss_fn, model, batch, axis_name=self.tp_axis)
         if not hasattr(loss, "shape") or loss.shape != ():
             raise ValueError(

@@ -90,8 +90,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlax import _flax_layers, _fsdp_state, kernels
+from shardlax import _flax_layers, _fsdp_state, _random_check, kernels
 from shardlax._axes import BATCH_AXES, FSDP
+from shardlax._control_flow import varying_carries
 from shardlax._fsdp_declare import UnitDeclarations, is_array
 from shardlax._fsdp_place import layer_specs, shard_dim
 from shardlax._fsdp_place import path_key as _path_key
@@ -134,6 +135,7 @@ class FSDPModule(UnitDeclarations, nnx.Module):
         scan: bool = False,
         remat: bool = False,
         state_reduction: str | None = None,
+        per_device_random: bool = False,
     ):
         owner = f"fully_shard({type(module).__name__})"
         if state_reduction not in (None, "mean"):
@@ -175,6 +177,7 @@ class FSDPModule(UnitDeclarations, nnx.Module):
         self.scan = bool(scan)
         self.remat = bool(remat)
         self.state_reduction = state_reduction
+        self.per_device_random = bool(per_device_random)
         self.forward_methods = ("__call__",)
 
         # nested units: their parameters keep their specs and are gathered by them
@@ -357,7 +360,7 @@ class FSDPModule(UnitDeclarations, nnx.Module):
             call_args, call_kwargs = jax.tree.unflatten(a_tree, [next(pick[k]) for k in kinds])
             if policy is not None and policy.param_dtype is not None:
                 call_args, call_kwargs = _cast_floats((call_args, call_kwargs), policy.param_dtype)
-            with _fsdp_state.global_batch_layers([m, *call_nodes], unit_batch):
+            with _fsdp_state.global_batch_layers([m, *call_nodes], unit_batch), varying_carries():
                 out = getattr(m, method)(*call_args, **call_kwargs)
             _fsdp_state.check_structure(owner, method, self.module, graphdef, m)
             for i, leaf in enumerate(jax.tree.leaves(out)):
@@ -432,10 +435,31 @@ class FSDPModule(UnitDeclarations, nnx.Module):
 
             calls = recorded_calls()
             seen = None if calls is None else len(calls)
-            jax.eval_shape(
-                jax.shard_map(probe_body, mesh=self.mesh, in_specs=in_specs, out_specs=()),
-                *inputs,
-            )
+            closed = jax.make_jaxpr(
+                jax.shard_map(probe_body, mesh=self.mesh, in_specs=in_specs, out_specs=())
+            )(*inputs)
+            if local_batch is not None and nb > 1 and not self.per_device_random:
+
+                def doubled_program():  # the same unit for a batch twice as large
+                    nonlocal unit_batch
+                    saved = unit_batch
+                    unit_batch = _fsdp_state.UnitBatch(owner, live, nb, 2 * local_batch)
+                    twice = tuple(
+                        _random_check.doubled(a, NamedSharding(self.mesh, s)) if s != P() else a
+                        for a, s in zip(inputs[3], a_specs, strict=True)
+                    )
+                    try:
+                        return jax.make_jaxpr(
+                            jax.shard_map(lambda *xs: (body(*xs), ())[1], mesh=self.mesh,
+                                          in_specs=in_specs, out_specs=())
+                        )(*inputs[:3], twice)  # fmt: skip
+                    finally:
+                        unit_batch = saved
+
+                _random_check.check_draws(
+                    f"{owner}.{method}", closed, doubled_program, nb,
+                    "fully_shard(..., per_device_random=True)",
+                )  # fmt: skip
             if calls is not None:
                 del calls[seen:]  # the probe's trace: the layers are recorded by the real one
             out_types, _, _ = probe[0]
@@ -555,6 +579,7 @@ def fully_shard(
     policy: MixedPrecision | None = None,
     batch_axes: Sequence[str] | None = None,
     state_reduction: str | None = None,
+    per_device_random: bool = False,
 ) -> FSDPModule:
     """Make `module` an FSDP unit: parameters 1/N per device, gathered on use.
 
@@ -581,6 +606,10 @@ def fully_shard(
         averaged over the batch axes (1 all-reduce each, declared by the
         Trainer), as `Trainer(state_reduction='mean')` does outside units;
         ``None`` (default): such an update is an error.
+      per_device_random: the unit refuses random numbers its module's own
+        code draws (`jax.random.*` with the key every device holds) in a
+        shape that follows the batch shard, which every device would repeat
+        (`shardlax._random_check`); True accepts them (not equal to one device).
 
     Returns:
       An `FSDPModule`; call it like the module, inside `nnx.jit`.
@@ -593,4 +622,5 @@ def fully_shard(
         policy=policy,
         batch_axes=batch_axes,
         state_reduction=state_reduction,
+        per_device_random=per_device_random,
     )

@@ -49,6 +49,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax import placement, strategies, zero
 from shardlax._axes import DATA, FSDP, MODEL
+from shardlax._random_check import RandomChecked
 from shardlax._train_declare import _Declarations
 from shardlax._train_layout import _Layout
 from shardlax._train_steps import TrainState, _Steps
@@ -110,6 +111,11 @@ class Trainer(_Layout, _Declarations, _Steps):
         of the global batch (one f32 all-reduce of `[2, F]` per call), as on
         one device (default True). False: per-device statistics, as DDP
         without SyncBatchNorm.
+      per_device_random: the first step per batch shape refuses random
+        numbers the model's own code draws (`jax.random.*` with a key every
+        device holds) in a shape that follows the device's batch shard: they
+        would repeat on every device (see `shardlax._random_check`). True
+        accepts such draws (not equal to one device).
 
     Example:
       >>> import jax
@@ -145,6 +151,7 @@ class Trainer(_Layout, _Declarations, _Steps):
         check_tensor_parallel: bool = True,
         sync_batch_stats: bool = True,
         state_reduction: str | None = None,
+        per_device_random: bool = False,
         _cast_params: bool = True,
     ):
         self.strategy = strategies.get(strategy, _OWNER)
@@ -240,6 +247,11 @@ class Trainer(_Layout, _Declarations, _Steps):
             donate_argnums=0,
             out_shardings=(shardings, {"loss": jax.sharding.NamedSharding(self.mesh, P())}),
         )
+        if not per_device_random:
+            self.step = RandomChecked(
+                self.step, f"{_OWNER}(strategy={self.strategy.name!r})", self.n,
+                f"{_OWNER}(per_device_random=True)",
+            )  # fmt: skip
         from shardlax.parallelize import planned_twins  # (shardlax.parallelize is the function)
 
         twins = planned_twins(model, tp_axis) if check_tensor_parallel else []

@@ -25,7 +25,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tests.models import cnn, counter, decoder, mlp, rngs_at_call, vit
+from tests.models import cnn, counter, decoder, mlp, recurrent, rngs_at_call, vit
 
 #: name -> (ctor, make_batch, loss_fn)
 CORPUS: dict[str, tuple[Callable[..., nnx.Module], Callable, Callable]] = {
@@ -36,6 +36,7 @@ CORPUS: dict[str, tuple[Callable[..., nnx.Module], Callable, Callable]] = {
     "decoder_linear": (decoder.make_linear, decoder.make_batch, decoder.loss_fn),
     "counter": (counter.make, counter.make_batch, counter.loss_fn),
     "rngs_at_call": (rngs_at_call.make, rngs_at_call.make_batch, rngs_at_call.loss_fn),
+    "recurrent": (recurrent.make, recurrent.make_batch, recurrent.loss_fn),
 }
 
 
