@@ -29,7 +29,7 @@ DOCTEST_MODULES = [
     "shardlax.fsdp",
     "shardlax.mesh",
     "shardlax.models._tinylm",
-    "shardlax.nn._linear",
+    "shardlax.nn._column",
     "shardlax.parallelize",
     "shardlax.precision",
     "shardlax.train",

@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax.declarations import Declared, Role, hlo_dtype
 from shardlax.mesh import live_axes
-from shardlax.nn._base import gather_hlo_dtype
+from shardlax.nn._fsdp_layer import gather_hlo_dtype
 from shardlax.placement import local_shape, path_str
 
 
@@ -146,7 +146,7 @@ class UnitDeclarations:
         is declared above), so its own all-reduce over the batch axes is dropped.
         """
         from shardlax.nn import ParallelEmbed
-        from shardlax.nn._base import recording_calls
+        from shardlax.nn._placing import recording_calls
 
         graphdef, state = nnx.split(self)
         with recording_calls() as calls:

@@ -94,7 +94,7 @@ class _Steps:
         # copy=True: fresh Variables at this trace level, so the forward may update them
         model = nnx.merge(self.graphdef, jax.tree.unflatten(self._treedef, leaves), rest, copy=True)
         _flax_layers.adapt(model, self.live, sync_batch_stats=self.sync_batch_stats)
-        from shardlax.parallelize import call_local  # (shardlax.parallelize is the function)
+        from shardlax._twins_local import call_local
 
         # tensor-parallel twins return local shards here: model code that trips over a
         # local size (a reshape with a global head count, a softmax over split logits)

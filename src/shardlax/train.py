@@ -252,7 +252,7 @@ class Trainer(_Layout, _Declarations, _Steps):
                 self.step, f"{_OWNER}(strategy={self.strategy.name!r})", self.n,
                 f"{_OWNER}(per_device_random=True)",
             )  # fmt: skip
-        from shardlax.parallelize import planned_twins  # (shardlax.parallelize is the function)
+        from shardlax._twins_local import planned_twins
 
         twins = planned_twins(model, tp_axis) if check_tensor_parallel else []
         if twins:

@@ -18,8 +18,9 @@ from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.declarations import Declared
 from shardlax.nn._base import AUTO
-from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
+from shardlax.nn._column import ColumnParallelLinear
 from shardlax.nn._mlp import _activation_collectives
+from shardlax.nn._row import RowParallelLinear
 from shardlax.nn._sequence import SequenceLayer
 
 

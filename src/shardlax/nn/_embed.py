@@ -20,7 +20,7 @@ from shardlax._axes import MODEL
 from shardlax.declarations import Declared, Role
 from shardlax.mesh import is_manual, live_axes
 from shardlax.nn._base import AUTO, nbytes, run_shard_map
-from shardlax.nn._linear import metadata_param
+from shardlax.nn._projection import metadata_param
 from shardlax.nn._sequence import SequenceLayer
 
 

@@ -19,7 +19,8 @@ from shardlax._axes import MODEL
 from shardlax.declarations import Declared, Role
 from shardlax.kernels._mlp import ACTIVATIONS
 from shardlax.nn._base import AUTO, nbytes
-from shardlax.nn._linear import ColumnParallelLinear, RowParallelLinear
+from shardlax.nn._column import ColumnParallelLinear
+from shardlax.nn._row import RowParallelLinear
 from shardlax.nn._sequence import SequenceLayer
 
 

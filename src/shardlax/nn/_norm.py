@@ -17,7 +17,7 @@ from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.declarations import Declared
 from shardlax.nn._base import AUTO, param_value, run_shard_map
-from shardlax.nn._linear import metadata_param
+from shardlax.nn._projection import metadata_param
 from shardlax.nn._sequence import SequenceLayer
 
 

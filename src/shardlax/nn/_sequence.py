@@ -13,7 +13,7 @@ from shardlax import kernels
 from shardlax.declarations import Role
 from shardlax.mesh import live_axes
 from shardlax.nn._base import ShardedLayer, nbytes, run_shard_map
-from shardlax.nn._linear import ColumnParallelLinear
+from shardlax.nn._column import ColumnParallelLinear
 
 
 class SequenceLayer(ShardedLayer):

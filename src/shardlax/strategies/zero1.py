@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from shardlax import kernels
 from shardlax.declarations import Declared, hlo_dtype
-from shardlax.nn._base import gather_hlo_dtype
+from shardlax.nn._fsdp_layer import gather_hlo_dtype
 from shardlax.strategies._base import Strategy, register
 
 
