@@ -13,7 +13,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
 import shardlax
-from shardlax import audit, kernels
+from shardlax import audit, declarations, kernels
 from tests import utils
 
 HLO = """
@@ -172,7 +172,7 @@ def test_memory_reports_per_device_arguments():
 )  # fmt: skip
 def test_hlo_dtype_names_match_the_compiled_program(dtype, name):
     assert audit.hlo_dtype(dtype) == name
-    assert audit._DTYPE_BYTES[name] == jnp.dtype(dtype).itemsize
+    assert declarations.DTYPE_BYTES[name] == jnp.dtype(dtype).itemsize
 
 
 # ------------------------------------------------- replica-group spellings of real programs

@@ -53,11 +53,6 @@ References:
 
 from __future__ import annotations
 
-import atexit
-import json
-import os
-import threading
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -65,6 +60,34 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from shardlax._checkpoint_dirs import (
+    _ARRAY_ITEMS,
+    _ORBAX_FILE,
+    FORMAT,
+    MARKER,
+    VERSION,
+    _check_restore_root,
+    _check_save_root,
+    _forget,
+    _is_model_checkpoint,
+    _is_training_root,
+    _manager,
+    _pick_step,
+    _root,
+    _write_marker,
+    wait,
+    wait_for,
+)
+from shardlax._checkpoint_read import (
+    _abstract_state,
+    _checked_restore,
+    _corrupt,
+    _item_tree,
+    _mismatches,
+    _raise_mismatch,
+    _read_metadata,
+    _target,
+)
 from shardlax._logical import (
     Logical,
     abstract_logical,
@@ -73,116 +96,8 @@ from shardlax._logical import (
     to_logical,
 )
 
-#: File at the root of a training-checkpoint directory (written before any step).
-MARKER = "shardlax_checkpoint.json"
-FORMAT = "shardlax.checkpoint"
-VERSION = 1
 #: Steps a `CheckpointManager` keeps by default (the oldest are deleted).
 DEFAULT_MAX_TO_KEEP = 3
-_ARRAY_ITEMS = ("params", "opt_state", "rest")
-_ITEMS = (*_ARRAY_ITEMS, "meta")
-_ORBAX_FILE = "_CHECKPOINT_METADATA"  # in every directory orbax wrote a checkpoint into
-
-_LOCK = threading.RLock()
-_MANAGERS: dict[str, tuple[ocp.CheckpointManager, int | None]] = {}
-
-
-# ------------------------------------------------------------------ directories
-def _root(directory: Any) -> Path:
-    return Path(os.fspath(directory)).absolute()
-
-
-def _is_training_root(root: Path) -> bool:
-    return (root / MARKER).is_file()
-
-
-def _is_model_checkpoint(root: Path) -> bool:
-    return (root / _ORBAX_FILE).is_file()
-
-
-def _visible(root: Path) -> list[str]:
-    # a marker being written by another process (see _write_marker) does not count
-    return sorted(p.name for p in root.iterdir() if not p.name.startswith(".shardlax"))
-
-
-def _write_marker(root: Path) -> None:
-    """Process 0 marks `root` as a training-checkpoint directory (atomic rename)."""
-    if jax.process_index() != 0 or _is_training_root(root):
-        return
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".shardlax.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"format": FORMAT, "version": VERSION}) + "\n")
-    os.replace(tmp, root / MARKER)
-
-
-def _check_save_root(root: Path, where: str) -> None:
-    if root.exists() and not root.is_dir():
-        raise ValueError(
-            f"{where}(directory={str(root)!r}): this path is a file, not a directory. "
-            f"Pass a new or empty directory, or one an earlier save wrote."
-        )
-    if root.is_dir() and not _is_training_root(root):
-        entries = _visible(root)
-        if entries:
-            shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-            raise ValueError(
-                f"{where}(directory={str(root)!r}): the directory is not empty ({shown}) and "
-                f"is not a shardlax training checkpoint (no {MARKER}), so saving there "
-                f"could mix or delete other files. Pass a new or empty directory."
-            )
-
-
-def _manager(root: Path, max_to_keep: int | None, *, create: bool) -> ocp.CheckpointManager:
-    """This process's manager of `root` (one per directory, kept for async saves)."""
-    key = str(root)
-    with _LOCK:
-        found = _MANAGERS.get(key)
-        if found is not None and (not create or found[1] == max_to_keep):
-            return found[0]
-        if found is not None:  # another max_to_keep: finish its saves, replace it
-            found[0].wait_until_finished()
-            found[0].close()
-        options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            create=create,
-            enable_async_checkpointing=True,
-            cleanup_tmp_directories=create,
-        )
-        handlers = {name: ocp.StandardCheckpointHandler() for name in _ARRAY_ITEMS}
-        handlers["meta"] = ocp.JsonCheckpointHandler()
-        manager = ocp.CheckpointManager(root, options=options, item_handlers=handlers)
-        _MANAGERS[key] = (manager, max_to_keep if create else (found or (None, None))[1])
-        return manager
-
-
-def _forget(root: Path) -> None:
-    """Drop this process's manager of `root` (after finishing its saves)."""
-    with _LOCK:
-        found = _MANAGERS.pop(str(root), None)
-    if found is not None:
-        found[0].wait_until_finished()
-        found[0].close()
-
-
-def wait() -> None:
-    """Block until every checkpoint this process started saving is written (and raise its error)."""
-    with _LOCK:
-        managers = [m for m, _ in _MANAGERS.values()]
-    for m in managers:
-        m.wait_until_finished()
-        m.check_for_errors()
-
-
-def _close_all() -> None:
-    with _LOCK:
-        managers = [m for m, _ in _MANAGERS.values()]
-        _MANAGERS.clear()
-    for m in managers:
-        m.wait_until_finished()
-        m.close()
-
-
-atexit.register(_close_all)
 
 
 def all_steps(directory: Any) -> list[int]:
@@ -261,173 +176,6 @@ def save(
 
 
 # ------------------------------------------------------------------ restore
-def _check_restore_root(root: Path, where: str) -> None:
-    if not root.exists():
-        raise FileNotFoundError(
-            f"{where}(directory={str(root)!r}): no such directory, so there is no checkpoint "
-            f"to restore. Pass the directory given to Trainer.save."
-        )
-    if not _is_training_root(root):
-        hint = (
-            " It holds a model checkpoint (save_model or orbax's StandardCheckpointer): "
-            "restore it with shardlax.checkpoint.restore_model(directory, model)."
-            if _is_model_checkpoint(root)
-            else " Pass the directory given to Trainer.save."
-        )
-        raise ValueError(
-            f"{where}(directory={str(root)!r}): not a shardlax training checkpoint (no "
-            f"{MARKER}).{hint}"
-        )
-
-
-def _pick_step(manager: ocp.CheckpointManager, root: Path, step: int | None, where: str) -> int:
-    steps = sorted(manager.all_steps())
-    if not steps:
-        raise ValueError(
-            f"{where}(directory={str(root)!r}): the directory holds no complete checkpoint "
-            f"(a save may have been interrupted before it finished). Nothing was restored."
-        )
-    if step is None:
-        return steps[-1]
-    if step not in steps:
-        raise ValueError(
-            f"{where}(step={step}): {str(root)!r} holds no complete step {step}; it holds "
-            f"steps {steps}. Pass one of them, or step=None for the latest."
-        )
-    return step
-
-
-def _key_str(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def _path_str(item: str, path: tuple[str, ...]) -> str:
-    parts = list(path)
-    if parts and parts[-1] == "value":  # nnx.Variable's value
-        parts = parts[:-1]
-    return ".".join([item, *parts]) if parts else item
-
-
-def _describe(shape: Any, dtype: Any) -> str:
-    return f"{np.dtype(dtype).name}[{','.join(map(str, shape))}]"
-
-
-def _stored_form(x: Any) -> tuple[tuple[int, ...], Any]:
-    """How orbax stores a leaf: PRNG keys as their uint32 key data."""
-    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-        data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(x.shape, x.dtype))
-        return tuple(data.shape), np.dtype(data.dtype)
-    return tuple(x.shape), np.dtype(x.dtype)
-
-
-def _flat_paths(tree: Any, is_leaf=None) -> dict[tuple[str, ...], Any]:
-    leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_leaf)[0]
-    return {tuple(_key_str(k) for k in path): x for path, x in leaves}
-
-
-def _mismatches(item: str, stored: Any, target: Any) -> list[str]:
-    """Differences between a checkpoint item's metadata tree and a target tree."""
-
-    def is_meta(x):
-        return hasattr(x, "shape") and hasattr(x, "dtype")
-
-    have = _flat_paths(stored, is_leaf=is_meta)
-    want = _flat_paths(target)
-    out = []
-    for path in sorted(set(have) | set(want)):
-        name = _path_str(item, path)
-        if path not in want:
-            s = have[path]
-            out.append(f"{name}: in the checkpoint ({_describe(s.shape, s.dtype)}), not in "
-                       f"the model")  # fmt: skip
-            continue
-        shape, dtype = _stored_form(want[path])
-        if path not in have:
-            out.append(f"{name}: in the model ({_describe(shape, dtype)}), not in the checkpoint")
-            continue
-        s = have[path]
-        if tuple(s.shape) != shape or np.dtype(s.dtype) != dtype:
-            out.append(f"{name}: checkpoint {_describe(s.shape, s.dtype)}, model "
-                       f"{_describe(shape, dtype)}")  # fmt: skip
-    return out
-
-
-def _raise_mismatch(where: str, root: Path, step: int | None, problems: list[str]) -> None:
-    at = f"{str(root)!r}" + ("" if step is None else f" (step {step})")
-    shown = "\n  ".join(problems[:12])
-    more = f"\n  ... and {len(problems) - 12} more" if len(problems) > 12 else ""
-    raise ValueError(
-        f"{where}: the checkpoint at {at} does not fit the model ({len(problems)} "
-        f"difference(s)); nothing was restored:\n  {shown}{more}\nRestore into a model "
-        f"(and optimizer) with the parameter names, shapes and dtypes it was saved with."
-    )
-
-
-def _target(abstract: Any, specs: Any, mesh: Any) -> Any:
-    return jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(
-            a.shape, a.dtype, sharding=jax.sharding.NamedSharding(mesh, s)
-        ),
-        abstract,
-        specs,
-        is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec),
-    )
-
-
-def _corrupt(
-    where: str, root: Path, step: int | None, steps: list[int], err: Exception
-) -> ValueError:
-    others = [s for s in steps if s != step]
-    fix = f"Restore another step ({others})" if others else "Save it again"
-    what = f"step {step} of {str(root)!r}" if step is not None else f"{str(root)!r}"
-    return ValueError(
-        f"{where}: {what} could not be read, the checkpoint is incomplete or damaged "
-        f"({type(err).__name__}: {str(err)[:300]}). Nothing was restored. {fix}."
-    )
-
-
-def _item_metadata(metadata: Any, item: str) -> Any:
-    try:
-        found = metadata[item]
-    except (KeyError, TypeError):
-        return {}
-    return _item_tree(found)
-
-
-def _checked_restore(manager, root, step, where, metadata, targets, *, meta: bool) -> dict:
-    """Check every item against the checkpoint's metadata, then read them all (or raise)."""
-    problems = []
-    for item, t in targets.items():
-        problems += _mismatches(item, _item_metadata(metadata, item), t)
-    if problems:
-        _raise_mismatch(where, root, step, problems)
-    # items without arrays were not written (see save): they restore as the empty target
-    full = {k: t for k, t in targets.items() if jax.tree.leaves(t)}
-    args = {k: ocp.args.StandardRestore(t) for k, t in full.items()}
-    if meta:
-        args["meta"] = ocp.args.JsonRestore()
-    try:
-        got = dict(manager.restore(step, args=ocp.args.Composite(**args)))
-    except Exception as err:  # orbax/tensorstore raise many kinds on damaged files
-        raise _corrupt(where, root, step, sorted(manager.all_steps()), err) from err
-    return {**targets, **{k: got[k] for k in args}}
-
-
-def _read_metadata(manager: ocp.CheckpointManager, root: Path, step: int, where: str) -> Any:
-    try:
-        return manager.item_metadata(step)
-    except Exception as err:
-        raise _corrupt(where, root, step, sorted(manager.all_steps()), err) from err
-
-
-def _item_tree(metadata: Any) -> Any:
-    tree = getattr(metadata, "tree", metadata)
-    return {} if tree is None else tree
-
-
 def restore(trainer: Any, directory: Any, step: int | None = None) -> Any:
     """The `TrainState` saved at `step` (default the latest), laid out for `trainer`.
 
@@ -475,26 +223,7 @@ def restore(trainer: Any, directory: Any, step: int | None = None) -> Any:
     return from_logical(trainer, logical)
 
 
-def wait_for(root: Path) -> None:
-    """Finish this process's pending saves into `root` (a restore reads only complete steps)."""
-    with _LOCK:
-        found = _MANAGERS.get(str(root))
-    if found is not None:
-        found[0].wait_until_finished()
-        found[0].check_for_errors()
-
-
 # ------------------------------------------------------------------ models
-def _abstract_state(state: Any) -> Any:
-    """Restore targets for `state`: its shapes, dtypes and shardings."""
-
-    def target(x):
-        sharding = getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-
-    return jax.tree.map(target, state)
-
-
 def save_model(directory: Any, model: nnx.Pytree, *, force: bool = False) -> None:
     """Save `nnx.state(model)` (any NNX model, sharded or not) to `directory`; blocks until written.
 
