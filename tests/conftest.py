@@ -61,6 +61,7 @@ SLOW_FILES = {
     "test_fsdp_units.py",
     "test_fsdp_memory.py",
     "test_train_mixed.py",
+    "test_attention_dropout.py",
     # heavy end-to-end files
     "test_benchmarks.py",
     "test_checkpoint.py",

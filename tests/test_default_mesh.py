@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 import shardlax
 from tests import utils
-from tests.models import CORPUS, batches, host, one_device_reference
+from tests.models import CORPUS, batches, logical, one_device_reference
 
 pytestmark = pytest.mark.standard_dtype_promotion
 
@@ -43,14 +43,6 @@ def _reference(name):
     _, make_batch, loss_fn = CORPUS[name]
     data = batches(make_batch, BATCH, N_STEPS)
     return one_device_reference(_ctor(name), loss_fn, utils.adamw_clipped(MAX_NORM), data), data
-
-
-def _logical(tree):
-    out = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(host(tree))[0]:
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        out[".".join(k for k in keys if k not in ("module", "value"))] = x
-    return out
 
 
 def test_default_mesh_is_auto():
@@ -97,7 +89,7 @@ def test_fsdp2_pattern_in_a_user_jit_loop_on_the_default_mesh():
     utils.assert_close(np.array(losses), np.array(ref.losses))
     utils.assert_close(np.array(norms), np.array(ref.grad_norms))
     assert min(ref.grad_norms) > MAX_NORM  # the clipping was active
-    got, want = _logical(nnx.state(model, nnx.Param)), _logical(ref.params)
+    got, want = logical(nnx.state(model, nnx.Param)), logical(ref.params)
     assert sorted(got) == sorted(want)
     for k, w in want.items():
         utils.assert_close(got[k], w, err_msg=k)

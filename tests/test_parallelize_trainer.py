@@ -21,7 +21,7 @@ import shardlax
 from shardlax import Colwise, Rowwise, VocabParallel, parallelize
 from shardlax.parallelize import call_local
 from tests import utils
-from tests.models import batches, decoder, host, llama, mlp, one_device_reference
+from tests.models import batches, decoder, host, llama, logical, mlp, one_device_reference
 
 pytestmark = pytest.mark.standard_dtype_promotion
 
@@ -49,15 +49,6 @@ def train(model, loss_fn, mesh, strategy, data):
             state, metrics = trainer.step(state, batch)
             losses.append(float(metrics["loss"]))
     return trainer, state, losses, compiles.count
-
-
-def logical(tree):
-    """{dotted nnx path: host leaf}, without the `module` hop of a fully_shard unit."""
-    out = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(host(tree))[0]:
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        out[".".join(k for k in keys if k not in ("module", "value"))] = x
-    return out
 
 
 def assert_like_reference(trainer, state, losses, ref, what):

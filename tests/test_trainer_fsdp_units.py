@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import functools
 
-import jax
 import numpy as np
 import pytest
 from flax import nnx
 
 import shardlax
 from tests import utils
-from tests.models import CORPUS, batches, host, one_device_reference
+from tests.models import CORPUS, batches, logical, one_device_reference
 
 pytestmark = pytest.mark.standard_dtype_promotion
 
@@ -40,15 +39,6 @@ def wrap(model, how, mesh, state_reduction=None):
     if how in ("nested", "whole"):
         model = shardlax.fully_shard(model, mesh=mesh, state_reduction=state_reduction)
     return model
-
-
-def logical(tree):
-    """Leaves keyed by their nnx path without the `module` hops of FSDP units."""
-    out = {}
-    for path, x in jax.tree_util.tree_flatten_with_path(host(tree))[0]:
-        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        out[".".join(k for k in keys if k not in ("module", "value"))] = x
-    return out
 
 
 def compare(got, want, what):

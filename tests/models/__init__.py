@@ -72,6 +72,16 @@ def host(tree):
     return jax.tree.map(leaf, tree)
 
 
+def logical(tree) -> dict:
+    """{dotted nnx path: host leaf}, without the `module` hops of `fully_shard` units (so a
+    wrapped model's state compares with the plain model's)."""
+    out = {}
+    for path, x in jax.tree_util.tree_flatten_with_path(host(tree))[0]:
+        keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+        out[".".join(k for k in keys if k not in ("module", "value"))] = x
+    return out
+
+
 def one_device_reference(
     ctor: Callable[[], nnx.Module],
     loss_fn: Callable[[nnx.Module, Any], jax.Array],
@@ -114,4 +124,4 @@ def one_device_reference(
         )
 
 
-__all__ = ["CORPUS", "Reference", "batches", "host", "one_device_reference"]
+__all__ = ["CORPUS", "Reference", "batches", "host", "logical", "one_device_reference"]
