@@ -2,9 +2,10 @@
 
 Values and gradients of `scan` / `fori_loop` / `while_loop` / `cond` / `switch`
 whose carry starts constant (or from a replicated parameter) and meets the
-batch shard, per device on a mesh, against plain jnp on the whole batch; the
-recurrent corpus model in a `fully_shard` unit (`tests/test_trainer_corpus.py`
-trains it under every strategy).
+batch shard, per device on a mesh, against plain jnp on the whole batch, and
+inside a `fully_shard` unit (the recurrent corpus model, `tests/models/recurrent.py`,
+trains under every strategy in `tests/test_trainer_corpus.py` and
+`tests/test_trainer_fsdp_units.py`).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 import shardlax
 from shardlax import _control_flow
 from tests import utils
-from tests.models import host, recurrent
+from tests.models import host
 
 pytestmark = pytest.mark.standard_dtype_promotion
 
@@ -118,13 +119,28 @@ def test_other_type_errors_are_jax_own_and_the_functions_come_back():
     assert jax.lax.cond is _control_flow._ORIG["cond"]
 
 
-def test_recurrent_model_in_a_unit_has_the_one_device_gradient():
+class Looped(nnx.Module):
+    """A Linear, then the model's own scan from a zeros carry and a cond with a zeros branch."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.lin = nnx.Linear(D, D, rngs=rngs)
+
+    def __call__(self, x):  # x [b, T, D]
+        h = scan_zeros(self.lin.kernel[...], self.lin(x))
+        return cond_zeros_branch(self.lin.kernel[...], h[:, None, :])
+
+
+def test_a_unit_runs_the_models_loops_with_the_one_device_gradient():
+    """A `fully_shard` unit called in the user's own jit (no Trainer around it)."""
     mesh = utils.mesh(data=2, fsdp=2)
-    batch = recurrent.make_batch(jax.random.key(3), 8)
-    plain = recurrent.make()
-    want_loss, want = nnx.value_and_grad(recurrent.loss_fn)(plain, batch)
-    unit = shardlax.fully_shard(recurrent.make(), mesh=mesh)
-    got_loss, got = nnx.jit(nnx.value_and_grad(recurrent.loss_fn))(unit, batch)
+    x = jnp.asarray(utils.rand(2, 8, 4, D))
+
+    def loss(m, x):
+        return jnp.sum(m(x) ** 2)
+
+    want_loss, want = nnx.value_and_grad(loss)(Looped(nnx.Rngs(0)), x)
+    unit = shardlax.fully_shard(Looped(nnx.Rngs(0)), mesh=mesh)
+    got_loss, got = nnx.jit(nnx.value_and_grad(loss))(unit, x)
     utils.assert_close(got_loss, want_loss)
     got_leaves = {jax.tree_util.keystr(p[1:]): v for p, v in
                   jax.tree_util.tree_flatten_with_path(host(got))[0]}  # fmt: skip
