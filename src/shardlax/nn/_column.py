@@ -79,8 +79,8 @@ class ColumnParallelLinear(ParallelLinear):
 
     Example:
       >>> mesh = shardlax.make_mesh(data=2, model=4)
-      >>> col = ColumnParallelLinear(512, 2048, mesh=mesh, rngs=nnx.Rngs(0))
-      >>> row = RowParallelLinear(2048, 512, mesh=mesh, rngs=nnx.Rngs(1))
+      >>> col = shardlax.nn.ColumnParallelLinear(512, 2048, mesh=mesh, rngs=nnx.Rngs(0))
+      >>> row = shardlax.nn.RowParallelLinear(2048, 512, mesh=mesh, rngs=nnx.Rngs(1))
       >>> y = row(jax.nn.gelu(col(jnp.ones((8, 512)))))
       >>> y.shape, col.kernel[...].sharding.spec, row.kernel[...].sharding.spec
       ((8, 512), P(None, 'model'), P('model', None))
