@@ -39,12 +39,8 @@ _depth = 0
 _VMA = "manual axis types do not match"
 
 
-def _vma(x: Any) -> frozenset:
-    return kernels.varying_axes(x)
-
-
 def _cast(x: Any, axes: frozenset) -> Any:
-    missing = tuple(sorted(axes - _vma(x)))
+    missing = tuple(sorted(axes - kernels.varying_axes(x)))
     return kernels.ensure_varying(x, missing) if missing else x
 
 
@@ -61,30 +57,18 @@ def _out_vmas(fn, *args) -> list[frozenset]:
 
 def _carry_fixpoint(step, init: Any) -> list[frozenset]:
     """Per carry leaf, the axes it varies over once the loop has run: `step(carry)` returns
-    the next carry; the union of in and out until nothing changes."""
-    leaves = jax.tree.leaves(init)
-    targets = [_vma(x) for x in leaves]
-    for _ in range(len(leaves) + 8):
+    the next carry; the union of in and out until nothing changes (the sets only grow, and
+    no larger than the mesh's axes, so this ends)."""
+    targets = [kernels.varying_axes(x) for x in jax.tree.leaves(init)]
+    while True:
         outs = _out_vmas(lambda c: jax.tree.leaves(step(c)), _cast_tree(init, targets))
         new = [t | o for t, o in zip(targets, outs, strict=True)]
         if new == targets:
             return targets
         targets = new
-    return targets
 
 
-def _refused(error: TypeError) -> bool:
-    return _VMA in str(error)
-
-
-def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kw):
-    orig = _ORIG["scan"]
-    try:
-        return orig(f, init, xs, length=length, reverse=reverse, unroll=unroll, **kw)
-    except TypeError as e:
-        if not _refused(e):
-            raise
-
+def _scan(orig, f, init, xs=None, length=None, reverse=False, unroll=1, **kw):
     def step(c):  # one iteration, on the first slice of xs (traced abstractly)
         return f(c, jax.tree.map(lambda x: x[-1 if reverse else 0], xs))[0]
 
@@ -99,13 +83,7 @@ def scan(f, init, xs=None, length=None, reverse=False, unroll=1, **kw):
     )
 
 
-def fori_loop(lower, upper, body_fun, init_val, **kw):
-    orig = _ORIG["fori_loop"]
-    try:
-        return orig(lower, upper, body_fun, init_val, **kw)
-    except TypeError as e:
-        if not _refused(e):
-            raise
+def _fori_loop(orig, lower, upper, body_fun, init_val, **kw):
     targets = _carry_fixpoint(lambda c: body_fun(lower, c), init_val)
 
     def body(i, c):
@@ -114,13 +92,7 @@ def fori_loop(lower, upper, body_fun, init_val, **kw):
     return orig(lower, upper, body, _cast_tree(init_val, targets), **kw)
 
 
-def while_loop(cond_fun, body_fun, init_val):
-    orig = _ORIG["while_loop"]
-    try:
-        return orig(cond_fun, body_fun, init_val)
-    except TypeError as e:
-        if not _refused(e):
-            raise
+def _while_loop(orig, cond_fun, body_fun, init_val):
     targets = _carry_fixpoint(body_fun, init_val)
 
     def body(c):
@@ -140,30 +112,34 @@ def _joined(branches, operands) -> list:
     return [wrap(b) for b in branches]
 
 
-def cond(pred, true_fun, false_fun, *operands, **kw):
-    orig = _ORIG["cond"]
-    try:
-        return orig(pred, true_fun, false_fun, *operands, **kw)
-    except TypeError as e:
-        if not _refused(e):
-            raise
-    t, f = _joined([true_fun, false_fun], operands)
-    return orig(pred, t, f, *operands, **kw)
+def _cond(orig, pred, true_fun, false_fun, *operands, **kw):
+    return orig(pred, *_joined([true_fun, false_fun], operands), *operands, **kw)
 
 
-def switch(index, branches, *operands, **kw):
-    orig = _ORIG["switch"]
-    try:
-        return orig(index, branches, *operands, **kw)
-    except TypeError as e:
-        if not _refused(e):
-            raise
+def _switch(orig, index, branches, *operands, **kw):
     return orig(index, _joined(list(branches), operands), *operands, **kw)
 
 
+def _tolerant(name: str, cast):
+    """`jax.lax.<name>` as it is; where JAX refuses only the varying axes, `cast(orig, ...)`."""
+    orig = _ORIG[name]
+
+    @functools.wraps(orig)
+    def call(*args, **kwargs):
+        try:
+            return orig(*args, **kwargs)
+        except TypeError as e:
+            if _VMA not in str(e):
+                raise
+        return cast(orig, *args, **kwargs)
+
+    return call
+
+
 _TOLERANT = {
-    "scan": scan, "fori_loop": fori_loop, "while_loop": while_loop, "cond": cond,
-    "switch": switch,
+    name: _tolerant(name, cast)
+    for name, cast in [("scan", _scan), ("fori_loop", _fori_loop), ("while_loop", _while_loop),
+                       ("cond", _cond), ("switch", _switch)]
 }  # fmt: skip
 
 

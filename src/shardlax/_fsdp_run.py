@@ -195,11 +195,15 @@ def run_unit(unit: Any, owner: str, method: str, args: tuple, kwargs: dict) -> A
                     _random_check.doubled(a, NamedSharding(unit.mesh, s)) if s != P() else a
                     for a, s in zip(inputs[3], a_specs, strict=True)
                 )
+
+                def traced(*xs):
+                    body(*xs)
+                    return ()
+
                 try:
                     return jax.make_jaxpr(
-                        jax.shard_map(lambda *xs: (body(*xs), ())[1], mesh=unit.mesh,
-                                      in_specs=in_specs, out_specs=())
-                    )(*inputs[:3], twice)  # fmt: skip
+                        jax.shard_map(traced, mesh=unit.mesh, in_specs=in_specs, out_specs=())
+                    )(*inputs[:3], twice)
                 finally:
                     unit_batch = saved
 

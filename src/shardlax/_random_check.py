@@ -50,10 +50,6 @@ def doubled(x: Any, sharding: Any = None) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(shape, x.dtype, sharding=sharding)
 
 
-def _doubled(batch: Any) -> Any:
-    return jax.tree.map(doubled, batch)
-
-
 def _abstract(tree: Any) -> Any:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None))
@@ -91,23 +87,23 @@ class RandomChecked:
         check_draws(
             self._owner,
             self._step.trace(state, batch).jaxpr,
-            lambda: self._step.trace(_abstract(state), _doubled(batch)).jaxpr,
+            lambda: self._step.trace(_abstract(state), jax.tree.map(doubled, batch)).jaxpr,
             self._devices,
             self._flag,
         )
 
 
-def check_draws(owner: str, jaxpr, doubled, devices: int, flag: str) -> None:
+def check_draws(owner: str, jaxpr, trace_doubled, devices: int, flag: str) -> None:
     """Raise if a `random_bits` of `jaxpr` (a per-device program) follows the batch shard.
 
-    `doubled()` traces the same program for a batch twice as large (called
+    `trace_doubled()` traces the same program for a batch twice as large (called
     only when `jaxpr` draws at all); a draw whose shape differs there, or a
     count of draws that does, follows the batch.
     """
     draws = random_draws(jaxpr)
     if not draws:
         return
-    twice = random_draws(doubled())
+    twice = random_draws(trace_doubled())
     for i, (shape, where) in enumerate(draws):
         if i < len(twice) and twice[i][0] == shape:
             continue
