@@ -69,6 +69,11 @@ def test_mixed_precision_collectives_and_bytes():
     mesh = utils.mesh(data=n)
     trainer = train.Trainer(MLP(nnx.Rngs(0)), adamw_clipped(), loss_fn, mesh=mesh,
                             strategy="zero2", mixed_precision=POLICY)  # fmt: skip
+    # one description per parameter: stored f32, gathered and computed in bf16, reduced in f32
+    for p in trainer.placements:
+        assert (p.dtype, p.compute_dtype, p.reduce_dtype) == (jnp.float32, jnp.bfloat16,
+                                                              jnp.float32)  # fmt: skip
+        assert p.state_struct().dtype == jnp.float32 and p.state_struct().shape == p.flat_shape
     state, batch = trainer.init(), make_batch(16)
     report = audit.collectives(trainer.step, state, batch)
     cmp = audit.compare(trainer.declared_collectives(batch), report)

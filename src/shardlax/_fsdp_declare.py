@@ -21,6 +21,7 @@ from shardlax.declarations import Declared, Role, hlo_dtype
 from shardlax.mesh import live_axes
 from shardlax.nn._fsdp_layer import gather_hlo_dtype
 from shardlax.placement import local_shape, path_str
+from shardlax.precision import wire_dtypes
 
 
 class UnitDeclarations:
@@ -109,8 +110,7 @@ class UnitDeclarations:
             if not o:
                 continue
             stored = x.dtype
-            gdt = stored if self.policy is None else self.policy.gather_dtype(stored)
-            rdt = stored if self.policy is None else self.policy.grad_reduce_dtype(stored)
+            gdt, rdt = wire_dtypes(stored, self.policy)
             # the gathered size: one layer's in a scan, a shardlax layer's model-local shard
             size = math.prod(self._gathered_shape(x.shape, d, spec))
             rbytes, rname = size * jnp.dtype(rdt).itemsize, hlo_dtype(rdt)

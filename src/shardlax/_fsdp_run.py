@@ -33,7 +33,7 @@ from shardlax._fsdp_state import check_state as _check_state
 from shardlax.mesh import axes_size, is_manual, live_axes
 from shardlax.nn._placing import recorded_calls
 from shardlax.placement import path_str as _path_str
-from shardlax.precision import MixedPrecision
+from shardlax.precision import MixedPrecision, wire_dtypes
 
 
 def run_unit(unit: Any, owner: str, method: str, args: tuple, kwargs: dict) -> Any:
@@ -280,12 +280,10 @@ def _gather_all(
     replicated = tuple(a for a in live if a != axis)
     out = []
     for s, d in zip(shards, dims, strict=True):
-        gdt = None if policy is None else policy.gather_dtype(s.dtype)
+        gdt, rdt = wire_dtypes(s.dtype, policy)
         if d is None:  # the fsdp axis has size 1: nothing to gather
-            s = kernels.ensure_varying(s, live)
-            out.append(s if gdt is None else s.astype(gdt))
+            out.append(kernels.ensure_varying(s, live).astype(gdt))
             continue
-        rdt = None if policy is None else policy.grad_reduce_dtype(s.dtype)
         out.append(
             kernels.fsdp_gather(
                 s, axis, dim=d, replicated_axes=replicated, gather_dtype=gdt, reduce_dtype=rdt

@@ -85,8 +85,7 @@ class _Declarations:
             out.append(d)
         for (axes, _), buckets in self.bucket_groups.items():
             for b in buckets:
-                rdt = jnp.dtype(self._reduce_dtype(b.dtype))
-                gdt = jnp.dtype(self._gather_dtype(b.dtype))
+                gdt, rdt = self._bucket_dtypes(b)
                 out += self.strategy.declare(b, axes, rdt, gdt)
         for axes, features, fast in rec.stats:
             axes = tuple(a for a in axes if self.mesh.shape[a] > 1)

@@ -83,12 +83,7 @@ class _Layout:
 
     def _flat_params(self) -> Any:
         """ShapeDtypeStructs of the parameters as optax sees them (full or flat)."""
-        return jax.tree.unflatten(
-            self._treedef,
-            [jax.ShapeDtypeStruct(p.state_shape if p.shard_state else s.shape,
-                                  self._reduce_dtype(s.dtype) if p.shard_state else s.dtype)
-             for p, s in zip(self.placements, self._shapes, strict=True)],
-        )  # fmt: skip
+        return jax.tree.unflatten(self._treedef, [p.state_struct() for p in self.placements])
 
     def _opt_specs(self) -> Any:
         """Optimizer state that follows a parameter is laid out like its (flat) shards."""
@@ -126,15 +121,10 @@ class _Layout:
             master=master,
         )
 
-    def _gather_dtype(self, stored: Any) -> Any:
-        """The dtype the replicated parameters are kept, computed with and gathered in."""
-        policy = self.mixed_precision
-        return jnp.dtype(stored) if policy is None else policy.gather_dtype(stored)
-
-    def _reduce_dtype(self, stored: Any) -> Any:
-        """The dtype the gradients are reduced (and the optimizer runs) in."""
-        policy = self.mixed_precision
-        return jnp.dtype(stored) if policy is None else policy.grad_reduce_dtype(stored)
+    def _bucket_dtypes(self, b: Any) -> tuple[Any, Any]:
+        """`(compute, reduce)` of a bucket's parameters (one dtype per bucket)."""
+        p = self.placements[b.leaves[0]]
+        return p.compute_dtype, p.reduce_dtype
 
     def _initializer(self):
         """`make(params, rest) -> TrainState` and the specs (for init and abstract_state)."""
@@ -145,7 +135,7 @@ class _Layout:
             def body(*leaves):
                 from shardlax import kernels
 
-                return [kernels.local_shard(x.astype(self._reduce_dtype(x.dtype)), p.replicated)
+                return [kernels.local_shard(x.astype(p.reduce_dtype), p.replicated)
                         if p.shard_state else x
                         for x, p in zip(leaves, places, strict=True)]  # fmt: skip
 
@@ -164,7 +154,9 @@ class _Layout:
                 opt = self.tx.init(flat)
                 if self.mixed_precision is not None:
                     master = flat
-                    params = jax.tree.map(lambda x: x.astype(self._gather_dtype(x.dtype)), params)
+                    params = jax.tree.unflatten(self._treedef, [
+                        x.astype(p.compute_dtype)
+                        for x, p in zip(jax.tree.leaves(params), places, strict=True)])  # fmt: skip
             else:
                 opt = self.tx.init(params)
             return TrainState(params, opt, rest, jnp.zeros((), jnp.int32), master)

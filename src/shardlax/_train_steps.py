@@ -128,7 +128,7 @@ class _Steps:
             mat = getattr(s, "manual_axis_type", None)
             return kernels.ensure_varying(z, tuple(mat.varying) if mat is not None else ())
 
-        acc = [self._reduce_dtype(s.dtype) for s in self._shapes]
+        acc = [p.reduce_dtype for p in self.placements]
         carry0 = (
             zeros_like(loss0),
             [zeros_like(g, d) for g, d in zip(grads0, acc, strict=True)],
@@ -184,7 +184,7 @@ class _Steps:
                 out[i] = g * jnp.asarray(scale, g.dtype)
         for (axes, _), buckets in self.bucket_groups.items():
             for b in buckets:
-                rdt = self._reduce_dtype(b.dtype)
+                _, rdt = self._bucket_dtypes(b)
                 parts = [kernels.ensure_varying(grads[i].astype(rdt), axes) for i in b.leaves]
                 for i, g in zip(b.leaves, self.strategy.reduce(parts, axes), strict=True):
                     out[i] = g * jnp.asarray(scale, g.dtype)
@@ -197,7 +197,7 @@ class _Steps:
             return out
         for (axes, _), buckets in self.bucket_groups.items():
             for b in buckets:
-                gdt = self._gather_dtype(b.dtype)
+                gdt, _ = self._bucket_dtypes(b)
                 row = [new[i].astype(gdt) for i in b.leaves]
                 gathered = kernels.all_gather_bucket(row, b.shapes, axes)
                 for i, x in zip(b.leaves, gathered, strict=True):

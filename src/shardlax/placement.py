@@ -18,8 +18,14 @@ Every parameter of a model trained by `shardlax.Trainer` gets a `Placement`:
   (`[ceil(n / N)]` elements of the local parameter per device; ZeRO-1/2),
   or laid out like the parameter itself.
 
+- `compute_dtype` / `reduce_dtype`: the dtype the parameter is gathered and
+  computed in, and the dtype its gradient is reduced (and, sharded, updated)
+  in: the stored dtype, or a `MixedPrecision` policy's choice
+  (`shardlax.precision.wire_dtypes`, the rule the layers and `fully_shard`
+  apply too).
+
 dp, ZeRO-1/2/3, hybrid sharding and tensor parallelism are all choices of
-these three fields; `shardlax.strategies` only says which.
+these fields; `shardlax.strategies` only says which.
 
 The *flat* layout of a ZeRO-sharded leaf, as a global array: the local
 parameter (this device's shard of `spec`) is flattened, zero-padded to
@@ -40,6 +46,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
+
+from shardlax.precision import MixedPrecision, wire_dtypes
 
 
 def spec_axes(spec: P) -> tuple[str, ...]:
@@ -96,11 +104,15 @@ class Placement:
     Attributes:
       path: the parameter's nnx path, dotted (``"layers.0.attn.q.kernel"``).
       shape: the global (logical) shape.
-      dtype: the stored dtype.
+      dtype: the model's (master) dtype.
       spec: the storage PartitionSpec (axes of size 1 dropped).
       replicated: live batch axes the parameter is replicated over, in mesh order.
       shard_state: ZeRO-1/2: optimizer state split over `replicated` as flat shards.
       mesh_shape: the mesh's ``{axis: size}``.
+      compute_dtype: the dtype it is gathered and computed in (the `TrainState`
+        keeps it in this dtype; the f32 master under a `MixedPrecision`).
+      reduce_dtype: the dtype its gradient is reduced in (and its flat ZeRO
+        shard and optimizer state are kept in).
     """
 
     path: str
@@ -110,6 +122,13 @@ class Placement:
     replicated: tuple[str, ...]
     shard_state: bool
     mesh_shape: tuple[tuple[str, int], ...]
+    compute_dtype: Any = None
+    reduce_dtype: Any = None
+
+    def __post_init__(self) -> None:
+        for field in ("compute_dtype", "reduce_dtype"):
+            if getattr(self, field) is None:
+                object.__setattr__(self, field, jnp.dtype(self.dtype))
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -156,7 +175,10 @@ class Placement:
         return self.flat_shape if self.shard_state else self.shape
 
     def state_struct(self) -> jax.ShapeDtypeStruct:
-        return jax.ShapeDtypeStruct(self.state_shape, self.dtype)
+        """The optimizer's view of the parameter: its flat shard (reduce dtype) or itself."""
+        if self.shard_state:
+            return jax.ShapeDtypeStruct(self.flat_shape, self.reduce_dtype)
+        return jax.ShapeDtypeStruct(self.shape, self.dtype)
 
 
 def live_spec(spec: P, mesh: Mesh) -> P:
@@ -196,8 +218,12 @@ def plan(
     *,
     shard_state: bool,
     owner: str,
+    policy: MixedPrecision | None = None,
 ) -> list[Placement]:
-    """The `Placement` of every parameter leaf (in `jax.tree.leaves` order)."""
+    """The `Placement` of every parameter leaf (in `jax.tree.leaves` order).
+
+    `policy`: the Trainer's `MixedPrecision` (None: compute and reduce in each
+    parameter's own dtype)."""
     live_batch = tuple(a for a in mesh.axis_names if a in batch_axes and mesh.shape[a] > 1)
     mesh_shape = tuple((a, int(mesh.shape[a])) for a in mesh.axis_names)
     out = []
@@ -205,6 +231,7 @@ def plan(
         spec = spec_of(x, mesh, owner, path)
         split = set(spec_axes(spec))
         replicated = tuple(a for a in live_batch if a not in split)
+        compute, reduce = wire_dtypes(x.dtype, policy)
         out.append(
             Placement(
                 path=path,
@@ -214,6 +241,8 @@ def plan(
                 replicated=replicated,
                 shard_state=bool(shard_state and replicated),
                 mesh_shape=mesh_shape,
+                compute_dtype=compute,
+                reduce_dtype=reduce,
             )
         )
     return out

@@ -85,5 +85,16 @@ class MixedPrecision:
         return jnp.dtype(stored) if self.reduce_dtype is None else self.reduce_dtype
 
 
+def wire_dtypes(stored: Any, policy: MixedPrecision | None) -> tuple[Any, Any]:
+    """`(compute, reduce)`: the dtype a parameter stored as `stored` is gathered and
+    computed in, and the dtype its gradient is reduced in, under `policy` (None:
+    both the stored dtype). The one rule every path uses: the layers' FSDP
+    gathers, `fully_shard` units and the Trainer's `Placement`s."""
+    stored = jnp.dtype(stored)
+    if policy is None:
+        return stored, stored
+    return jnp.dtype(policy.gather_dtype(stored)), jnp.dtype(policy.grad_reduce_dtype(stored))
+
+
 #: The policy that changes nothing: gather, compute and reduce in the stored dtype.
 FULL_PRECISION = MixedPrecision()

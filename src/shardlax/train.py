@@ -221,7 +221,7 @@ class Trainer(_Layout, _Declarations, _Steps):
         self._rest_shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), rest)
         self.placements = placement.plan(
             self.paths, leaves, self.mesh, self.data_axes,
-            shard_state=self.strategy.shard_state, owner=_OWNER,
+            shard_state=self.strategy.shard_state, owner=_OWNER, policy=mixed_precision,
         )  # fmt: skip
         self._rest_specs = jax.tree.map(
             lambda x: placement.spec_of(x, self.mesh, _OWNER, "state"), rest
@@ -273,8 +273,7 @@ class Trainer(_Layout, _Declarations, _Steps):
             return
         local = jax.tree.unflatten(
             self._treedef,
-            [jax.ShapeDtypeStruct(p.local_shape, self._reduce_dtype(s.dtype))
-             for p, s in zip(self.placements, self._shapes, strict=True)],
+            [jax.ShapeDtypeStruct(p.local_shape, p.reduce_dtype) for p in self.placements],
         )  # fmt: skip
         n = max(p.n_replicated for p in sharded)
         _optax_check.check_flat_shard_exact(

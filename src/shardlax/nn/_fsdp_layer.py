@@ -40,7 +40,7 @@ from shardlax._axes import FSDP
 from shardlax.declarations import Declared, Role, hlo_dtype
 from shardlax.mesh import axes_size, check_axis, live_axes
 from shardlax.placement import storage_spec
-from shardlax.precision import MixedPrecision
+from shardlax.precision import MixedPrecision, wire_dtypes
 
 #: `fsdp_axis` default: ``'fsdp'`` when the mesh has it and the batch is split
 #: over it, else no FSDP.
@@ -152,18 +152,16 @@ class LayerFSDP:
         if shard is None:
             return None
         live = live_axes(self.mesh, (*self.batch_axes, *token_axes))
-        policy = self.mixed_precision
+        compute, reduce = wire_dtypes(shard.dtype, self.mixed_precision)
         if not self._fsdp_live:
-            shard = kernels.ensure_varying(shard, live)
-            return shard if policy is None else shard.astype(policy.gather_dtype(shard.dtype))
-        stored = shard.dtype
+            return kernels.ensure_varying(shard, live).astype(compute)
         return kernels.fsdp_gather(
             shard,
             self.fsdp_axis,
             dim=dim,
             replicated_axes=tuple(a for a in live if a != self.fsdp_axis),
-            gather_dtype=None if policy is None else policy.gather_dtype(stored),
-            reduce_dtype=None if policy is None else policy.grad_reduce_dtype(stored),
+            gather_dtype=compute,
+            reduce_dtype=reduce,
         )
 
     def _fsdp_apply(
@@ -213,9 +211,7 @@ class LayerFSDP:
         batch axes of the all-reduce (see `_gather`).
         """
         stored = self.param_dtype
-        policy = self.mixed_precision
-        gdt = stored if policy is None else policy.gather_dtype(stored)
-        rdt = stored if policy is None else policy.grad_reduce_dtype(stored)
+        gdt, rdt = wire_dtypes(stored, self.mixed_precision)
         n = 1
         for d in local_shape:
             n *= int(d)

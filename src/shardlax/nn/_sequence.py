@@ -14,6 +14,7 @@ from shardlax.declarations import Role
 from shardlax.mesh import live_axes
 from shardlax.nn._base import ShardedLayer, nbytes, run_shard_map
 from shardlax.nn._column import ColumnParallelLinear
+from shardlax.precision import wire_dtypes
 
 
 class SequenceLayer(ShardedLayer):
@@ -84,14 +85,13 @@ class SequenceLayer(ShardedLayer):
                 return kernels.ensure_varying(value, axes)
             # FSDP: reduce-scatter over fsdp first, then one all-reduce of the 1/N shard
             # over the other batch axes and the model axis together.
-            policy, stored = owner.mixed_precision, value.dtype
+            compute, reduce = wire_dtypes(value.dtype, owner.mixed_precision)
             others = tuple(
                 a for a in live_axes(self.mesh, owner.batch_axes) if a != owner.fsdp_axis
             )
             return kernels.fsdp_gather(
                 value, owner.fsdp_axis, dim=dim, replicated_axes=(*others, *model),
-                gather_dtype=None if policy is None else policy.gather_dtype(stored),
-                reduce_dtype=None if policy is None else policy.grad_reduce_dtype(stored),
+                gather_dtype=compute, reduce_dtype=reduce,
             )  # fmt: skip
         return owner._gather(value, dim)
 
@@ -113,8 +113,7 @@ class SequenceLayer(ShardedLayer):
                                       role=Role.GRAD_REDUCE, param=why)  # fmt: skip
             out = owner._declare_fsdp(local_shape, dim, grad=grad, regather=regather, why=why)
             out = [d for d in out if d.kind != "all-reduce"]
-            policy = owner.mixed_precision
-            rdt = dt if policy is None else policy.grad_reduce_dtype(dt)
+            _, rdt = wire_dtypes(dt, owner.mixed_precision)
             others = tuple(a for a in owner.batch_axes if a != owner.fsdp_axis)
             shard = nbytes(local_shape, rdt) // owner.fsdp_size
             return out + owner._declare("all-reduce", (*others, *model), rdt, shard,
