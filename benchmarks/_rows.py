@@ -76,7 +76,10 @@ def row_tp_mlp(cfg: dict, n: int, devices) -> Row:
             return P(None, "model") if "kernel" in path else P("model")
         return P("model", None) if "kernel" in path else P()
 
-    cands = {"shardlax": module_candidate(ParallelMLP(d, f, nnx.Rngs(0), mesh), batch, mesh)}
+    # the batch placed on the mesh as the GSPMD candidate's is (replicated: TP splits no
+    # batch dim), so neither step copies its inputs out of one device on every call
+    placed = tuple(jax.device_put(v, NamedSharding(mesh, P())) for v in batch)
+    cands = {"shardlax": module_candidate(ParallelMLP(d, f, nnx.Rngs(0), mesh), placed, mesh)}
     pins = (constraint(auto, P(None, "model")), constraint(auto, P()))
     plain = PlainMLP(d, f, nnx.Rngs(0), constrain=pins)
     cands |= plain_candidates(plain, batch, auto, spec_of, P(), devices)
@@ -104,7 +107,7 @@ def row_zero2(cfg: dict, n: int, devices) -> Row:
     auto = shardlax.make_mesh(data=n, devices=devices, axis_types="auto")
     batch = regression_batch(b, d)
     trainer = Trainer(PlainMLP(d, f, nnx.Rngs(0)), adam(), mse, mesh=mesh, strategy="zero2")
-    cands = {"shardlax": Candidate(trainer.step, trainer.init(), batch, mesh)}
+    cands = {"shardlax": Candidate(trainer.step, trainer.init(), trainer.place_batch(batch), mesh)}
 
     def opt_spec(path: str):
         # Adam's moments split on their first dim (ZeRO-2 under GSPMD); the count replicated.

@@ -17,6 +17,8 @@ import pytest
 from flax import nnx
 from hypothesis import given
 from hypothesis import strategies as st
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import shardlax
 from shardlax import audit, train
@@ -472,3 +474,18 @@ def test_random_shapes_and_buckets(sizes, bucket_bytes, strategy, n):
     assert_params_close(state.params, expected, f"{strategy} {sizes} {bucket_bytes}")
     report = audit.collectives(trainer.step, state, batch)
     assert audit.compare(trainer.declared_collectives(batch), report).ok
+
+
+def test_place_batch_lays_the_batch_out_as_the_step_reads_it():
+    mesh = utils.mesh(data=2, fsdp=2)
+    trainer = train.Trainer(MLP(nnx.Rngs(0)), adamw_clipped(), loss_fn, mesh=mesh,
+                            strategy="zero2")  # fmt: skip
+    batch = make_batch(16)
+    placed = trainer.place_batch(batch)
+    for x in jax.tree.leaves(placed):
+        assert x.sharding == NamedSharding(mesh, P(("data", "fsdp")))
+    _, host = trainer.step(trainer.init(), batch)
+    _, on_mesh = trainer.step(trainer.init(), placed)
+    assert float(host["loss"]) == float(on_mesh["loss"])
+    with pytest.raises(ValueError, match=r"batch of 6 cannot be split.*\(size 4\)"):
+        trainer.place_batch(make_batch(6))

@@ -327,6 +327,18 @@ class Trainer(_Layout, _Declarations, _Steps):
         checkpoint.wait()
 
     # -------------------------------------------------------------- the step
+    def place_batch(self, batch: Any) -> Any:
+        """`batch` laid out as `step` reads it: each array split on its leading dim over
+        the batch axes (`NamedSharding(mesh, P(batch axes))`).
+
+        `step` accepts host or one-device arrays too, but then every call first
+        copies the whole batch out to the devices (for a small model that copy
+        can cost as much as the step); place the next batch ahead, in the data
+        loader, and `step` moves nothing at its inputs.
+        """
+        self._check_batch(batch)
+        return jax.tree.map(lambda x: self._put(x, self._batch_spec(x)), batch)
+
     def _check_batch(self, batch: Any) -> int:
         leaves = jax.tree.leaves(batch)
         if not leaves:
