@@ -22,24 +22,24 @@ than f32 rounding at step 0 already.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
 import json
 import math
 import os
-import platform
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardlax
 from shardlax import audit, checkpoint
+from shardlax._demo_lm_agreement import F32_RTOL as F32_RTOL
+from shardlax._demo_lm_agreement import agreement, describe
+from shardlax._demo_lm_report import _bytes, _plot, collective_rows, flags, machine, versions
+from shardlax._demo_lm_steps import _compile, _make_step, _optimizer, _pure_step
 from shardlax._launch import FlagError, elapsed, phase
 from shardlax.data import NGramLanguage
 from shardlax.models import TinyLM, TinyLMConfig
@@ -54,192 +54,6 @@ def _global_batch(mesh, batch_axes, array: np.ndarray) -> jax.Array:
     """A global array split over the batch axes; works across processes (each keeps its part)."""
     sharding = NamedSharding(mesh, P(batch_axes or None, None))
     return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
-
-
-#: relative agreement of the first steps: the f32 row of the test suite's one tolerance
-#: table (tests/utils.py TOLERANCES; tests/test_demo.py holds the two equal)
-F32_RTOL = 2e-5
-
-
-def _optimizer(model: TinyLM, mesh, lr: float, weight_decay: float) -> nnx.Optimizer:
-    """AdamW on the model's parameters, its scalars (step counts) placed on `mesh`.
-
-    optax creates the counts on the default device; the jitted step returns
-    them replicated over the mesh, and a second input sharding would compile
-    the step a second time. Placing them on the mesh first keeps it to one.
-    """
-    optimizer = nnx.Optimizer(model, optax.adamw(lr, weight_decay=weight_decay), wrt=nnx.Param)
-    state = nnx.state(optimizer)
-    replicated = NamedSharding(mesh, P())
-
-    def place(x):
-        if isinstance(x.sharding, NamedSharding):
-            return x
-        value = np.asarray(x)  # built from the host value on every process: no transfer
-        return jax.make_array_from_callback(value.shape, replicated, lambda idx: value[idx])
-
-    state = jax.tree.map(place, state)
-    nnx.update(optimizer, state)
-    return optimizer
-
-
-def _make_step():
-    """An AdamW step on the model's own (sharded) parameters.
-
-    Under FSDP + TP the layers already leave every gradient reduce-scattered
-    or all-reduced to the layout of its parameter, so the optimizer update is
-    elementwise on each device's shards: no collective of its own. One
-    jitted function serves every model of the same structure and layout.
-    """
-
-    @nnx.jit(donate_argnums=(0, 1))
-    def step(model, optimizer, inputs, targets):
-        loss, grads = nnx.value_and_grad(lambda m: m.loss(inputs, targets))(model)
-        optimizer.update(model, grads)
-        return loss
-
-    return step
-
-
-def _pure_step(graphdef):
-    """The same AdamW step on `nnx.split((model, optimizer))` states, for one graph.
-
-    Two models of one structure then share one compiled program (`nnx.jit`
-    compiles again for each model object): the reference and the permuted
-    one-device runs compile once between them.
-    """
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def step(state, inputs, targets):
-        model, optimizer = nnx.merge(graphdef, state)
-        loss, grads = nnx.value_and_grad(lambda m: m.loss(inputs, targets))(model)
-        optimizer.update(model, grads)
-        return nnx.state((model, optimizer)), loss
-
-    return step
-
-
-def _compile(step, *args):
-    """`step` compiled for `args` (the jit cache keeps it: the first call does not compile)."""
-    compiled = step.lower(*args).compile()
-    return getattr(compiled, "compiled", compiled)  # nnx.jit wraps jax.stages.Compiled
-
-
-def versions() -> dict:
-    """The versions a run used (written to demo.json)."""
-    import flax
-    import jaxlib
-
-    import shardlax
-
-    out = {
-        "python": platform.python_version(),
-        "jax": jax.__version__,
-        "jaxlib": jaxlib.__version__,
-        "flax": flax.__version__,
-        "optax": optax.__version__,
-        "numpy": np.__version__,
-        "shardlax": shardlax.__version__,
-    }
-    try:
-        import matplotlib
-
-        out["matplotlib"] = matplotlib.__version__
-    except ImportError:
-        pass
-    return out
-
-
-def machine() -> dict:
-    return {
-        "platform": platform.platform(),
-        "cpu_count": os.cpu_count(),
-        "devices": f"{jax.device_count()} {jax.devices()[0].platform}",
-        "processes": jax.process_count(),
-    }
-
-
-def flags(args: argparse.Namespace) -> dict:
-    """The run's flags as given (the hidden --worker left out)."""
-    out = {k: v for k, v in vars(args).items() if k not in ("worker", "command")}
-    out["mesh"] = list(args.mesh)
-    return out
-
-
-def collective_rows(comparison) -> list[dict]:
-    """The declared-vs-compiled table as JSON rows."""
-    return [{**dataclasses.asdict(r), "axes": list(r.axes), "ok": r.ok} for r in comparison]
-
-
-def agreement(losses_s, losses_1, losses_p, exact_steps: int, drift_factor: float) -> dict:
-    """Are the sharded losses those of one device? See the module docstring.
-
-    Steps `[0, exact_steps)`: relative difference <= F32_RTOL. Every later
-    step t: relative difference <= max(F32_RTOL, drift_factor * the largest
-    relative difference of the permuted one-device run up to step t).
-    """
-    ref = np.asarray(losses_1, np.float64)
-    scale = np.maximum(np.abs(ref), 1e-30)
-    rel_s = np.abs(np.asarray(losses_s, np.float64) - ref) / scale
-    rel_p = np.abs(np.asarray(losses_p, np.float64) - ref) / scale
-    k = min(exact_steps, len(rel_s))
-    bound = np.maximum(F32_RTOL, drift_factor * np.maximum.accumulate(rel_p))
-    bound[:k] = F32_RTOL
-    finite = bool(np.all(np.isfinite(losses_s)) and np.all(np.isfinite(losses_1)))
-    over = np.flatnonzero(~(rel_s <= bound))
-    return {
-        "ok": finite and over.size == 0,
-        "finite": finite,
-        "exact_steps": k,
-        "f32_rtol": F32_RTOL,
-        "drift_factor": drift_factor,
-        "max_rel_exact": float(rel_s[:k].max()) if k else 0.0,
-        "max_rel_sharded": float(rel_s.max()),
-        "max_rel_permuted": float(rel_p.max()),
-        "first_step_over": int(over[0]) if over.size else None,
-        "rel_sharded": rel_s.tolist(),
-        "rel_permuted": rel_p.tolist(),
-        "bound": bound.tolist(),
-    }
-
-
-def describe(check: dict, steps: int) -> str:
-    """The agreement check in words: what was compared with what."""
-    k = check["exact_steps"]
-    lines = [
-        f"steps 0-{k - 1}: max relative difference sharded vs 1 device "
-        f"{check['max_rel_exact']:.1e} (must be <= {check['f32_rtol']:g}, the f32 tolerance)"
-        if k
-        else "no step checked for exact agreement (--exact-steps 0)"
-    ]
-    if steps > k:
-        lines.append(
-            f"steps {k}-{steps - 1}: max {check['max_rel_sharded']:.1e}; rounding alone (1 device, "
-            f"batch rows permuted) drifted {check['max_rel_permuted']:.1e}, and the sharded run "
-            f"may drift {check['drift_factor']:g}x that by each step (at least {F32_RTOL:g})"
-        )
-    if not check["finite"]:
-        lines.append("a loss is not finite")
-    elif check["first_step_over"] is not None:
-        t = check["first_step_over"]
-        lines.append(
-            f"first step over its bound: {t} ({check['rel_sharded'][t]:.1e} > "
-            f"{check['bound'][t]:.1e})"
-        )
-    return "\n".join(lines)
-
-
-def _bytes(tree) -> int:
-    """Per-device bytes of the first device's shards of every array in `tree`."""
-    dev = None
-    total = 0
-    for leaf in jax.tree.leaves(tree):
-        if not isinstance(leaf, jax.Array):
-            continue
-        shards = leaf.addressable_shards
-        dev = dev or shards[0].device
-        total += sum(s.data.nbytes for s in shards if s.device == dev)
-    return total
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -429,39 +243,3 @@ def run(args: argparse.Namespace) -> dict:
         _say("OK" if ok else "MISMATCH")
         result = {"ok": ok, **summary}
     return result
-
-
-def _plot(losses_s, losses_1, floor, uniform, mesh_shape, check, args) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, ax_diff) = plt.subplots(
-        2, 1, figsize=(7, 5.6), dpi=110, sharex=True, gridspec_kw={"height_ratios": [3, 1]}
-    )
-    steps = np.arange(len(losses_1))
-    ax.plot(steps, losses_1, lw=3, alpha=0.5, label="1 device")
-    ax.plot(steps, losses_s, lw=1.2, ls="--", color="k",
-            label=f"sharded, mesh {tuple(mesh_shape.values())} (data, fsdp, model)")  # fmt: skip
-    ax.axhline(floor, color="tab:red", lw=1, label=f"entropy floor {floor:.3f}")
-    ax.axhline(uniform, color="gray", lw=1, ls=":", label=f"uniform guess {uniform:.3f}")
-    ax.set_ylabel("cross-entropy (nats / token)")
-    ax.set_title("TinyLM: sharded training equals single-device training")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    ax_diff.semilogy(steps, np.maximum(check["rel_sharded"], 1e-9), ".", ms=3, color="k",
-                     label="sharded vs 1 device")  # fmt: skip
-    ax_diff.semilogy(steps, np.maximum(check["rel_permuted"], 1e-9), ".", ms=2,
-                     color="tab:blue", alpha=0.6, label="1 device, rows permuted")  # fmt: skip
-    ax_diff.semilogy(steps, check["bound"], color="tab:red", lw=1, label="bound")
-    ax_diff.set_ylim(1e-9, 1e-1)
-    ax_diff.set_ylabel("rel. diff")
-    ax_diff.set_xlabel("step")
-    ax_diff.legend(loc="upper left", fontsize=7, ncol=3)
-    ax_diff.grid(alpha=0.3)
-    fig.tight_layout()
-    path = os.path.join(args.out, "loss.png")
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -50,190 +50,27 @@ check accepts those reductions (LAMB, `scale_by_trust_ratio`,
 differs between the two programs, and stays refused, as do `ndim` masks.
 
 The program-level pieces (the elementwise check, the comparison up to shapes,
-the interpreter `exact_update` runs) are in `shardlax._jaxpr_check`.
+the interpreter `exact_update` runs) are in `shardlax._jaxpr_check`. This module
+holds the two checks, their refusals and the padding probe; `normalize_tx` and
+the marked global norm are in `shardlax._optax_tx`, the two traced programs and
+the naming of the transform to blame in `shardlax._optax_programs`,
+`exact_update` in `shardlax._optax_exact`.
 """
 
 from __future__ import annotations
 
-import ast
-import contextlib
-import functools
 import math
-import os
-from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from shardlax import kernels, zero
-from shardlax._jaxpr_check import (
-    NotExact,
-    _canon,
-    _check,
-    _eqns,
-    _first_difference,
-    _interpret,
-)
-
-_OPTAX_DIR = os.path.dirname(optax.__file__)
-_JAX_DIR = os.path.dirname(jax.__file__)
-
-
-# ------------------------------------------------------------------- tx forms
-def normalize_tx(tx: Any, owner: str = "Trainer") -> optax.GradientTransformation:
-    """The `GradientTransformation` to run for `tx` as users pass it.
-
-    Accepts any `optax.GradientTransformation` (including
-    `GradientTransformationExtraArgs`, returned as is) and `optax.MultiSteps`
-    objects (their `.gradient_transformation()`).
-
-    Raises:
-      TypeError: for anything else, naming `owner`.
-    """
-    if isinstance(tx, optax.MultiSteps):
-        return tx.gradient_transformation()
-    if isinstance(tx, optax.GradientTransformation):
-        return tx
-    raise TypeError(
-        f"{owner}(tx={tx!r}): expected an optax.GradientTransformation or optax.MultiSteps, "
-        f"got {type(tx).__name__}. Pass e.g. optax.adamw(1e-3)."
-    )
-
-
-# ------------------------------------------------------------ the global norm
-# (`_jaxpr_check` knows the marked norm by this function name, `_NORM_NAME`)
-@functools.partial(jax.jit, static_argnames=("ord", "squared"))
-def _shardlax_global_norm(tree, ord=None, squared=False):
-    return kernels.sharded_tree_norm(tree, ord=ord, squared=squared)
-
-
-@contextlib.contextmanager
-def _marked_norm(norm=_shardlax_global_norm, optax_norm: bool = True, zero_norm: bool = True):
-    """The exact global norms as one marked call each: `shardlax.zero`'s own (always exact
-    on shards; not when `norm` itself calls it) and, with `optax_norm` (what
-    `zero.global_norm_hook` replaces), optax's."""
-    targets = [(zero, "_norm")] if zero_norm else []
-    if optax_norm:
-        targets += zero.optax_norm_targets()
-    saved = [(mod, name, getattr(mod, name)) for mod, name in targets]
-    try:
-        for mod, name in targets:
-            setattr(mod, name, norm)
-        yield
-    finally:
-        for mod, name, fn in saved:
-            setattr(mod, name, fn)
-
-
-# ------------------------------------------------------------ naming blame
-@functools.cache
-def _top_level_def(path: str, line: int) -> str | None:
-    try:
-        with open(path) as f:
-            tree = ast.parse(f.read())
-    except (OSError, SyntaxError):
-        return None
-    for node in tree.body:
-        inside = node.lineno <= line <= (getattr(node, "end_lineno", None) or node.lineno)
-        if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and inside:
-            return node.name
-    return None
-
-
-def _transform_name(*eqns) -> str:
-    """The optax transform (or user function) the first of `eqns` that says was traced from."""
-    for eqn in eqns:
-        name = _name_of(eqn)
-        if name is not None:
-            return name
-    return "tx"
-
-
-def _name_of(eqn) -> str | None:
-    tb = getattr(getattr(eqn, "source_info", None), "traceback", None)
-    frames = list(getattr(tb, "frames", ()) or ())
-    for f in frames:  # innermost first
-        if f.file_name.startswith(_OPTAX_DIR) and "<locals>" in f.function_name:
-            return "optax." + f.function_name.split(".<locals>")[0]
-    for f in frames:
-        if f.file_name.startswith(_OPTAX_DIR):
-            top = _top_level_def(f.file_name, f.line_num)
-            return "optax." + (top or f.function_name)
-    for f in frames:
-        if not f.file_name.startswith(_JAX_DIR) and f.file_name != __file__:
-            return f"{f.function_name} ({os.path.basename(f.file_name)}:{f.line_num})"
-    return None
-
-
-# -------------------------------------------------------- exact reductions
-def _call_exact(tx, updates, state, params, on_reduce, on_norm=None):
-    """`tx.update(updates, state, params)` with its full reductions passed to `on_reduce`."""
-    closed, out_shape = jax.make_jaxpr(tx.update, return_shape=True)(updates, state, params)
-    args = jax.tree.leaves((updates, state, params))
-    kinds = _flat_kinds(args)
-    outs, _ = _interpret(closed.jaxpr, closed.consts, args, kinds, on_reduce, on_norm)
-    return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
-
-
-def exact_update(tx: Any, axes: str | Sequence[str]):
-    """`tx.update` for ZeRO's flat shards, with per-leaf and tree reductions made exact.
-
-    Call it inside the step's `shard_map`, on this device's flat shards, in place
-    of `tx.update`, for a `tx` that `check_flat_shard_exact(...,
-    exact_reductions=True)` accepted. Each sum / all / any over every element
-    of a per-element value (LAMB's and `clip_by_block_rms`'s per-parameter
-    norms, `apply_if_finite`'s all-finite test) is computed on the shard and
-    completed over `axes` by one scalar all-reduce (`kernels.all_reduce`; an
-    all/any as an int32 sum of the failing elements). The padding holds the
-    neutral value (checked by the build-time probe). optax's global norm stays
-    `zero.global_norm_hook`'s (one all-reduce, recorded by `zero.record_norms`).
-
-    Collectives: one scalar all-reduce over `axes` per such reduction per step
-    (LAMB: two per parameter); none for elementwise transforms.
-    """
-    tx = normalize_tx(tx)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-
-    def all_reduce(name, operand, local):
-        del operand
-        if name == "reduce_sum":
-            out = kernels.all_reduce(local, axes)
-        elif name == "reduce_and":
-            out = kernels.all_reduce(jnp.logical_not(local).astype(jnp.int32), axes) == 0
-        else:
-            out = kernels.all_reduce(local.astype(jnp.int32), axes) > 0
-        return kernels.ensure_varying(out, tuple(kernels.varying_axes(local)))
-
-    def update(updates, state, params=None):
-        # a fresh marked norm per trace, so zero.record_norms sees every norm
-        @functools.partial(jax.jit, static_argnames=("ord", "squared"))
-        def _shardlax_global_norm(tree, ord=None, squared=False):
-            return zero._norm(tree, ord=ord, squared=squared)
-
-        with _marked_norm(_shardlax_global_norm, zero_norm=False):
-            return _call_exact(tx, updates, state, params, all_reduce)
-
-    return update
-
-
-# ------------------------------------------------------------------ the check
-def _trace(tx, params, norm_hook: bool = True):
-    state = jax.eval_shape(tx.init, params)
-    with _marked_norm(optax_norm=norm_hook):
-        return jax.make_jaxpr(tx.update)(params, state, params), state
-
-
-def _kinds(args_flat) -> list[str]:
-    """Logical arrays: per-element data unless one element."""
-    return ["elem" if math.prod(x.shape) > 1 else "uniform" for x in args_flat]
-
-
-def _flat_kinds(args_flat) -> list[str]:
-    """Flat shards: every 1-D leaf is per-element data, even of one element (a shard of
-    a larger parameter); only rank-0 state (step counts) is uniform."""
-    return ["elem" if len(x.shape) else "uniform" for x in args_flat]
+from shardlax import kernels
+from shardlax._optax_exact import _call_exact
+from shardlax._optax_exact import exact_update as exact_update
+from shardlax._optax_programs import _compare_programs, _flat_kinds, _kinds
+from shardlax._optax_tx import _marked_norm, normalize_tx
 
 
 def _refuse(owner, strategy, tx_name, reason, n, leaves, fix_extra=""):
@@ -371,37 +208,6 @@ def check_local_shard_exact(
 
     _compare_programs(tx, logical, local, _kinds, norm_hook=norm_hook, reduce_ok=False,
                       where=("per-device", "per-device shards"), refuse=refuse_local)  # fmt: skip
-
-
-def _compare_programs(tx, logical, shards, shard_kinds, *, norm_hook, reduce_ok, where, refuse):
-    """`refuse(who, reason, why)` unless `tx.update` is elementwise and one program on both.
-
-    Traces the update on the `logical` parameter shapes and on the per-device
-    `shards`; `why` is ``'trace'`` (it does not trace), ``'reduce'`` (a
-    reduction or shape dependence `_check` finds; a marked norm is exact) or
-    ``'program'`` (the two programs differ). `where`: how the shards' shapes
-    and the shards are named in the reasons.
-    """
-    progs = []
-    for params, which in ((logical, "logical"), (shards, where[0])):
-        try:
-            progs.append(_trace(tx, params, norm_hook))
-        except Exception as e:  # any tracing failure is a refusal
-            refuse("tx", f"tx.update fails to trace on the {which} shapes ({type(e).__name__}: "
-                   f"{str(e).splitlines()[0][:200]})", "trace")  # fmt: skip
-    for (j, state), params, kinds in zip(progs, (logical, shards), (_kinds, shard_kinds),
-                                         strict=True):  # fmt: skip
-        try:
-            _check(j.jaxpr, kinds(jax.tree.leaves((params, state, params))), True, reduce_ok)
-        except NotExact as e:
-            refuse(_transform_name(*e.eqns), e.reason, "reduce")
-    (j_log, _), (j_shard, _) = progs
-    a, b = _canon(j_log.jaxpr), _canon(j_shard.jaxpr)
-    if a != b:
-        i = _first_difference(a, b)
-        eqns = [e for e in (*_eqns(j_log.jaxpr, i), *_eqns(j_shard.jaxpr, i)) if e is not None]
-        refuse(_transform_name(*eqns), f"its update is a different program on the {where[1]} "
-               f"than on the logical shapes", "program")  # fmt: skip
 
 
 #: The value a probe substitutes for a completed reduction or a global norm: the

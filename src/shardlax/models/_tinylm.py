@@ -26,185 +26,22 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from shardlax import declarations, kernels
+from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.declarations import Declared, Role
 from shardlax.mesh import live_axes, resolve_mesh
-from shardlax.nn import ColumnParallelLinear, ParallelAttention, ParallelEmbed, ParallelMLP, RMSNorm
+from shardlax.models._tinylm_blocks import Block, _stack
+from shardlax.models._tinylm_config import TinyLMConfig as TinyLMConfig
+from shardlax.nn import ColumnParallelLinear, ParallelEmbed, RMSNorm
 from shardlax.nn._base import nbytes, run_shard_map
-from shardlax.nn._dropout import Dropout
-
-
-@dataclasses.dataclass(frozen=True)
-class TinyLMConfig:
-    """The shape of a TinyLM. Nothing here depends on the mesh.
-
-    Attributes:
-      vocab: vocabulary size (token ids in `[0, vocab)`).
-      d_model: model width.
-      n_layers: transformer blocks (stacked and run with `lax.scan`).
-      n_heads: query heads; the model axis must divide it.
-      n_kv_heads: key/value heads (grouped-query attention); default n_heads.
-      d_ff: MLP hidden width; the model axis must divide it.
-      seq_len: the longest sequence the model is used with.
-      sequence_parallel: split activations between blocks over the sequence on
-        the model axis (Megatron-SP).
-      dropout: residual dropout rate (sharding-invariant: the same mask on
-        every mesh).
-      activation: MLP activation, ``'swiglu'`` (default) or ``'gelu'``.
-      tie_embeddings: the head is `embed.attend` (True) or its own
-        column-parallel linear (False).
-      remat: recompute each block in the backward (`jax.checkpoint`).
-      vocab_multiple: the embedding and head are padded to a multiple of this
-        (Megatron's make-vocab-size-divisible-by), so the model axis can
-        split them; padded columns are masked out of the loss.
-      rope_theta: rotary embedding base.
-      use_bias: biases in attention and MLP linears.
-    """
-
-    vocab: int = 64
-    d_model: int = 32
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int | None = None
-    d_ff: int = 64
-    seq_len: int = 16
-    sequence_parallel: bool = False
-    dropout: float = 0.0
-    activation: str = "swiglu"
-    tie_embeddings: bool = True
-    remat: bool = False
-    vocab_multiple: int = 8
-    rope_theta: float = 10000.0
-    use_bias: bool = False
-
-    def __post_init__(self):
-        positive = ("vocab", "d_model", "n_layers", "n_heads", "d_ff", "seq_len", "vocab_multiple")
-        for name in positive:
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(
-                    f"TinyLMConfig({name}={value!r}): expected a positive int. Pass e.g. "
-                    f"{name}={getattr(TinyLMConfig, name)}."
-                )
-        kv = self.n_kv_heads
-        if kv is not None and (isinstance(kv, bool) or not isinstance(kv, int) or kv < 1):
-            raise ValueError(
-                f"TinyLMConfig(n_kv_heads={kv!r}): expected a positive int or None (None: as "
-                f"many as n_heads={self.n_heads})."
-            )
-        if kv is not None and self.n_heads % kv:
-            raise ValueError(
-                f"TinyLMConfig(n_heads={self.n_heads}, n_kv_heads={kv}): grouped-query "
-                f"attention needs n_kv_heads to divide n_heads. Choose n_kv_heads among the "
-                f"divisors of {self.n_heads}."
-            )
-        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
-            good = -(-self.d_model // (2 * self.n_heads)) * 2 * self.n_heads
-            raise ValueError(
-                f"TinyLMConfig(d_model={self.d_model}, n_heads={self.n_heads}): each head gets "
-                f"d_model // n_heads features, which must be a whole, even number (rotary "
-                f"embeddings rotate pairs). Choose e.g. d_model={good}."
-            )
-        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
-            raise ValueError(f"TinyLMConfig(dropout={self.dropout!r}): expected a rate in [0, 1).")
-        if self.activation not in ("swiglu", "gelu"):
-            raise ValueError(
-                f"TinyLMConfig(activation={self.activation!r}): expected one of ('swiglu', 'gelu')."
-            )
-        theta = self.rope_theta
-        if not (isinstance(theta, (int, float)) and math.isfinite(theta) and theta > 0):
-            raise ValueError(
-                f"TinyLMConfig(rope_theta={theta!r}): expected a positive, finite rotary base, "
-                f"e.g. 10000.0."
-            )
-
-    @property
-    def padded_vocab(self) -> int:
-        m = self.vocab_multiple
-        return -(-self.vocab // m) * m
-
-
-class Block(nnx.Module):
-    """`x + drop(attn(norm(x)))`, then `x + drop(mlp(norm(x)))`, in the hidden layout."""
-
-    def __init__(self, cfg: TinyLMConfig, *, mesh: Mesh, rngs: nnx.Rngs):
-        sp = cfg.sequence_parallel
-        # Under remat the block's backward re-runs its forward, which gathers every FSDP
-        # parameter again: keeping that gather for the backward (reshard_after_forward=False
-        # inside the checkpoint) makes it 2 gathers per parameter and step, the minimum
-        # (forward; recomputation shared with dW and dx). The forward's gathers are still
-        # freed after the block: jax.checkpoint saves none of them.
-        keep = dict(sequence_parallel=sp, reshard_after_forward=not cfg.remat)
-        self.attn_norm = RMSNorm(cfg.d_model, mesh=mesh, rngs=rngs, **keep)
-        self.attn = ParallelAttention(
-            cfg.d_model, cfg.n_heads, num_kv_heads=cfg.n_kv_heads, rope_theta=cfg.rope_theta,
-            use_bias=cfg.use_bias, mesh=mesh, rngs=rngs, **keep,
-        )  # fmt: skip
-        self.mlp_norm = RMSNorm(cfg.d_model, mesh=mesh, rngs=rngs, **keep)
-        self.mlp = ParallelMLP(
-            cfg.d_model, cfg.d_ff, activation=cfg.activation, use_bias=cfg.use_bias, mesh=mesh,
-            rngs=rngs, **keep,
-        )  # fmt: skip
-        self.dropout = Dropout(cfg.dropout, mesh=mesh, sequence_parallel=sp)
-
-    def __call__(self, x: jax.Array, key: jax.Array | None = None) -> jax.Array:
-        h = self.attn(self.attn_norm(x))
-        if key is not None:
-            h = self.dropout(h, rngs=jax.random.fold_in(key, 0))
-        x = x + h
-        h = self.mlp(self.mlp_norm(x))
-        if key is not None:
-            h = self.dropout(h, rngs=jax.random.fold_in(key, 1))
-        return x + h
-
-    def declared_collectives(
-        self, shape: Sequence[int], *, grad: bool, remat: bool = False
-    ) -> list[Declared]:
-        """One block's collectives (forward, and backward with `grad`).
-
-        `remat` (`jax.checkpoint` around the block, whose layers then keep
-        their gathered parameters for the backward): the backward first runs
-        the block's forward again, all of it except the MLP's exit collective,
-        which only feeds the block's output (XLA removes it as dead code). Each
-        FSDP parameter is so gathered twice per step, as without remat.
-        """
-        out = [
-            *self.attn_norm.declared_collectives(shape, grad=grad),
-            *self.attn.declared_collectives(shape, grad=grad),
-            *self.mlp_norm.declared_collectives(shape, grad=grad),
-            *self.mlp.declared_collectives(shape, grad=grad),
-        ]
-        if grad and remat:
-            again = self.declared_collectives(shape, grad=False)
-            out += declarations.drop(again, {"role": Role.ACTIVATION, "module": "mlp", "tag": "y"})
-        return out
-
-
-def _stack(modules: Sequence[nnx.Module], mesh: Mesh) -> nnx.Module:
-    """One module whose every parameter is the stack of the `modules`' (a new leading dim).
-
-    Each stacked parameter is laid out as `P(None, *spec)` of its layer's spec,
-    so `lax.scan` over the leading dim hands each step the layer's own layout.
-    """
-    graphdef = nnx.graphdef(modules[0])
-    states = [nnx.state(m) for m in modules]
-    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *states)
-    for _, var in nnx.to_flat_state(stacked):
-        spec = P(None, *var.get_metadata()["out_sharding"])
-        var.set_metadata("out_sharding", spec)
-        var.set_value(jax.device_put(var.get_value(), NamedSharding(mesh, spec)))
-    return nnx.merge(graphdef, stacked)
 
 
 class TinyLM(nnx.Module):
