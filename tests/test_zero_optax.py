@@ -49,6 +49,8 @@ ACCEPTED = {
     "adamw_bool_mask": lambda: optax.adamw(1e-2, mask={"k": True, "b": False, "s": False}),
     "adamw_schedule": lambda: optax.adamw(optax.piecewise_constant_schedule(1e-2, {1: 0.5})),
     "multisteps": lambda: optax.MultiSteps(optax.adam(1e-2), 2),
+    # its state holds Python scalars (no .shape): uniform, not per-element data
+    "optimistic_gradient_descent": lambda: optax.optimistic_gradient_descent(1e-2),
 }
 
 #: name -> (tx, the message's regex)
@@ -253,7 +255,7 @@ def _train(tx_make, strategy, steps=3):
 @pytest.mark.parametrize(
     "name,strategy",
     [("adam+clip_by_global_norm", "zero1"), ("adam+clip_by_global_norm", "zero2"),
-     ("sgd_momentum", "zero2"), ("lion", "zero2")],
+     ("sgd_momentum", "zero2"), ("lion", "zero2"), ("optimistic_gradient_descent", "zero2")],
 )  # fmt: skip
 def test_trainer_elementwise_transforms_match_one_device(name, strategy):
     losses, params, ref = _train(ACCEPTED[name], strategy)

@@ -15,6 +15,7 @@ import math
 import os
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from shardlax._jaxpr_check import NotExact, _canon, _check, _eqns, _first_difference
@@ -79,13 +80,14 @@ def _trace(tx, params, norm_hook: bool = True):
 
 def _kinds(args_flat) -> list[str]:
     """Logical arrays: per-element data unless one element."""
-    return ["elem" if math.prod(x.shape) > 1 else "uniform" for x in args_flat]
+    return ["elem" if math.prod(jnp.shape(x)) > 1 else "uniform" for x in args_flat]
 
 
 def _flat_kinds(args_flat) -> list[str]:
     """Flat shards: every 1-D leaf is per-element data, even of one element (a shard of
-    a larger parameter); only rank-0 state (step counts) is uniform."""
-    return ["elem" if len(x.shape) else "uniform" for x in args_flat]
+    a larger parameter); only rank-0 state (step counts, Python scalars such as
+    `optimistic_gradient_descent`'s flags) is uniform."""
+    return ["elem" if jnp.ndim(x) else "uniform" for x in args_flat]
 
 
 def _compare_programs(tx, logical, shards, shard_kinds, *, norm_hook, reduce_ok, where, refuse):
