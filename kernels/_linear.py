@@ -26,7 +26,14 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from ._collectives import all_gather, all_reduce, axis_index, axis_size, ensure_varying
+from ._collectives import (
+    all_gather,
+    all_reduce,
+    axis_index,
+    axis_size,
+    ensure_varying,
+    reduce_scatter,
+)
 
 DotGeneral = Callable[..., jax.Array]
 
@@ -190,6 +197,7 @@ def parallel_einsum(
     precision: Any = None,
     einsum_op: Callable[..., jax.Array] = jnp.einsum,
     preferred_element_type: Any = None,
+    sequence_axis: int | None = None,
 ) -> jax.Array:
     """`einsum(einsum_str, x, W) + b` with one kernel dim (`split`) split over `axis_name`.
 
@@ -219,16 +227,27 @@ def parallel_einsum(
                     an output letter, else replicated
       returns:      split on `c` when `c` is an output letter; else replicated
 
+    Sequence parallelism (`sequence_axis`, Megatron-SP), column-like: `x`
+    arrives split over `axis_name` on its dim `sequence_axis` and is
+    all-gathered there first (backward: 1 reduce-scatter of dx, in place of
+    the caller's all-reduce); row-like: the sum of the partial products is 1
+    reduce-scatter onto the output's dim `sequence_axis` instead of the
+    all-reduce (backward: 1 all-gather of dy), the bias added after it.
+
     The bias is reshaped as `nnx.Einsum` does it: kernel letters that survive
     in the output keep their (local) kernel size, the others become 1.
     """
     _, ks, out = einsum_subscripts(einsum_str, x.shape, kernel_shard.shape)
     c = ks[split] if isinstance(split, int) else split
+    if sequence_axis is not None and c in out:  # column-like SP: the whole sequence first
+        x = all_gather(x, axis_name, axis=sequence_axis, invariant=False)
     kwargs = {}
     if preferred_element_type is not None:
         kwargs["preferred_element_type"] = preferred_element_type
     y = einsum_op(einsum_str, x, kernel_shard, precision=precision, **kwargs)
-    if c not in out:  # row-like: y holds one term of the sum per device
+    if c not in out and sequence_axis is not None:  # row-like SP: sum and split the sequence
+        y = reduce_scatter(y, axis_name, axis=sequence_axis)
+    elif c not in out:  # row-like: y holds one term of the sum per device
         y = all_reduce(y, axis_name)
     if bias_shard is not None:
         shape = [kernel_shard.shape[ks.index(k)] if k in ks else 1 for k in out]

@@ -132,11 +132,6 @@ def _einsum_twin(module: Any, style: Any, common: dict) -> Any:
             f"parts dim (e.g. 'BSD,CDKH->CBSKH') splits each part already: pass "
             f"Colwise(dim=<the heads dim>)."
         )
-    if style.sequence_parallel:
-        raise ValueError(
-            f"{type(style).__name__}(sequence_parallel=True) is not supported on nnx.Einsum; "
-            f"pass sequence_parallel=False."
-        )
     eq = module.einsum_str.replace(" ", "")
     # an input ellipsis read as empty: dims of the kernel's ellipsis are output-only
     x_named = len(eq.split(",")[0].replace("...", ""))
@@ -168,7 +163,7 @@ def _einsum_twin(module: Any, style: Any, common: dict) -> Any:
         promote_dtype=module.promote_dtype, einsum_op=module.einsum_op,
         preferred_element_type=module.preferred_element_type, rngs=nnx.Rngs(0),
         kernel_metadata=_metadata(module.kernel), bias_metadata=_metadata(module.bias),
-        shard_dim=dim, **common,
+        shard_dim=dim, sequence_parallel=style.sequence_parallel, **common,
     )  # fmt: skip
 
 

@@ -17,8 +17,9 @@ from jax.sharding import PartitionSpec as P
 from shardlax import kernels
 from shardlax._axes import MODEL
 from shardlax.declarations import Declared, Role
-from shardlax.mesh import is_manual
+from shardlax.mesh import is_manual, live_axes
 from shardlax.nn._base import ShardedLayer, nbytes, param_value
+from shardlax.nn._linear import check_sequence_shard
 from shardlax.nn._projection import _identity, metadata_param, shared_model_input
 from shardlax.placement import storage_spec
 
@@ -45,6 +46,17 @@ class ParallelEinsum(ShardedLayer):
       all-reduce of the output forward; backward none for dx (when `c` is a
       kernel-only letter the input is replicated and dx is all-reduced once).
 
+    Sequence parallelism (`sequence_parallel=True`, Megatron-SP): the
+    activations outside the split span are split over the sequence (the
+    input's dim 1, a letter the output keeps and the kernel lacks) on the
+    model axis. Column-like: the input arrives `[B, S/N, ...]`, forward 1
+    all-gather of it over the sequence, backward 1 reduce-scatter of dx (no
+    dx all-reduce). Row-like: the partial products leave with 1
+    reduce-scatter over the sequence instead of the all-reduce (backward 1
+    all-gather of dy); the bias's gradient is summed over the model axis
+    too (its tokens are split there). Batched splits refuse it (the input is
+    already split on the split letter).
+
     Equations are those of `nnx.Einsum`, ellipses included: they are read as
     flax reads them (opt_einsum's parser), and `shard_dim` may name a dim of
     the kernel's ellipsis. The batch (the input's first letter, when it is
@@ -59,6 +71,7 @@ class ParallelEinsum(ShardedLayer):
         from the end). `None` (the default): the last kernel dim the model
         axis size divides (with one device on the axis, the last dim).
       mesh, axis_name, batch_axes: as `ColumnParallelLinear`.
+      sequence_parallel: see above.
 
     Manual mode (inside a shard_map over the whole mesh): the kernel is the
     local shard and the activation dims split over the model axis have their
@@ -86,6 +99,7 @@ class ParallelEinsum(ShardedLayer):
         mesh: Mesh | None = None,
         axis_name: str = MODEL,
         batch_axes: Sequence[str] | None = None,
+        sequence_parallel: bool = False,
     ):
         self._setup_mesh(mesh, axis_name, batch_axes)
         owner = type(self).__name__
@@ -121,6 +135,9 @@ class ParallelEinsum(ShardedLayer):
                 f"size divides it."
             )
         self.column = c in out  # the output is split on c (column-like or batched)
+        self.sequence_parallel = bool(sequence_parallel)
+        if self.sequence_parallel:
+            self._check_sp_split(einsum_str, _parse(owner, einsum_str, kernel_shape), shard_dim)
         model = self._spec_axis(axis_name)
         self.kernel_spec = storage_spec(nd, [(shard_dim, model)])
         self.bias_spec = P()
@@ -176,6 +193,21 @@ class ParallelEinsum(ShardedLayer):
             ndim = len(eq.split(",")[0].replace("...", ""))
         return kernels.einsum_subscripts(eq, (1,) * ndim, self.kernel_shape)
 
+    def _check_sp_split(self, einsum_str: str, subs: tuple[str, str, str], dim: int) -> None:
+        xs, ks, out = subs
+        c = ks[dim]
+        if c in xs and c in out:
+            raise ValueError(
+                f"{type(self).__name__}({einsum_str!r}, shard_dim={dim}, sequence_parallel=True):"
+                f" the split letter {c!r} is in the input and the output (a batched split: the "
+                f"input is already split on it over mesh axis {self.axis_name!r}), so the "
+                f"sequence cannot be split there too. Pass sequence_parallel=False."
+            )
+
+    def _seq_letter(self, xs: str, ks: str, out: str) -> str | None:
+        """Under sequence parallelism: the input's dim-1 letter (the sequence), else None."""
+        return xs[1] if self.sequence_parallel and len(xs) > 1 else None
+
     def _batch_letter(self, xs: str, ks: str, out: str) -> str | None:
         b = xs[0] if len(xs) > 1 else None
         return b if b is not None and b not in ks and b in out else None
@@ -195,14 +227,16 @@ class ParallelEinsum(ShardedLayer):
     def input_spec(self, einsum_str: str | None = None, ndim: int | None = None) -> P:
         """The input's spec: the batch over the batch axes, the split letter (if any) over model."""
         xs, ks, out = self._subscripts(einsum_str, ndim)
-        c = ks[self.shard_dim]
-        return self._spec(xs, self._batch_letter(xs, ks, out), c)
+        c, s = ks[self.shard_dim], self._seq_letter(xs, ks, out)
+        split = s if s is not None and c in out and c not in xs else c  # column-like SP
+        return self._spec(xs, self._batch_letter(xs, ks, out), split)
 
     def output_spec(self, einsum_str: str | None = None, ndim: int | None = None) -> P:
         """The output's spec; `ndim` is the input's rank (for an ellipsis)."""
         xs, ks, out = self._subscripts(einsum_str, ndim)
-        c = ks[self.shard_dim]
-        return self._spec(out, self._batch_letter(xs, ks, out), c)
+        c, s = ks[self.shard_dim], self._seq_letter(xs, ks, out)
+        split = s if s is not None and c not in out else c  # row-like SP: the sequence
+        return self._spec(out, self._batch_letter(xs, ks, out), split)
 
     def _infer_broadcasted_bias_shape(self, einsum_str: str, lhs: Any, rhs: Any) -> list[int]:
         """The shape the bias is reshaped to before it is added (as `nnx.Einsum`'s)."""
@@ -247,6 +281,8 @@ class ParallelEinsum(ShardedLayer):
                     f"{' (its local shard: manual mode)' if local != want else ''}"
                     f"{'; the split dim cannot broadcast' if k == c else ''}."
                 )
+        if self.sequence_parallel:
+            self._check_sequence(inputs, einsum_str, xs, ks, out, manual)
         if b is not None and not manual and inputs.shape[0] % self.batch_size_divisor:
             m = self.batch_size_divisor
             raise ValueError(
@@ -255,6 +291,28 @@ class ParallelEinsum(ShardedLayer):
                 f"{inputs.shape[0]}. Use a batch size divisible by {m}."
             )
         return xs, ks, out
+
+    def _check_sequence(self, inputs, einsum_str, xs, ks, out, manual) -> None:
+        owner, n, c = type(self).__name__, self.model_size, ks[self.shard_dim]
+        self._check_sp_split(einsum_str, (xs, ks, out), self.shard_dim)
+        s = xs[1] if len(xs) > 1 else None
+        if s is None or s in ks or s not in out or s == self._batch_letter(xs, ks, out):
+            raise ValueError(
+                f"{owner}({einsum_str!r}, sequence_parallel=True): sequence parallelism splits "
+                f"the input's dim 1 (the sequence) over mesh axis {self.axis_name!r}, so it must "
+                f"be a letter of the input and the output that the kernel lacks, after the "
+                f"batch; got {s!r} in {xs!r} -> {out!r}. Write the input as [batch, sequence, "
+                f"...], or pass sequence_parallel=False."
+            )
+        if c in out and c not in xs:  # column-like: the input is this device's sequence shard
+            check_sequence_shard(owner, inputs, self.mesh, self.axis_name)
+        if not manual and inputs.shape[1] % n:
+            raise ValueError(
+                f"{owner}(sequence_parallel=True): inputs.shape[1]={inputs.shape[1]} (the "
+                f"sequence) cannot be sharded over mesh axis {self.axis_name!r} (size {n}): {n} "
+                f"does not divide {inputs.shape[1]}. Use a sequence length divisible by {n}, or "
+                f"sequence_parallel=False."
+            )
 
     # -------------------------------------------------------------------- call
 
@@ -267,18 +325,29 @@ class ParallelEinsum(ShardedLayer):
             x_spec = self.input_spec(einsum_str, inputs.ndim)
             source, inputs = inputs, self._place(inputs, x_spec)
             arg, arg_spec, unwrap = inputs, x_spec, _identity
-            c = ks[self.shard_dim]
-            if c in out and c not in xs:  # column-like: one dx all-reduce per shared input
-                arg, arg_spec, unwrap = shared_model_input(self, source, inputs, x_spec)
+            c, s = ks[self.shard_dim], self._seq_letter(xs, ks, out)
+            if c in out and c not in xs and s is None:  # column-like: one dx all-reduce per
+                arg, arg_spec, unwrap = shared_model_input(self, source, inputs, x_spec)  # input
+            seq_axis = None if s is None else (xs.index(s) if c in out else out.index(s))
+            # row-like SP: the bias meets tokens split over the model axis too
+            bias_axes = (self.axis_name,) if s is not None and c not in out else ()
 
             def body(x, kernel, bias):
-                kernel, bias = self._replicated_for_grad(kernel, bias)
+                if bias is not None and bias_axes:  # one gradient sum over batch and model
+                    axes = live_axes(self.mesh, (*self.batch_axes, *bias_axes))
+                    (kernel,), bias = (
+                        self._replicated_for_grad(kernel),
+                        kernels.ensure_varying(bias, axes),
+                    )
+                else:
+                    kernel, bias = self._replicated_for_grad(kernel, bias)
                 x, kernel, bias = self.promote_dtype((unwrap(x), kernel, bias), dtype=self.dtype)
                 return kernels.parallel_einsum(
                     einsum_str, x, kernel, bias, split=self.shard_dim,
                     axis_name=self.axis_name, precision=self.precision,
                     einsum_op=self.einsum_op,
                     preferred_element_type=self.preferred_element_type,
+                    sequence_axis=seq_axis,
                 )  # fmt: skip
 
             y = self._shard_map(
@@ -317,10 +386,22 @@ class ParallelEinsum(ShardedLayer):
         m = (self.axis_name,)
         res = []
         x_local = [sizes[k] // (n if k == c else 1) for k in xs]
+        s = self._seq_letter(xs, ks, out)
         if c not in out:
             y = [sizes[k] for k in out]
-            res += self._declare("all-reduce", m, dtype, nbytes(y, dtype), "sum of partials")
-        if c not in xs and grad and input_grad:
+            if s is None:
+                res += self._declare("all-reduce", m, dtype, nbytes(y, dtype), "sum of partials")
+            else:  # the sum and the sequence split in one op; dy gathered back
+                res += self._declare("reduce-scatter", m, dtype, nbytes(y, dtype),
+                                     "SP: sum of partials")  # fmt: skip
+                if grad:
+                    res += self._declare("all-gather", m, dtype, nbytes(y, dtype), "SP: dy")
+        elif s is not None:  # column-like SP: x gathered over the sequence, dx scattered
+            res += self._declare("all-gather", m, dtype, nbytes(x_local, dtype), "SP: gather x")
+            if grad and input_grad:
+                res += self._declare("reduce-scatter", m, dtype, nbytes(x_local, dtype),
+                                     "SP: dx")  # fmt: skip
+        if c not in xs and grad and input_grad and s is None:
             res += self._declare("all-reduce", m, dtype, nbytes(x_local, dtype), "dx")
         if grad:
             pd = self.param_dtype
@@ -332,7 +413,8 @@ class ParallelEinsum(ShardedLayer):
                 bl = list(self.bias_shape)
                 if c in out:
                     bl[[k for k in out if k in ks].index(c)] //= n
-                res += self._declare("all-reduce", self.batch_axes, pd, nbytes(bl, pd), "db",
+                axes = (*self.batch_axes, *(m if s is not None and c not in out else ()))
+                res += self._declare("all-reduce", axes, pd, nbytes(bl, pd), "db",
                                      role=Role.GRAD_REDUCE, param="bias")  # fmt: skip
         return res
 

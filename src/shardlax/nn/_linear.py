@@ -19,7 +19,9 @@ import jax
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from shardlax import kernels
 from shardlax.declarations import Declared
+from shardlax.mesh import is_manual
 from shardlax.nn._base import ShardedLayer, param_value
 from shardlax.nn._projection import Parts, _identity, metadata_param
 from shardlax.placement import storage_spec
@@ -250,7 +252,11 @@ class ParallelLinear(ShardedLayer):
                 f"(rank >= 3) to split dim 1 over mesh axis {self.axis_name!r} (size {n}). Add "
                 f"a sequence dim, e.g. inputs[:, None], or pass sequence_parallel=False."
             )
+        if self.split.model_dim == 1:  # column: the input is this device's sequence shard
+            check_sequence_shard(owner, inputs, self.mesh, self.axis_name)
         s = inputs.shape[1]
+        if is_manual(self.mesh):
+            return
         if s % n:
             raise ValueError(
                 f"{owner}(sequence_parallel=True): inputs.shape[1]={s} (the sequence) cannot "
@@ -262,3 +268,22 @@ class ParallelLinear(ShardedLayer):
     def _model_token_axes(self) -> tuple[str, ...]:
         """The model axis when it splits the tokens (sequence parallelism), else ()."""
         return (self.axis_name,) if self.sequence_parallel else ()
+
+
+def check_sequence_shard(owner: str, inputs: Any, mesh: Any, axis: str) -> None:
+    """Inside a shard_map over the whole mesh (the Trainer's step), a sequence-parallel
+    input must be this device's shard of the sequence: varying over the model axis.
+
+    An input replicated over it is the whole sequence on every device, which the
+    all-gather would repeat N times (wrong shapes, silently)."""
+    if not is_manual(mesh) or mesh.shape[axis] == 1:
+        return
+    if axis not in kernels.varying_axes(inputs):
+        raise ValueError(
+            f"{owner}(sequence_parallel=True): inside a shard_map over the whole mesh (the "
+            f"Trainer's step) its input is this device's shard of the sequence, but "
+            f"inputs.shape={tuple(inputs.shape)} is replicated over mesh axis {axis!r} (size "
+            f"{mesh.shape[axis]}): the whole sequence on every device. Feed it a "
+            f"sequence-split activation (a sequence-parallel embedding's or row layer's "
+            f"output), or pass sequence_parallel=False."
+        )
