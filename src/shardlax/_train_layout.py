@@ -1,4 +1,5 @@
-"""Where a `Trainer`'s state lives: buckets, the TrainState's specs, init, full parameters.
+"""Where a `Trainer`'s state lives: buckets, the TrainState's specs, init, full parameters,
+and whether `tx` is exact on the shards it will see (flat ZeRO shards, local shards).
 
 `Trainer` (`shardlax.train`) inherits these from `_Layout`: everything here
 reads only the Trainer's placements (`shardlax.placement`), mesh, strategy,
@@ -120,6 +121,43 @@ class _Layout:
             step=P(),
             master=master,
         )
+
+    def _check_tx_on_flat_shards(self) -> None:
+        """ZeRO runs `tx.update` on flat 1-D shards: refuse a transform that is not exact there.
+
+        `shardlax._optax_check` compares the traced update on the local
+        parameter shapes with the one on the flat shards (elementwise, same
+        program up to shapes; masks decided by `ndim`, per-parameter norms,
+        factored statistics are refused with the transform's name and fixes).
+        """
+        from shardlax import _optax_check
+
+        sharded = [p for p in self.placements if p.shard_state]
+        if not sharded:
+            return
+        local = jax.tree.unflatten(
+            self._treedef,
+            [jax.ShapeDtypeStruct(p.local_shape, p.reduce_dtype) for p in self.placements],
+        )  # fmt: skip
+        n = max(p.n_replicated for p in sharded)
+        _optax_check.check_flat_shard_exact(
+            self.tx, local, n, _OWNER, strategy=self.strategy.name,
+            norm_hook=self.optax_norm_hook,
+        )  # fmt: skip
+
+    def _check_tx_on_local_shards(self) -> None:
+        """Split parameters (fsdp, tensor parallelism) meet `tx.update` as local shards:
+        refuse a transform that is not exact there (`_optax_check.check_local_shard_exact`)."""
+        from shardlax import _optax_check
+
+        shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in self._shapes]
+        local = [jax.ShapeDtypeStruct(p.local_shape, s.dtype)
+                 for p, s in zip(self.placements, self._shapes, strict=True)]  # fmt: skip
+        _optax_check.check_local_shard_exact(
+            self.tx, jax.tree.unflatten(self._treedef, shapes),
+            jax.tree.unflatten(self._treedef, local), _OWNER, strategy=self.strategy.name,
+            norm_hook=self.optax_norm_hook,
+        )  # fmt: skip
 
     def _bucket_dtypes(self, b: Any) -> tuple[Any, Any]:
         """`(compute, reduce)` of a bucket's parameters (one dtype per bucket)."""

@@ -258,43 +258,6 @@ class Trainer(_Layout, _Declarations, _Steps):
         if twins:
             self.step = FirstStepChecked(self.step, self, twins)
 
-    def _check_tx_on_flat_shards(self) -> None:
-        """ZeRO runs `tx.update` on flat 1-D shards: refuse a transform that is not exact there.
-
-        `shardlax._optax_check` compares the traced update on the local
-        parameter shapes with the one on the flat shards (elementwise, same
-        program up to shapes; masks decided by `ndim`, per-parameter norms,
-        factored statistics are refused with the transform's name and fixes).
-        """
-        from shardlax import _optax_check
-
-        sharded = [p for p in self.placements if p.shard_state]
-        if not sharded:
-            return
-        local = jax.tree.unflatten(
-            self._treedef,
-            [jax.ShapeDtypeStruct(p.local_shape, p.reduce_dtype) for p in self.placements],
-        )  # fmt: skip
-        n = max(p.n_replicated for p in sharded)
-        _optax_check.check_flat_shard_exact(
-            self.tx, local, n, _OWNER, strategy=self.strategy.name,
-            norm_hook=self.optax_norm_hook,
-        )  # fmt: skip
-
-    def _check_tx_on_local_shards(self) -> None:
-        """Split parameters (fsdp, tensor parallelism) meet `tx.update` as local shards:
-        refuse a transform that is not exact there (`_optax_check.check_local_shard_exact`)."""
-        from shardlax import _optax_check
-
-        shapes = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in self._shapes]
-        local = [jax.ShapeDtypeStruct(p.local_shape, s.dtype)
-                 for p, s in zip(self.placements, self._shapes, strict=True)]  # fmt: skip
-        _optax_check.check_local_shard_exact(
-            self.tx, jax.tree.unflatten(self._treedef, shapes),
-            jax.tree.unflatten(self._treedef, local), _OWNER, strategy=self.strategy.name,
-            norm_hook=self.optax_norm_hook,
-        )  # fmt: skip
-
     def model(self, state: TrainState) -> nnx.Module:
         """The NNX model holding the parameters and other state of `state`."""
         return nnx.merge(self.graphdef, self.full_params(state), state.rest)
