@@ -245,6 +245,16 @@ def parallel_einsum(
     if preferred_element_type is not None:
         kwargs["preferred_element_type"] = preferred_element_type
     y = einsum_op(einsum_str, x, kernel_shard, precision=precision, **kwargs)
+    if einsum_op is not jnp.einsum and axis_size(axis_name) > 1:  # (unsplit: any shape is fine)
+        want = jax.eval_shape(lambda a, k: jnp.einsum(einsum_str, a, k), x, kernel_shard).shape
+        if tuple(y.shape) != tuple(want):
+            raise ValueError(
+                f"ParallelEinsum(einsum_op={getattr(einsum_op, '__name__', einsum_op)!r}): it "
+                f"returned shape {tuple(y.shape)} where {einsum_str!r} gives {tuple(want)} on "
+                f"this device's shards. The output is laid out over the mesh by the equation's "
+                f"letters (kernel dim {c!r} split over {axis_name!r}), so a custom einsum_op "
+                f"must return the equation's shape: reshape the layer's output instead."
+            )
     if c not in out and sequence_axis is not None:  # row-like SP: sum and split the sequence
         y = reduce_scatter(y, axis_name, axis=sequence_axis)
     elif c not in out:  # row-like: y holds one term of the sum per device

@@ -135,3 +135,22 @@ def test_flax_semantics_kept():
     np.testing.assert_array_equal(
         nnx.jit(lambda m, x: m(x))(flat, x1), jax.jit(lambda x: ref1(x))(x1)
     )
+
+
+def test_custom_einsum_op_must_return_the_equation_shape():
+    """The output is split by the equation's letters: an einsum_op that reshapes would move
+    the split dim (silently another layout); refused with the fix."""
+    mesh = utils.mesh(model=2)
+
+    def reshaping(expr, *args, **kwargs):
+        y = jnp.einsum(expr, *args, **kwargs)
+        return y.reshape(y.shape[0], y.shape[2], y.shape[1])
+
+    layer = ParallelEinsum("BTD,DF->BTF", (8, 4), shard_dim=1, einsum_op=reshaping, mesh=mesh,
+                           rngs=nnx.Rngs(0))  # fmt: skip
+    match = (
+        r"einsum_op='reshaping'\): it returned shape \(4, 2, 3\) where 'BTD,DF->BTF' "
+        r"gives \(4, 3, 2\).* reshape the layer's output"
+    )
+    with pytest.raises(ValueError, match=match):
+        layer(jnp.ones((4, 3, 8)))
