@@ -28,6 +28,37 @@ CASES = [
 ]
 
 
+def assert_matches(layer, ref, x, mesh):
+    """Forward, loss, input and parameter gradients of `layer` equal `ref`'s (nnx.Einsum on
+    whole arrays); returns the compiled collectives of the layer's value-and-grad."""
+    w = jax.random.normal(jax.random.key(2), jax.eval_shape(ref, x).shape)
+
+    def loss(m, x):
+        return jnp.sum(m(x) * w)
+
+    want_y = jax.jit(lambda x: ref(x))(x)
+    want_l, (want_g, want_dx) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(ref, x)
+    f = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
+    got_l, (got_g, got_dx) = f(layer, x)
+    y = nnx.jit(lambda m, x: m(x))(layer, x)
+    utils.assert_close(y, want_y)
+    utils.assert_sharding(y, mesh, layer.output_spec(ndim=x.ndim))
+    utils.assert_close(got_l, want_l)
+    utils.assert_close(got_dx, want_dx)
+    utils.assert_close(got_g["kernel"][...], want_g["kernel"][...])
+    if ref.bias is not None:
+        utils.assert_close(got_g["bias"][...], want_g["bias"][...])
+    return shardlax.audit.collectives(f, layer, x, mesh=mesh)
+
+
+def with_loss_sum(layer, declared, ndim):
+    """`declared` plus the loss's own sum of the split output (GSPMD's: one f32 scalar per
+    axis the output is split over)."""
+    split = {a for e in layer.output_spec(ndim=ndim) if e
+             for a in ((e,) if isinstance(e, str) else e)}  # fmt: skip
+    return declared + [Declared("all-reduce", (a,), "f32", 1, 4, "loss") for a in sorted(split)]
+
+
 @pytest.mark.parametrize("shape", [(2, 1, 2), (1, 1, 4)])
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_matches_nnx_einsum(case, shape):
@@ -42,27 +73,8 @@ def test_matches_nnx_einsum(case, shape):
     want[dim] = "model"
     utils.assert_sharding(layer.kernel[...], mesh, P(*want))
     x = jax.random.normal(jax.random.key(1), xshape)
-    w = jax.random.normal(jax.random.key(2), jax.eval_shape(ref, x).shape)
-
-    def loss(m, x):
-        return jnp.sum(m(x) * w)
-
-    want_y = jax.jit(lambda x: ref(x))(x)
-    want_l, (want_g, want_dx) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(ref, x)
-    f = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
-    got_l, (got_g, got_dx) = f(layer, x)
-    utils.assert_close(nnx.jit(lambda m, x: m(x))(layer, x), want_y)
-    utils.assert_close(got_l, want_l)
-    utils.assert_close(got_dx, want_dx)
-    utils.assert_close(got_g["kernel"][...], want_g["kernel"][...])
-    if bshape is not None:
-        utils.assert_close(got_g["bias"][...], want_g["bias"][...])
-    report = shardlax.audit.collectives(f, layer, x, mesh=mesh)
-    declared = layer.declared_collectives(xshape, grad=True)
-    # the loss's own sum of the split output is GSPMD's: one f32 scalar per split axis
-    out_spec = layer.output_spec(ndim=len(xshape))
-    split = {a for e in out_spec if e for a in ((e,) if isinstance(e, str) else e)}
-    declared += [Declared("all-reduce", (a,), "f32", 1, 4, "loss") for a in sorted(split)]
+    report = assert_matches(layer, ref, x, mesh)
+    declared = with_loss_sum(layer, layer.declared_collectives(xshape, grad=True), len(xshape))
     cmp = shardlax.audit.compare(declared, report)
     assert cmp.ok, cmp.table()
 

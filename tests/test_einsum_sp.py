@@ -11,10 +11,10 @@ import pytest
 from flax import nnx
 
 import shardlax
-from shardlax.audit import Declared
 from shardlax.declarations import Role
 from shardlax.nn import ParallelEinsum
 from tests import utils
+from tests.test_einsum import assert_matches, with_loss_sum
 
 pytestmark = pytest.mark.standard_dtype_promotion  # optax's reference update on one device
 
@@ -39,35 +39,17 @@ def test_sequence_parallel_matches_nnx_einsum(case, shape):
     layer = ParallelEinsum(eq, kshape, bshape, shard_dim=dim, mesh=mesh, rngs=nnx.Rngs(0),
                            sequence_parallel=True)  # fmt: skip
     x = jax.random.normal(jax.random.key(1), xshape)
-    w = jax.random.normal(jax.random.key(2), jax.eval_shape(ref, x).shape)
     column = layer.column
     # column-like: the input arrives split over the sequence; row-like: the output leaves so
     x_in = layer.input_spec(ndim=len(xshape))
     y_out = layer.output_spec(ndim=len(xshape))
     assert (x_in[1] == "model") == column and (y_out[1] == "model") == (not column)
-
-    def loss(m, x):
-        return jnp.sum(m(x) * w)
-
-    want_l, (want_g, want_dx) = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))(ref, x)
-    f = nnx.jit(nnx.value_and_grad(loss, argnums=(0, 1)))
-    got_l, (got_g, got_dx) = f(layer, x)
-    y = nnx.jit(lambda m, x: m(x))(layer, x)
-    utils.assert_close(y, jax.jit(lambda x: ref(x))(x))
-    utils.assert_sharding(y, mesh, y_out)
-    utils.assert_close(got_l, want_l)
-    utils.assert_close(got_dx, want_dx)
-    utils.assert_close(got_g["kernel"][...], want_g["kernel"][...])
-    if bshape is not None:
-        utils.assert_close(got_g["bias"][...], want_g["bias"][...])
-    report = shardlax.audit.collectives(f, layer, x, mesh=mesh)
+    report = assert_matches(layer, ref, x, mesh)
     declared = layer.declared_collectives(xshape, grad=True)
     kinds = {d.kind for d in declared if d.axes == ("model",) and d.role is not Role.GRAD_REDUCE}
     if n > 1:  # SP: gathers and scatters over the model axis, never an all-reduce of x or y
         assert kinds == {"all-gather", "reduce-scatter"}, declared
-    # the loss's own sum of the split output is GSPMD's: one f32 scalar per split axis
-    split = {a for e in y_out if e for a in ((e,) if isinstance(e, str) else e)}
-    declared += [Declared("all-reduce", (a,), "f32", 1, 4, "loss") for a in sorted(split)]
+    declared = with_loss_sum(layer, declared, len(xshape))
     cmp = shardlax.audit.compare(declared, report)
     assert cmp.ok, cmp.table()
 
