@@ -62,6 +62,7 @@ SLOW_FILES = {
     "test_fsdp_memory.py",
     "test_train_mixed.py",
     "test_attention_dropout.py",
+    "test_einsum_sp.py",
     # heavy end-to-end files
     "test_benchmarks.py",
     "test_checkpoint.py",
