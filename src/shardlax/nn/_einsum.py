@@ -19,7 +19,7 @@ from shardlax._axes import MODEL
 from shardlax.declarations import Declared, Role
 from shardlax.mesh import is_manual, live_axes
 from shardlax.nn._base import ShardedLayer, nbytes, param_value
-from shardlax.nn._linear import check_sequence_shard
+from shardlax.nn._einsum_sp import check_sequence, check_split
 from shardlax.nn._projection import _identity, metadata_param, shared_model_input
 from shardlax.placement import storage_spec
 
@@ -137,7 +137,7 @@ class ParallelEinsum(ShardedLayer):
         self.column = c in out  # the output is split on c (column-like or batched)
         self.sequence_parallel = bool(sequence_parallel)
         if self.sequence_parallel:
-            self._check_sp_split(einsum_str, _parse(owner, einsum_str, kernel_shape), shard_dim)
+            check_split(self, einsum_str, _parse(owner, einsum_str, kernel_shape), shard_dim)
         model = self._spec_axis(axis_name)
         self.kernel_spec = storage_spec(nd, [(shard_dim, model)])
         self.bias_spec = P()
@@ -192,17 +192,6 @@ class ParallelEinsum(ShardedLayer):
         if ndim is None:
             ndim = len(eq.split(",")[0].replace("...", ""))
         return kernels.einsum_subscripts(eq, (1,) * ndim, self.kernel_shape)
-
-    def _check_sp_split(self, einsum_str: str, subs: tuple[str, str, str], dim: int) -> None:
-        xs, ks, out = subs
-        c = ks[dim]
-        if c in xs and c in out:
-            raise ValueError(
-                f"{type(self).__name__}({einsum_str!r}, shard_dim={dim}, sequence_parallel=True):"
-                f" the split letter {c!r} is in the input and the output (a batched split: the "
-                f"input is already split on it over mesh axis {self.axis_name!r}), so the "
-                f"sequence cannot be split there too. Pass sequence_parallel=False."
-            )
 
     def _seq_letter(self, xs: str, ks: str, out: str) -> str | None:
         """Under sequence parallelism: the input's dim-1 letter (the sequence), else None."""
@@ -282,7 +271,7 @@ class ParallelEinsum(ShardedLayer):
                     f"{'; the split dim cannot broadcast' if k == c else ''}."
                 )
         if self.sequence_parallel:
-            self._check_sequence(inputs, einsum_str, xs, ks, out, manual)
+            check_sequence(self, inputs, einsum_str, (xs, ks, out), manual)
         if b is not None and not manual and inputs.shape[0] % self.batch_size_divisor:
             m = self.batch_size_divisor
             raise ValueError(
@@ -291,28 +280,6 @@ class ParallelEinsum(ShardedLayer):
                 f"{inputs.shape[0]}. Use a batch size divisible by {m}."
             )
         return xs, ks, out
-
-    def _check_sequence(self, inputs, einsum_str, xs, ks, out, manual) -> None:
-        owner, n, c = type(self).__name__, self.model_size, ks[self.shard_dim]
-        self._check_sp_split(einsum_str, (xs, ks, out), self.shard_dim)
-        s = xs[1] if len(xs) > 1 else None
-        if s is None or s in ks or s not in out or s == self._batch_letter(xs, ks, out):
-            raise ValueError(
-                f"{owner}({einsum_str!r}, sequence_parallel=True): sequence parallelism splits "
-                f"the input's dim 1 (the sequence) over mesh axis {self.axis_name!r}, so it must "
-                f"be a letter of the input and the output that the kernel lacks, after the "
-                f"batch; got {s!r} in {xs!r} -> {out!r}. Write the input as [batch, sequence, "
-                f"...], or pass sequence_parallel=False."
-            )
-        if c in out and c not in xs:  # column-like: the input is this device's sequence shard
-            check_sequence_shard(owner, inputs, self.mesh, self.axis_name)
-        if not manual and inputs.shape[1] % n:
-            raise ValueError(
-                f"{owner}(sequence_parallel=True): inputs.shape[1]={inputs.shape[1]} (the "
-                f"sequence) cannot be sharded over mesh axis {self.axis_name!r} (size {n}): {n} "
-                f"does not divide {inputs.shape[1]}. Use a sequence length divisible by {n}, or "
-                f"sequence_parallel=False."
-            )
 
     # -------------------------------------------------------------------- call
 
@@ -333,14 +300,10 @@ class ParallelEinsum(ShardedLayer):
             bias_axes = (self.axis_name,) if s is not None and c not in out else ()
 
             def body(x, kernel, bias):
-                if bias is not None and bias_axes:  # one gradient sum over batch and model
+                (kernel,) = self._replicated_for_grad(kernel)
+                if bias is not None:  # its gradient: one sum over the batch (and token) axes
                     axes = live_axes(self.mesh, (*self.batch_axes, *bias_axes))
-                    (kernel,), bias = (
-                        self._replicated_for_grad(kernel),
-                        kernels.ensure_varying(bias, axes),
-                    )
-                else:
-                    kernel, bias = self._replicated_for_grad(kernel, bias)
+                    bias = kernels.ensure_varying(bias, axes)
                 x, kernel, bias = self.promote_dtype((unwrap(x), kernel, bias), dtype=self.dtype)
                 return kernels.parallel_einsum(
                     einsum_str, x, kernel, bias, split=self.shard_dim,
