@@ -184,8 +184,7 @@ def specs_of(model) -> Callable[[str], Any]:
     shardlax uses, and only the collectives are XLA's choice."""
     _, state = nnx.split(model)
     specs = {
-        # `shardlax.fully_shard` keeps the wrapped module under `.module`.
-        jax.tree_util.keystr(path).replace("['module']", ""): v.sharding.spec
+        jax.tree_util.keystr(path): v.sharding.spec
         for path, v in jax.tree_util.tree_flatten_with_path(state)[0]
     }
 

@@ -94,6 +94,6 @@ def test_fsdp2_pattern_in_a_user_jit_loop_on_the_default_mesh():
     for k, w in want.items():
         utils.assert_close(got[k], w, err_msg=k)
     # the units still hold 1/N of their parameters
-    kernel = model.layers[0].module
+    kernel = model.layers[0]
     leaves = jax.tree.leaves(nnx.state(kernel, nnx.Param))
     assert any(x.addressable_shards[0].data.size * mesh.shape["fsdp"] == x.size for x in leaves)

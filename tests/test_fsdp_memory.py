@@ -57,15 +57,15 @@ def test_scanned_fsdp_model_memory_and_math():
     fn = nnx.jit(nnx.value_and_grad(_loss))
 
     # same math as the unsharded stack: loss and gradients
-    w, b = np.asarray(model.module.linear.kernel[...]), np.asarray(model.module.linear.bias[...])
+    w, b = np.asarray(model.linear.kernel[...]), np.asarray(model.linear.bias[...])
     loss, grads = fn(model, x)
     ref_loss, (ref_w, ref_b) = jax.value_and_grad(_reference, argnums=(0, 1))(w, b, np.asarray(x))
     utils.assert_close(loss, ref_loss)
-    utils.assert_close(grads["module"]["linear"]["kernel"][...], ref_w, err_msg="dW")
-    utils.assert_close(grads["module"]["linear"]["bias"][...], ref_b, err_msg="db")
+    utils.assert_close(grads["linear"]["kernel"][...], ref_w, err_msg="dW")
+    utils.assert_close(grads["linear"]["bias"][...], ref_b, err_msg="db")
 
     # per-device parameter bytes, read from the shards: total / N
-    for p in (model.module.linear.kernel[...], model.module.linear.bias[...]):
+    for p in (model.linear.kernel[...], model.linear.bias[...]):
         assert p.shape[0] == L
         assert {s.data.nbytes for s in p.addressable_shards} == {p.nbytes // N}
 

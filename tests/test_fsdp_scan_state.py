@@ -96,9 +96,9 @@ def _unit_steps(model, x, w, call_rngs=None):
     for _ in range(2):
         (value, h), g = step(model, x, call_rngs)
         copy = lambda v: jax.tree.map(lambda a: a, v)  # a state holds live Variables
-        rest = copy(nnx.state(model.module, nnx.Not(nnx.Param)))
+        rest = copy(nnx.state(model, nnx.Not(nnx.Param)))
         rngs = None if call_rngs is None else copy(nnx.state(call_rngs))
-        out.append((value, h, g["module"], rest, rngs))
+        out.append((value, h, g, rest, rngs))
     return out
 
 
@@ -139,7 +139,7 @@ def test_scanned_state_equals_a_loop_on_one_device(remat):
             utils.assert_close(a, b, err_msg=f"step {step} grad {jax.tree_util.keystr(path)}")
         _assert_state_equal(grest, wrest)
     # the state did move: two calls per layer, running averages off their init, masks drawn
-    rest = nnx.state(model.module, nnx.Not(nnx.Param))
+    rest = nnx.state(model, nnx.Not(nnx.Param))
     np.testing.assert_array_equal(np.asarray(rest["calls"][...]), [2] * L)
     assert float(jnp.min(jnp.abs(rest["bn"]["mean"][...]))) > 0
     np.testing.assert_array_equal(np.asarray(rest["drop"]["rngs"]["count"][...]), [2] * L)

@@ -62,11 +62,11 @@ def test_batchnorm_dropout_counter_inside_a_unit_equal_one_device(mesh_shape):
     y, y_ref = nnx.jit(lambda m, x: m(x))(unit, x), ref(x)
     np.testing.assert_array_equal(np.asarray(y) == 0, np.asarray(y_ref) == 0)  # same mask
     utils.assert_close(y, y_ref, err_msg="train forward")
-    utils.assert_close(unit.module.bn.mean[...], ref.bn.mean[...], err_msg="running mean")
-    utils.assert_close(unit.module.bn.var[...], ref.bn.var[...], err_msg="running var")
+    utils.assert_close(unit.bn.mean[...], ref.bn.mean[...], err_msg="running mean")
+    utils.assert_close(unit.bn.var[...], ref.bn.var[...], err_msg="running var")
     assert float(np.abs(np.asarray(ref.bn.mean[...])).max()) > 0.01  # they moved
-    assert int(unit.module.calls[...]) == int(ref.calls[...]) == 3
-    assert int(unit.module.drop.rngs.count[...]) == int(ref.drop.rngs.count[...]) == 3
+    assert int(unit.calls[...]) == int(ref.calls[...]) == 3
+    assert int(unit.drop.rngs.count[...]) == int(ref.drop.rngs.count[...]) == 3
     y = nnx.jit(lambda m, x: m(x, train=False))(unit, x)
     utils.assert_close(y, ref(x, train=False), err_msg="eval forward")
 
@@ -126,7 +126,7 @@ def test_nested_units_blocks_then_root():
     mesh = utils.mesh(2, 2, 1)
     root = fully_shard(LM(nnx.Rngs(0), lambda b: fully_shard(b, mesh=mesh)), mesh=mesh)
     # the root gathers only what the blocks do not own: embed and norm
-    own = {p for p, o in zip(root.param_paths(), root.owned, strict=True) if o}
+    own = {p for p, o in zip(root.param_paths(), root.fsdp_config.owned, strict=True) if o}
     assert own == {"embed.embedding", "norm.bias", "norm.scale"}
     _compare_lm(root, LM(nnx.Rngs(0)), _ids())
 
@@ -185,11 +185,14 @@ def test_forward_methods_and_pytrees():
     assert float(out["n"]) == 2.0 and out["none"] is None
     assert int(r.dropout.count[...]) == int(r_ref.dropout.count[...]) == 1
 
-    # attributes that are not methods are the wrapped module's own: a submodule, an nnx.Rngs
-    # (callable, yet no forward method), data
-    assert unit.lin is unit.module.lin and unit.drop is unit.module.drop
-    owned = fully_shard(rngs_at_call.make(0), mesh=mesh)
-    assert owned.rngs is owned.module.rngs and isinstance(owned.rngs, nnx.Rngs)
+    # the unit is the module itself (FSDP2's in-place class change): its attributes are its
+    # own (a submodule, an nnx.Rngs: callable, yet no forward method), and so are its paths
+    plain = rngs_at_call.make(0)
+    cls, l1, rngs = type(plain), plain.l1, plain.rngs
+    owned = fully_shard(plain, mesh=mesh)
+    assert owned is plain and owned.l1 is l1 and owned.rngs is rngs
+    assert isinstance(owned.rngs, nnx.Rngs) and isinstance(owned, cls)
+    assert type(owned).__name__ == f"FSDP{cls.__name__}" and isinstance(owned, FSDPModule)
     x = jax.random.normal(jax.random.key(4), (B, rngs_at_call.IN))
     ref_owned = rngs_at_call.make(0)
     got = nnx.jit(lambda m, x: m(x, rngs=m.rngs))(owned, x)
@@ -208,7 +211,7 @@ def test_manual_mode_inside_an_enclosing_shard_map():
     ref, unit = Block(nnx.Rngs(0)), fully_shard(Block(nnx.Rngs(0)), mesh=mesh)
     graphdef, params = nnx.split(unit, nnx.Param)
     _, p_tree = jax.tree.flatten(params)
-    p_specs = jax.tree.unflatten(p_tree, list(unit.param_specs))
+    p_specs = jax.tree.unflatten(p_tree, list(unit.fsdp_config.param_specs))
     batch = P(("data", "fsdp"))
     x = jax.device_put(jax.random.normal(jax.random.key(1), (B, D)), NamedSharding(mesh, batch))
 
@@ -262,7 +265,7 @@ def test_state_mean_over_the_batch_in_a_unit_is_declared():
     state, _ = trainer.step(trainer.init(), batch)
     ref = counter.make(0)
     nnx.jit(lambda m, b: counter.loss_fn(m, b))(ref, batch)
-    got = trainer.model(state).module.hidden_mean[...]
+    got = trainer.model(state).hidden_mean[...]
     utils.assert_close(got, ref.hidden_mean[...])
     report = audit.collectives(trainer.step, state, batch)
     declared = trainer.declared_collectives(

@@ -111,14 +111,14 @@ def test_fully_shard_any_module(name, reshard):
 def test_fully_shard_dims_and_specs():
     mesh = utils.mesh(1, 8, 1)
     emb = fully_shard(nnx.Embed(12, 16, rngs=nnx.Rngs(0)), mesh=mesh)  # 8 does not divide 12
-    assert emb.dims == (1,)
-    assert emb.module.embedding[...].sharding.spec == P(None, "fsdp")
+    assert emb.fsdp_config.dims == (1,)
+    assert emb.embedding[...].sharding.spec == P(None, "fsdp")
     lin = fully_shard(nnx.Linear(16, 24, rngs=nnx.Rngs(0)), mesh=mesh)
     assert lin.param_paths() == ("bias", "kernel")
-    assert lin.dims == (0, 0)
+    assert lin.fsdp_config.dims == (0, 0)
     # the same values as before wrapping
     np.testing.assert_array_equal(
-        np.asarray(lin.module.kernel[...]),
+        np.asarray(lin.kernel[...]),
         np.asarray(nnx.Linear(16, 24, rngs=nnx.Rngs(0)).kernel[...]),
     )
 
@@ -184,7 +184,7 @@ def test_fully_shard_scan_matches_loop(remat, reshard, gathers):
     model = fully_shard_scan(
         Layer, 3, rngs=nnx.Rngs(0), mesh=mesh, remat=remat, reshard_after_forward=reshard
     )
-    w, b = np.asarray(model.module.linear.kernel[...]), np.asarray(model.module.linear.bias[...])
+    w, b = np.asarray(model.linear.kernel[...]), np.asarray(model.linear.bias[...])
     x = jax.random.normal(jax.random.key(0), (4, D))
 
     def ref(w, b, x):
@@ -196,8 +196,8 @@ def test_fully_shard_scan_matches_loop(remat, reshard, gathers):
     val, grads = fn(model, x)
     ref_val, (rw, rb) = jax.value_and_grad(ref, argnums=(0, 1))(w, b, np.asarray(x))
     utils.assert_close(val, ref_val)
-    utils.assert_close(grads["module"]["linear"]["kernel"][...], rw, err_msg="dW")
-    utils.assert_close(grads["module"]["linear"]["bias"][...], rb, err_msg="db")
+    utils.assert_close(grads["linear"]["kernel"][...], rw, err_msg="dW")
+    utils.assert_close(grads["linear"]["bias"][...], rb, err_msg="db")
     report = audit.collectives(fn, model, x, mesh=mesh)
     assert all(c.in_loop for c in report.where("all-gather"))
     assert len(report.where("all-gather", ("fsdp",))) == gathers
@@ -246,9 +246,9 @@ def test_fully_shard_keeps_indivisible_parameters_whole():
     _randomize(sharded, 1)
     wrapped = fully_shard(sharded, mesh=mesh)
     assert wrapped.param_paths() == ("bias", "kernel")
-    assert wrapped.dims == (None, 0)
-    assert wrapped.param_specs == (P(None), P("fsdp", None))
-    assert wrapped.module.bias[...].shape == (10,)  # logical shapes unchanged
+    assert wrapped.fsdp_config.dims == (None, 0)
+    assert wrapped.fsdp_config.param_specs == (P(None), P("fsdp", None))
+    assert wrapped.bias[...].shape == (10,)  # logical shapes unchanged
     x = jax.random.normal(jax.random.key(2), (8, 8))
     _check(ref, wrapped, x)
     fn = nnx.jit(nnx.grad(_loss))
@@ -301,8 +301,10 @@ def test_fully_shard_runs_shardlax_layers_inside(fsdp_axis):
     ref = nnx.Sequential(nnx.Linear(D, 2 * D, rngs=nnx.Rngs(1)), nnx.relu,
                          nnx.Linear(2 * D, D, rngs=nnx.Rngs(2)))  # fmt: skip
     unit = fully_shard(nnx.Sequential(col, nnx.relu, row), mesh=mesh)
-    assert unit.param_specs[1] == P("fsdp", "model"), unit.param_specs  # col.kernel
-    assert unit.owned == ((fsdp_axis is None),) * 4, unit.owned
+    assert unit.fsdp_config.param_specs[1] == P("fsdp", "model"), (
+        unit.fsdp_config.param_specs
+    )  # col.kernel
+    assert unit.fsdp_config.owned == ((fsdp_axis is None),) * 4, unit.fsdp_config.owned
     x = jax.random.normal(jax.random.key(3), (8, D))
 
     def loss(m, x):
@@ -332,7 +334,7 @@ def test_fully_shard_in_a_model_with_shardlax_layers():
     g_b, g_h = nnx.jit(nnx.grad(loss, argnums=(0, 1)))(wrapped, head, x)
     r_b, r_h = nnx.grad(loss, argnums=(0, 1))(ref, ref2, np.asarray(x))
     utils.assert_close(g_h["kernel"][...], r_h["kernel"][...])
-    utils.assert_close(g_b["module"]["up"]["kernel"][...], r_b["up"]["kernel"][...])
+    utils.assert_close(g_b["up"]["kernel"][...], r_b["up"]["kernel"][...])
 
 
 def test_a_submodule_named_value_keeps_its_path():
@@ -342,4 +344,4 @@ def test_a_submodule_named_value_keeps_its_path():
     attn = nnx.MultiHeadAttention(2, D, qkv_features=8, decode=False, rngs=nnx.Rngs(0))
     unit = fully_shard(attn, mesh=mesh)
     assert unit.spec_of(("value", "kernel")) == P("fsdp", None, None)
-    assert unit.module.value.kernel.get_metadata()["out_sharding"] == P("fsdp", None, None)
+    assert unit.value.kernel.get_metadata()["out_sharding"] == P("fsdp", None, None)

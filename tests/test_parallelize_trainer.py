@@ -195,11 +195,11 @@ def test_fully_shard_after_parallelize_trains_like_one_device_as_declared():
     ref = one_device_reference(lambda: llama.make(0, num_layers=2), llama.loss_fn, tx(), data)
     model = wrap_blocks(parallelize(llama.make(0, num_layers=2), LLAMA_PLAN, mesh=mesh), mesh)
     unit = model.layers[0]
-    specs = dict(zip(unit.param_paths(), unit.param_specs, strict=True))
+    specs = dict(zip(unit.param_paths(), unit.fsdp_config.param_specs, strict=True))
     assert specs["attn.q_proj.kernel"] == jax.P("fsdp", "model"), specs
     assert specs["attn.o_proj.kernel"] == jax.P(("model", "fsdp"), None), specs
     assert specs["pre_ffw_norm.scale"] == jax.P("fsdp"), specs
-    utils.assert_sharding(unit.module.attn.q_proj.kernel[...], mesh, jax.P("fsdp", "model"))
+    utils.assert_sharding(unit.attn.q_proj.kernel[...], mesh, jax.P("fsdp", "model"))
     trainer, state, losses, compiles = train(model, llama.loss_fn, mesh, "fsdp+tp", data)
     assert compiles == 1, f"the step compiled {compiles} times in {N_STEPS} steps"
     assert_like_reference(trainer, state, losses, ref, "llama units fsdp+tp")
@@ -210,7 +210,7 @@ def test_fully_shard_after_parallelize_trains_like_one_device_as_declared():
     declared_model = [d for unit in model.layers for d in unit.declared_collectives(x)]
     by_hand = []
     for unit in model.layers:
-        attn, mlp_ = unit.module.attn, unit.module.mlp
+        attn, mlp_ = unit.attn, unit.mlp
         by_hand += attn.q_proj.declared_collectives((b, t, 16), grad=True)
         by_hand += attn.kv_proj.declared_collectives((b, t, 16), grad=True, input_grad=False)
         by_hand += attn.o_proj.declared_collectives((b, t, 16), grad=True)
@@ -235,10 +235,10 @@ def test_parallelize_inside_a_unit_is_refused():
     model.layers[0] = shardlax.fully_shard(model.layers[0], mesh=mesh)
     with pytest.raises(
         ValueError,
-        match=r"'layers\.0\.module\.attn\.q_proj' \(plan\['layers\.\*\.module\.attn\.q_proj'\]\) "
+        match=r"'layers\.0\.attn\.q_proj' \(plan\['layers\.\*\.attn\.q_proj'\]\) "
         r"is inside the fully_shard unit 'layers\.0'.*Apply the plan first, then wrap",
     ):
-        parallelize(model, {"layers.*.module.attn.q_proj": Colwise()}, mesh=mesh)
+        parallelize(model, {"layers.*.attn.q_proj": Colwise()}, mesh=mesh)
 
 
 def test_unit_errors_for_twins_it_cannot_run():

@@ -7,6 +7,7 @@ by hand.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -24,20 +25,21 @@ from shardlax.placement import local_shape, path_str
 from shardlax.precision import wire_dtypes
 
 
-class UnitDeclarations:
+class UnitDeclarations(nnx.Module):
     """The declarations half of `shardlax.fsdp.FSDPModule` (see the module docstring)."""
 
-    def _gathered_shape(self, shape: Sequence[int], d: int | None, spec: P) -> tuple[int, ...]:
+    def _fsdp_gathered_shape(self, shape: Sequence[int], d: int | None, spec: P) -> tuple[int, ...]:
         """One layer's parameter (a scan) as the unit gathers it: whole over `axis`, and a
         shardlax layer's model-local shard (split over the model axis as the layer stores it)."""
-        local = list(local_shape(shape, spec, self.mesh))
+        c = self.fsdp_config
+        local = list(local_shape(shape, spec, c.mesh))
         if d is not None:
-            local[d + self.scan] *= self.axis_size
-        return tuple(local[1:] if self.scan else local)
+            local[d + c.scan] *= c.axis_size
+        return tuple(local[1:] if c.scan else local)
 
     def param_paths(self) -> tuple[str, ...]:
         """The dotted path of every parameter, in the order of `dims`."""
-        params = nnx.state(self.module, nnx.Param)
+        params = nnx.state(self, nnx.Param)
         return tuple(path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
 
     def declared_collectives(
@@ -81,19 +83,20 @@ class UnitDeclarations:
         collectives are those of one layer, inside the scan loops (the HLO
         holds each once; it runs once per layer).
         """
+        c = self.fsdp_config
         if regathered is None and (args or kwargs):
-            out = self._layer_declarations(args, kwargs, grad, input_grad)
-            if self.axis_size == 1:
+            out = self._fsdp_layer_declarations(args, kwargs, grad, input_grad)
+            if c.axis_size == 1:
                 return out
-            derived = self._derive_regathered(args, kwargs, input_grad) if grad else {}
+            derived = self._fsdp_derive_regathered(args, kwargs, input_grad) if grad else {}
             out += self.declared_collectives(grad=grad, regathered=derived.get(id(self), ()))
             for unit in inner_units(self):
                 out += unit.declared_collectives(grad=grad, regathered=derived.get(id(unit), ()))
             return out
-        if self.axis_size == 1:
+        if c.axis_size == 1:
             return []
         regathered = () if regathered is None else tuple(regathered)
-        params = jax.tree.leaves(nnx.state(self.module, nnx.Param))
+        params = jax.tree.leaves(nnx.state(self, nnx.Param))
         paths = self.param_paths()
         unknown = set(regathered) - set(paths)
         if unknown:
@@ -101,18 +104,16 @@ class UnitDeclarations:
                 f"FSDPModule.declared_collectives(regathered={sorted(unknown)}): no such "
                 f"parameter. The parameters are {paths}."
             )
-        live = live_axes(self.mesh, self.batch_axes)
-        others = tuple(a for a in live if a != self.axis)
+        live = live_axes(c.mesh, c.batch_axes)
+        others = tuple(a for a in live if a != c.axis)
         out = []
-        for path, x, d, o, spec in zip(
-            paths, params, self.dims, self.owned, self.param_specs, strict=True
-        ):
+        for path, x, d, o, spec in zip(paths, params, c.dims, c.owned, c.param_specs, strict=True):
             if not o:
                 continue
             stored = x.dtype
-            gdt, rdt = wire_dtypes(stored, self.policy)
+            gdt, rdt = wire_dtypes(stored, c.policy)
             # the gathered size: one layer's in a scan, a shardlax layer's model-local shard
-            size = math.prod(self._gathered_shape(x.shape, d, spec))
+            size = math.prod(self._fsdp_gathered_shape(x.shape, d, spec))
             rbytes, rname = size * jnp.dtype(rdt).itemsize, hlo_dtype(rdt)
             if d is None:  # kept whole: its gradient is all-reduced over the batch axes
                 if grad:
@@ -121,19 +122,19 @@ class UnitDeclarations:
                 continue
             gname = gather_hlo_dtype(gdt)
             full = size * jnp.dtype(gdt).itemsize
-            gathers = 1 + (grad and self.reshard_after_forward and path in regathered)
-            out.append(Declared("all-gather", (self.axis,), gname, gathers, gathers * full, path,
+            gathers = 1 + (grad and c.reshard_after_forward and path in regathered)
+            out.append(Declared("all-gather", (c.axis,), gname, gathers, gathers * full, path,
                                 role=Role.PARAM_GATHER, param=path))  # fmt: skip
             if grad:
-                out.append(Declared("reduce-scatter", (self.axis,), rname, 1, rbytes, path,
+                out.append(Declared("reduce-scatter", (c.axis,), rname, 1, rbytes, path,
                                     role=Role.GRAD_REDUCE, param=path))  # fmt: skip
                 if others:
-                    shard = rbytes // self.axis_size
+                    shard = rbytes // c.axis_size
                     out.append(Declared("all-reduce", others, rname, 1, shard, path,
                                         role=Role.GRAD_REDUCE, param=path))  # fmt: skip
         return out
 
-    def _layer_declarations(
+    def _fsdp_layer_declarations(
         self, args: tuple, kwargs: dict, grad: bool, input_grad: bool
     ) -> list[Declared]:
         """The shardlax layers' own collectives (tensor parallelism), from one traced forward.
@@ -148,24 +149,28 @@ class UnitDeclarations:
         from shardlax.nn import ParallelEmbed
         from shardlax.nn._placing import recording_calls
 
+        c = self.fsdp_config
         graphdef, state = nnx.split(self)
         with recording_calls() as calls:
             jax.eval_shape(
                 lambda s, a, k: nnx.merge(graphdef, s, copy=True)(*a, **k), state, args, kwargs
             )
-        batch = set(self.batch_axes)
+        batch = set(c.batch_axes)
         out: list[Declared] = []
         shared: list[Any] = []  # activations a column layer has declared the dx of
         for layer, method, x, shape, dtype, call_kwargs in calls:
-            owner = f"FSDPModule({type(self.module).__name__}).declared_collectives"
+            owner = f"FSDPModule({c.base.__name__}).declared_collectives"
             if method != "__call__" or shape is None:
                 raise ValueError(
                     f"{owner}: the unit calls {type(layer).__name__}.{method}, whose "
                     f"collectives it cannot derive. Pass regathered= (the fsdp collectives "
                     f"only) and add the layer's declared_collectives(...) by hand."
                 )
+            declare = layer.declared_collectives
+            if isinstance(layer, UnitDeclarations):  # the unit is the layer: its own method
+                declare = functools.partial(layer.fsdp_config.base.declared_collectives, layer)
             if isinstance(layer, ParallelEmbed):
-                mine = layer.declared_collectives(shape, grad=grad)
+                mine = declare(shape, grad=grad)
             else:
                 ig = input_grad and dtype is not None and jnp.issubdtype(dtype, jnp.floating)
                 if _shares_input(layer):
@@ -174,7 +179,7 @@ class UnitDeclarations:
                 extra = {"einsum_str": call_kwargs["einsum_str"]} if call_kwargs.get(
                     "einsum_str"
                 ) else {}  # fmt: skip
-                mine = layer.declared_collectives(shape, grad=grad, input_grad=ig, **extra)
+                mine = declare(shape, grad=grad, input_grad=ig, **extra)
             if not getattr(layer, "_fsdp_live", False):
                 mine = [
                     d for d in mine if not (d.role is Role.GRAD_REDUCE and set(d.axes) <= batch)
@@ -182,14 +187,15 @@ class UnitDeclarations:
             out += mine
         return out
 
-    def _derive_regathered(
+    def _fsdp_derive_regathered(
         self, args: tuple, kwargs: dict, input_grad: bool = True
     ) -> dict[int, tuple[str, ...]]:
         """{id(unit): paths its backward gathers again}, from the DCE'd gradient jaxpr."""
         from jax._src import core as jax_core
         from jax._src.interpreters import partial_eval as pe
 
-        if not self.reshard_after_forward:
+        c = self.fsdp_config
+        if not c.reshard_after_forward:
             return {}
         graphdef, params, rest = nnx.split(self, nnx.Param, ...)
         leaves, tree = jax.tree.flatten((args, kwargs))
@@ -215,7 +221,7 @@ class UnitDeclarations:
 
         def walk(j):
             for e in j.eqns:
-                if e.primitive.name == "all_gather" and self.axis in _as_names(
+                if e.primitive.name == "all_gather" and c.axis in _as_names(
                     e.params.get("axis_name")
                 ):
                     yield tuple(e.invars[0].aval.shape)
@@ -227,14 +233,14 @@ class UnitDeclarations:
             counts[shape] = counts.get(shape, 0) + 1
         groups: dict[tuple, list] = {}  # local shard shape -> [(unit, path)] gathered once each
         for unit in (self, *inner_units(self)):
-            p_leaves = jax.tree.leaves(nnx.state(unit.module, nnx.Param))
+            p_leaves = jax.tree.leaves(nnx.state(unit, nnx.Param))
+            uc = unit.fsdp_config
             for path, x, d, o, spec in zip(
-                unit.param_paths(), p_leaves, unit.dims, unit.owned, unit.param_specs,
-                strict=True,
-            ):  # fmt: skip
+                unit.param_paths(), p_leaves, uc.dims, uc.owned, uc.param_specs, strict=True
+            ):
                 if o and d is not None:
-                    local = list(unit._gathered_shape(x.shape, d, spec))
-                    local[d] //= unit.axis_size
+                    local = list(unit._fsdp_gathered_shape(x.shape, d, spec))
+                    local[d] //= uc.axis_size
                     groups.setdefault(tuple(local), []).append((unit, path))
         out: dict[int, list] = {}
         for shape, members in groups.items():
@@ -249,8 +255,8 @@ def _as_names(axis_name: Any) -> tuple:
 
 
 def inner_units(unit: Any) -> list[Any]:
-    """The FSDP units nested in `unit.module`, at any depth."""
-    return [m for _, m in nnx.iter_graph(unit.module) if isinstance(m, UnitDeclarations)]
+    """The FSDP units nested in `unit`, at any depth."""
+    return [m for p, m in nnx.iter_graph(unit) if p and isinstance(m, UnitDeclarations)]
 
 
 def is_array(x: Any) -> bool:

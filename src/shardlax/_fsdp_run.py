@@ -1,4 +1,4 @@
-"""How an FSDP unit runs a call (`FSDPModule._run_unit`): one `shard_map` per call.
+"""How an FSDP unit runs a call (`FSDPModule._fsdp_call`): one `shard_map` per call.
 
 The call's arguments are sorted into arrays (split over the batch axes when
 their leading dim is the batch, else replicated), graph nodes (`nnx.Rngs`,
@@ -38,11 +38,12 @@ from shardlax.precision import MixedPrecision, wire_dtypes
 
 def run_unit(unit: Any, owner: str, method: str, args: tuple, kwargs: dict) -> Any:
     """Run `unit.<method>(*args, **kwargs)` as one FSDP unit: see `shardlax.fsdp`."""
+    module, unit = unit, unit.fsdp_config  # the module; how it is placed (UnitConfig)
     manual = is_manual(unit.mesh)
     live = live_axes(unit.mesh, unit.batch_axes)
     batch_entry = (live if len(live) > 1 else live[0]) if live else None
     nb = axes_size(unit.mesh, live)
-    graphdef, params, rest = nnx.split(unit.module, nnx.Param, ...)
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
     p_leaves, p_tree = jax.tree.flatten(params)
     r_leaves, r_tree = jax.tree.flatten(rest)
     r_paths = [_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(rest)[0]]
@@ -107,9 +108,13 @@ def run_unit(unit: Any, owner: str, method: str, args: tuple, kwargs: dict) -> A
         call_args, call_kwargs = jax.tree.unflatten(a_tree, [next(pick[k]) for k in kinds])
         if policy is not None and policy.param_dtype is not None:
             call_args, call_kwargs = _cast_floats((call_args, call_kwargs), policy.param_dtype)
-        with _fsdp_state.global_batch_layers([m, *call_nodes], unit_batch), varying_carries():
-            out = getattr(m, method)(*call_args, **call_kwargs)
-        _fsdp_state.check_structure(owner, method, unit.module, graphdef, m)
+        unit_class, m.__class__ = type(m), unit.base  # the module's own method runs here
+        try:
+            with _fsdp_state.global_batch_layers([m, *call_nodes], unit_batch), varying_carries():
+                out = getattr(m, method)(*call_args, **call_kwargs)
+        finally:
+            m.__class__ = unit_class
+        _fsdp_state.check_structure(owner, method, module, graphdef, m)
         for i, leaf in enumerate(jax.tree.leaves(out)):
             if not isinstance(leaf, jax.Array):
                 raise TypeError(
@@ -225,7 +230,7 @@ def run_unit(unit: Any, owner: str, method: str, args: tuple, kwargs: dict) -> A
             in_specs=in_specs,
             out_specs=(out_specs, tuple(P() for _ in r_leaves), tuple(P() for _ in n_leaves)),
         )(*inputs)
-    nnx.update(unit.module, jax.tree.unflatten(r_tree, list(new_r)))
+    nnx.update(module, jax.tree.unflatten(r_tree, list(new_r)))
     for (_, x), state in zip(
         [(k, x) for k, x in zip(kinds, leaves, strict=True) if k == "node"],
         jax.tree.unflatten(n_tree, list(new_n)),

@@ -20,7 +20,7 @@ from shardlax._fsdp_state import check_state
 from shardlax.precision import MixedPrecision
 
 if TYPE_CHECKING:
-    from shardlax.fsdp import FSDPModule
+    from shardlax._fsdp_unit import FSDPModule
 
 
 def fully_shard_scan(
@@ -66,9 +66,9 @@ def fully_shard_scan(
     def create(rngs):
         return make_layer(rngs)
 
-    from shardlax.fsdp import FSDPModule  # (fsdp imports this module)
+    from shardlax._fsdp_unit import _make_unit  # (it imports this module)
 
-    return FSDPModule(
+    return _make_unit(
         create(rngs),
         mesh=mesh,
         axis=axis,

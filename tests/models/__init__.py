@@ -73,12 +73,12 @@ def host(tree):
 
 
 def logical(tree) -> dict:
-    """{dotted nnx path: host leaf}, without the `module` hops of `fully_shard` units (so a
-    wrapped model's state compares with the plain model's)."""
+    """{dotted nnx path: host leaf} (`fully_shard` units keep their modules' paths, so a
+    wrapped model's state compares with the plain model's as it is)."""
     out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(host(tree))[0]:
         keys = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
-        out[".".join(k for k in keys if k not in ("module", "value"))] = x
+        out[".".join(k for k in keys if k != "value")] = x
     return out
 
 
