@@ -32,8 +32,10 @@ References:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import jax
@@ -197,6 +199,69 @@ def _add_zero(s: jax.Array, zero: jax.Array) -> jax.Array:
     return s ^ bits.astype(s.dtype)
 
 
+#: Whether the call site of the shard_map being traced is inside a checkpoint (its body's
+#: own trace stack starts afresh, so `call_site_of_shard_map` carries the answer in).
+_CALL_SITE_IN_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "shardlax_call_site_in_checkpoint", default=False
+)
+
+
+def inside_checkpoint() -> bool:
+    """True while tracing the body of a `jax.checkpoint` (`nnx.remat`) that is a loop's step.
+
+    A checkpointed step of a `lax.scan` (the scan-over-layers pattern) is
+    re-run in the backward loop, gather included, so its backward already
+    holds the gathered parameters the recomputation made: `fsdp_call` then
+    keeps them as plain residuals (they live only inside that step of the
+    backward loop) instead of gathering a third time. Outside a loop the
+    recomputation sits in the same program as the forward, and XLA:CPU
+    merges its gather into the forward's (measured: the gathered parameters
+    then live for the whole step), so there the re-gather tied to the
+    cotangent stays. Read from JAX's trace stack (each staging trace knows
+    its parent and what it traces for); a differentiation that starts
+    inside (`jax.grad` under the checkpoint) ends the search, as the
+    re-gather then serves that backward. A `shard_map` body's stack starts
+    afresh: the layers' and units' shard_map calls carry their call site's
+    answer in (`call_site_of_shard_map`).
+    """
+    try:
+        from jax._src import core
+        from jax._src.interpreters import ad
+        from jax._src.interpreters import partial_eval as pe
+    except ImportError:  # pragma: no cover - another JAX: resharded as asked
+        return False
+    trace, checkpointed = core.trace_ctx.trace, False
+    for _ in range(10_000):  # the stack is finite; the bound only guards a cycle
+        if isinstance(trace, ad.JVPTrace | ad.LinearizeTrace):
+            return False
+        if isinstance(trace, pe.DynamicJaxprTrace):
+            info = trace.frame.debug_info
+            what = None if info is None else info.traced_for
+            if what == "checkpoint / remat":
+                checkpointed = True
+            elif checkpointed and what in _LOOP_BODIES:
+                return True
+        parent = getattr(trace, "parent_trace", None)
+        if parent is None:
+            break
+        trace = parent
+    return _CALL_SITE_IN_CHECKPOINT.get()
+
+
+#: What JAX's loops trace their steps for (`DebugInfo.traced_for`).
+_LOOP_BODIES = frozenset({"scan", "while_body", "while_loop", "fori_loop"})
+
+
+@contextlib.contextmanager
+def call_site_of_shard_map() -> Iterator[None]:
+    """Around a `jax.shard_map` call: its body sees `inside_checkpoint()` of the call site."""
+    token = _CALL_SITE_IN_CHECKPOINT.set(inside_checkpoint())
+    try:
+        yield
+    finally:
+        _CALL_SITE_IN_CHECKPOINT.reset(token)
+
+
 def fsdp_call(
     fn: Callable[[Any, Any], Any],
     shards: Any,
@@ -228,6 +293,13 @@ def fsdp_call(
     transpose) are not matched and stay saved: cast before gathering
     (`fsdp_gather(gather_dtype=...)`).
 
+    Inside a checkpointed step of a loop (`inside_checkpoint()`: a user's
+    `jax.checkpoint` / `nnx.remat` around a `lax.scan` step) the first path
+    is taken whatever `reshard_after_forward` says: the backward loop
+    recomputes the step, gather included, and that gathered value serves the
+    backward, so each parameter is gathered twice per step (forward loop,
+    backward loop), the minimum, and lives only within its step.
+
     Collectives: those of `gather` (forward) and its transpose (backward), as
     stated above; nothing else.
     """
@@ -242,7 +314,7 @@ def fsdp_call(
         tied, extras = _tie_to(leaves, anchor, allowed)
         return gather(jax.tree.unflatten(shard_tree, tied)), extras
 
-    if not reshard_after_forward:
+    if not reshard_after_forward or inside_checkpoint():
         gathered, _ = gather_tied(shard_leaves, args)  # autodiff sums over the extras
         return fn(gathered, args)
 
