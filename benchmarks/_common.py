@@ -167,6 +167,31 @@ def write_jsonl(path: Path, rows: Sequence[dict]) -> None:
             f.write(json.dumps(r, sort_keys=True) + "\n")
 
 
+def mlp_block(d: int) -> type:
+    """The deep-stack benchmarks' block class: `x + W2 gelu(W1 x)`, d -> 4d -> d (plain nnx)."""
+    import jax
+    from flax import nnx
+
+    class Block(nnx.Module):
+        def __init__(self, rngs):
+            self.up = nnx.Linear(d, 4 * d, rngs=rngs)
+            self.down = nnx.Linear(4 * d, d, rngs=rngs)
+
+        def __call__(self, x):
+            return x + self.down(jax.nn.gelu(self.up(x)))
+
+    return Block
+
+
+def write_results(out: Path, name: str, rows: list[dict], info: dict, markdown: Callable) -> None:
+    """`<out>/<name>.jsonl` (the rows, each with the machine), `<out>/<name>.md` (`markdown`)."""
+    for row in rows:
+        row["machine"] = info
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / f"{name}.jsonl", rows)
+    (out / f"{name}.md").write_text(markdown(rows, info))
+
+
 def md_table(header: Sequence[str], rows: Sequence[Sequence[object]], align: str = "") -> str:
     """A markdown table; `align` is one char per column: 'l' or 'r' (default 'r')."""
     align = align or "l" + "r" * (len(header) - 1)

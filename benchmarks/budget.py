@@ -49,13 +49,7 @@ def run(layers: int, d: int, batch: int, fractions) -> list[dict]:
 
     mesh = shardlax.make_mesh(fsdp=DEVICES)
 
-    class Block(nnx.Module):
-        def __init__(self, rngs):
-            self.up = nnx.Linear(d, 4 * d, rngs=rngs)
-            self.down = nnx.Linear(4 * d, d, rngs=rngs)
-
-        def __call__(self, x):
-            return x + self.down(jax.nn.gelu(self.up(x)))
+    Block = C.mlp_block(d)
 
     class Stack(nnx.Module):
         def __init__(self, choices, rngs):
@@ -164,11 +158,7 @@ def main(argv=None) -> None:
     info = C.machine_info()
     t0 = time.perf_counter()
     rows = run(args.layers, args.d, args.batch, fractions)
-    for row in rows:
-        row["machine"] = info
-    args.out.mkdir(parents=True, exist_ok=True)
-    C.write_jsonl(args.out / "budget.jsonl", rows)
-    (args.out / "budget.md").write_text(markdown(rows, info))
+    C.write_results(args.out, "budget", rows, info, markdown)
     C.phase(f"wrote {args.out / 'budget.jsonl'}, {args.out / 'budget.md'} in "
             f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
 

@@ -154,12 +154,8 @@ def main(argv=None) -> None:
         for n in args.devices:
             C.phase(f"{preset} on {n} devices ({args.strategy}): shardlax, GSPMD twin, 1 device")
             rows.append(one(preset, n, args.strategy, args.seq, n * SEQS_PER_DEVICE, extra))
-            for row in rows:
-                row["machine"] = info
             # written after each study: a long run leaves what it has
-            args.out.mkdir(parents=True, exist_ok=True)
-            C.write_jsonl(args.out / "scaleout.jsonl", rows)
-            (args.out / "scaleout.md").write_text(markdown(rows, info))
+            C.write_results(args.out, "scaleout", rows, info, markdown)
     C.phase(f"wrote {args.out / 'scaleout.jsonl'}, {args.out / 'scaleout.md'} in "
             f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
 

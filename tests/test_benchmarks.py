@@ -139,3 +139,22 @@ def test_scaleout_quick(tmp_path):
     assert 1.0 <= row["goals"]["arguments_vs_ideal"] < 1.05
     md = (tmp_path / "scaleout.md").read_text()
     assert md.startswith("# ") and "| ---" in md and "GSPMD baseline" in md
+
+
+@pytest.mark.slow
+def test_tracing_quick(tmp_path):
+    """The lowering benchmark: every candidate lowers and compiles; replay traces less."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run(
+        [sys.executable, str(BENCH / "tracing.py"), "--quick", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "tracing.jsonl").read_text().splitlines()]
+    assert (tmp_path / "tracing.md").read_text().startswith("# Lowering")
+    by = {(r["layers"], r["impl"]): r for r in rows}
+    assert {i for (_, i) in by} == {"shardlax", "shardlax, no replay", "trainer", "gspmd"}
+    for r in rows:
+        assert r["lower_s"] > 0 and r["compile_s"] > 0 and r["total_ratio_vs_gspmd"] > 0
+    assert by[4, "gspmd"]["lower_ratio_vs_gspmd"] == 1.0

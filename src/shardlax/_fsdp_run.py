@@ -24,7 +24,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlax import _flax_layers, _fsdp_state, _random_check, kernels
+from shardlax import _flax_layers, _fsdp_state, _random_check, _trace_cache, kernels
 from shardlax._control_flow import varying_carries
 from shardlax._fsdp_declare import is_array
 from shardlax._fsdp_scan import check_scan_state as _check_scan_state
@@ -161,8 +161,27 @@ def run_unit(unit: Any, owner: str, method: str, args: tuple, kwargs: dict) -> A
         return out, new_r, new_n
 
     inputs = (tuple(p_leaves), tuple(r_leaves), tuple(n_leaves), tuple(arrays))
-    if manual:
-        out, new_r, new_n = body(*inputs)
+    key = None
+    if recorded_calls() is None and _flax_layers.recorder() is None:  # not declaring
+        key = _trace_cache.key_of(
+            (
+                type(module),
+                method,
+                unit,
+                graphdef,
+                a_tree,
+                tuple(kinds),
+                tuple(n_defs),
+                reduction,
+                manual,
+                kernels.inside_checkpoint(),  # fsdp_call keeps the gathers under one
+            ),
+            statics,
+            inputs,
+        )  # identical units after the first replay its trace (`shardlax._trace_cache`)
+    name = f"fsdp_{unit.base.__name__}"  # the unit's call in profiles and the HLO
+    if manual:  # inside the caller's shard_map (the Trainer's step): the body as it is
+        out, new_r, new_n = _trace_cache.call(key, lambda: body, inputs, name)
     else:
         in_specs = (
             unit.param_specs,
@@ -179,57 +198,64 @@ def run_unit(unit: Any, owner: str, method: str, args: tuple, kwargs: dict) -> A
                 for a, s in zip(arrays, a_specs, strict=True)
             ),
         )
-        probe: list = []
 
-        def probe_body(*xs):
-            probe.append(jax.tree.map(lambda o: (o.shape, kernels.varying_axes(o)), body(*xs)))
-            return ()
+        def make():  # the unit's shard_map (its output specs from a probe trace)
+            probe: list = []
 
-        calls = recorded_calls()
-        seen = None if calls is None else len(calls)
-        closed = jax.make_jaxpr(
-            jax.shard_map(probe_body, mesh=unit.mesh, in_specs=in_specs, out_specs=())
-        )(*inputs)
-        if local_batch is not None and nb > 1 and not unit.per_device_random:
+            def probe_body(*xs):
+                probe.append(jax.tree.map(lambda o: (o.shape, kernels.varying_axes(o)), body(*xs)))
+                return ()
 
-            def doubled_program():  # the same unit for a batch twice as large
-                nonlocal unit_batch
-                saved = unit_batch
-                unit_batch = _fsdp_state.UnitBatch(owner, live, nb, 2 * local_batch)
-                twice = tuple(
-                    _random_check.doubled(a, NamedSharding(unit.mesh, s)) if s != P() else a
-                    for a, s in zip(inputs[3], a_specs, strict=True)
-                )
+            calls = recorded_calls()
+            seen = None if calls is None else len(calls)
+            closed = jax.make_jaxpr(
+                jax.shard_map(probe_body, mesh=unit.mesh, in_specs=in_specs, out_specs=())
+            )(*inputs)
+            if local_batch is not None and nb > 1 and not unit.per_device_random:
 
-                def traced(*xs):
-                    body(*xs)
-                    return ()
+                def doubled_program():  # the same unit for a batch twice as large
+                    nonlocal unit_batch
+                    saved = unit_batch
+                    unit_batch = _fsdp_state.UnitBatch(owner, live, nb, 2 * local_batch)
+                    twice = tuple(
+                        _random_check.doubled(a, NamedSharding(unit.mesh, s)) if s != P() else a
+                        for a, s in zip(inputs[3], a_specs, strict=True)
+                    )
 
-                try:
-                    return jax.make_jaxpr(
-                        jax.shard_map(traced, mesh=unit.mesh, in_specs=in_specs, out_specs=())
-                    )(*inputs[:3], twice)
-                finally:
-                    unit_batch = saved
+                    def traced(*xs):
+                        body(*xs)
+                        return ()
 
-            _random_check.check_draws(
-                f"{owner}.{method}", closed, doubled_program, nb,
-                "fully_shard(..., per_device_random=True)",
-            )  # fmt: skip
-        if calls is not None:
-            del calls[seen:]  # the probe's trace: the layers are recorded by the real one
-        out_types, _, _ = probe[0]
-        out_specs = jax.tree.map(
-            lambda t: _out_spec(owner, method, t, live, batch_entry, local_batch),
-            out_types,
-            is_leaf=lambda t: isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], frozenset),
-        )
-        out, new_r, new_n = jax.shard_map(
-            body,
-            mesh=unit.mesh,
-            in_specs=in_specs,
-            out_specs=(out_specs, tuple(P() for _ in r_leaves), tuple(P() for _ in n_leaves)),
-        )(*inputs)
+                    try:
+                        return jax.make_jaxpr(
+                            jax.shard_map(traced, mesh=unit.mesh, in_specs=in_specs, out_specs=())
+                        )(*inputs[:3], twice)
+                    finally:
+                        unit_batch = saved
+
+                _random_check.check_draws(
+                    f"{owner}.{method}", closed, doubled_program, nb,
+                    "fully_shard(..., per_device_random=True)",
+                )  # fmt: skip
+            if calls is not None:
+                del calls[seen:]  # the probe's trace: the layers are recorded by the real one
+            out_types, _, _ = probe[0]
+            out_specs = jax.tree.map(
+                lambda t: _out_spec(owner, method, t, live, batch_entry, local_batch),
+                out_types,
+                is_leaf=lambda t: (
+                    isinstance(t, tuple) and len(t) == 2 and isinstance(t[1], frozenset)
+                ),
+            )
+            return jax.shard_map(
+                body,
+                mesh=unit.mesh,
+                in_specs=in_specs,
+                out_specs=(out_specs, tuple(P() for _ in r_leaves), tuple(P() for _ in n_leaves)),
+            )
+
+        with kernels.call_site_of_shard_map():  # the body learns if it runs under a checkpoint
+            out, new_r, new_n = _trace_cache.call(key, make, inputs, name)
     nnx.update(module, jax.tree.unflatten(r_tree, list(new_r)))
     for (_, x), state in zip(
         [(k, x) for k, x in zip(kinds, leaves, strict=True) if k == "node"],
