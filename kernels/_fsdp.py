@@ -65,7 +65,8 @@ def _gather_cast(
 ) -> jax.Array:
     # shard: [..., K/N, ...] stored dtype -> returns [..., K, ...] gather_dtype
     shard = ensure_varying(shard, replicated)
-    return gather_bits(shard.astype(gather_dtype), axis_name, axis=dim, invariant=False)
+    moved = jnp.moveaxis(shard.astype(gather_dtype), dim, 0)  # gathered along the major dim
+    return jnp.moveaxis(gather_bits(moved, axis_name, axis=0, invariant=False), 0, dim)
 
 
 def _gather_cast_fwd(shard, axis_name, dim, replicated, gather_dtype, reduce_dtype):
@@ -75,8 +76,8 @@ def _gather_cast_fwd(shard, axis_name, dim, replicated, gather_dtype, reduce_dty
 
 def _gather_cast_bwd(axis_name, dim, replicated, gather_dtype, reduce_dtype, res, ct):
     # ct: [..., K, ...] in gather_dtype, a partial sum (this device's batch)
-    ct = ct.astype(reduce_dtype)
-    ct_shard = reduce_scatter(ct, axis_name, axis=dim)  # ct_shard: [..., K/N, ...]
+    ct = jnp.moveaxis(ct.astype(reduce_dtype), dim, 0)  # scattered along the major dim
+    ct_shard = jnp.moveaxis(reduce_scatter(ct, axis_name, axis=0), 0, dim)  # [..., K/N, ...]
     ct_shard = all_reduce(ct_shard, replicated)  # summed over the pure data axes
     return (ct_shard.astype(res.dtype),)
 
@@ -138,7 +139,14 @@ def fsdp_gather(
     reduce_dtype = stored if reduce_dtype is None else jnp.dtype(reduce_dtype)
     if gather_dtype == stored == reduce_dtype and gather_bits_dtype(stored) is None:
         shard = ensure_varying(shard, replicated)
-        return all_gather(shard, axis_name, axis=dim, invariant=False)  # [..., K, ...]
+        # gathered along the major dim: a transpose then moves the shard (1/N of the bytes)
+        # and the reduce-scattered gradient shard, not the whole parameter (measured: an
+        # all-gather on dim 1 of a [2048, 512] kernel cost XLA:CPU a full-size copy after
+        # the gather and before the reduce-scatter; the FSDP x TP MLP step went 1.16x ->
+        # 0.79x GSPMD's at fsdp=2)
+        moved = jnp.moveaxis(shard, dim, 0)
+        whole = all_gather(moved, axis_name, axis=0, invariant=False)
+        return jnp.moveaxis(whole, 0, dim)  # [..., K, ...]
     return _gather_cast(shard, axis_name, dim, replicated, gather_dtype, reduce_dtype)
 
 
