@@ -243,8 +243,8 @@ def inside_checkpoint() -> bool:
         if isinstance(trace, ad.JVPTrace | ad.LinearizeTrace):
             return False
         if isinstance(trace, pe.DynamicJaxprTrace):
-            info = trace.frame.debug_info
-            what = None if info is None else info.traced_for
+            info = getattr(getattr(trace, "frame", None), "debug_info", None)
+            what = getattr(info, "traced_for", None)  # None on a JAX that moved it: resharded
             if what == "checkpoint / remat":
                 checkpointed = True
             elif checkpointed and what in _LOOP_BODIES:
