@@ -29,11 +29,9 @@ from ._dropout import shard_offsets as shard_offsets
 from ._dropout import sharding_invariant_dropout as sharding_invariant_dropout
 from ._embed import vocab_parallel_embed as vocab_parallel_embed
 from ._embed import vocab_parallel_logits as vocab_parallel_logits
-from ._fsdp import call_site_of_shard_map as call_site_of_shard_map
 from ._fsdp import fsdp_call as fsdp_call
 from ._fsdp import fsdp_gather as fsdp_gather
 from ._fsdp import global_batch_moments as global_batch_moments
-from ._fsdp import inside_checkpoint as inside_checkpoint
 from ._linear import column_parallel_matmul as column_parallel_matmul
 from ._linear import einsum_subscripts as einsum_subscripts
 from ._linear import fused_column_matmul as fused_column_matmul
@@ -69,7 +67,6 @@ __all__ = [
     "all_to_all",
     "axis_index",
     "axis_size",
-    "call_site_of_shard_map",
     "column_parallel_matmul",
     "dot_product_attention",
     "einsum_subscripts",
@@ -87,7 +84,6 @@ __all__ = [
     "global_mean",
     "global_uniform_bits",
     "head_parallel_attention",
-    "inside_checkpoint",
     "local_shard",
     "matmul_last",
     "pack_bucket",

@@ -1,7 +1,7 @@
 """FSDP under a user's checkpointed scan step: each parameter gathered twice, not three times.
 
 The backward of a checkpointed step of a `lax.scan` re-runs the step, gather
-included; `kernels.fsdp_call` sees it (`kernels.inside_checkpoint`) and keeps
+included; `kernels.fsdp_call` sees it (`shardlax.kernels._fsdp.inside_checkpoint`) and keeps
 the recomputation's gathered parameters for the backward instead of
 gathering a third time (as TinyLM's and `fully_shard_scan`'s own remat do).
 Outside a loop the re-gather stays (XLA:CPU merges the recomputation's
@@ -20,7 +20,8 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import shardlax
-from shardlax import audit, kernels
+from shardlax import audit
+from shardlax.kernels._fsdp import call_site_of_shard_map, inside_checkpoint
 from tests import utils
 
 pytestmark = pytest.mark.standard_dtype_promotion
@@ -33,7 +34,7 @@ def test_inside_checkpoint_reads_the_trace_stack():
 
     def probe(name):
         def f(x):
-            seen[name] = kernels.inside_checkpoint()
+            seen[name] = inside_checkpoint()
             return x * 2.0
 
         return f
@@ -54,7 +55,7 @@ def test_inside_checkpoint_reads_the_trace_stack():
     mesh = utils.mesh(1, 2, 1, axis_types="auto")
 
     def smap(x):
-        with kernels.call_site_of_shard_map():
+        with call_site_of_shard_map():
             return jax.shard_map(probe("shard_map body"), mesh=mesh, in_specs=P(), out_specs=P())(x)
 
     jax.grad(lambda x: scanned(jax.checkpoint(smap))(x).sum())(jnp.ones(()))

@@ -30,6 +30,7 @@ from shardlax._fsdp_declare import is_array
 from shardlax._fsdp_scan import check_scan_state as _check_scan_state
 from shardlax._fsdp_scan import scan_layers as _scan_layers
 from shardlax._fsdp_state import check_state as _check_state
+from shardlax.kernels._fsdp import call_site_of_shard_map, inside_checkpoint
 from shardlax.mesh import axes_size, is_manual, live_axes
 from shardlax.nn._placing import recorded_calls
 from shardlax.placement import path_str as _path_str
@@ -174,7 +175,7 @@ def run_unit(unit: Any, owner: str, method: str, args: tuple, kwargs: dict) -> A
                 tuple(n_defs),
                 reduction,
                 manual,
-                kernels.inside_checkpoint(),  # fsdp_call keeps the gathers under one
+                inside_checkpoint(),  # fsdp_call keeps the gathers under one
             ),
             statics,
             inputs,
@@ -254,7 +255,7 @@ def run_unit(unit: Any, owner: str, method: str, args: tuple, kwargs: dict) -> A
                 out_specs=(out_specs, tuple(P() for _ in r_leaves), tuple(P() for _ in n_leaves)),
             )
 
-        with kernels.call_site_of_shard_map():  # the body learns if it runs under a checkpoint
+        with call_site_of_shard_map():  # the body learns if it runs under a checkpoint
             out, new_r, new_n = _trace_cache.call(key, make, inputs, name)
     nnx.update(module, jax.tree.unflatten(r_tree, list(new_r)))
     for (_, x), state in zip(

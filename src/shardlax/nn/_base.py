@@ -16,9 +16,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from shardlax import kernels
 from shardlax._axes import BATCH_AXES
 from shardlax.declarations import Declared, hlo_dtype
+from shardlax.kernels._fsdp import call_site_of_shard_map
 from shardlax.mesh import (
     axes_size,
     check_axis,
@@ -275,7 +275,7 @@ def run_shard_map(body: Callable, mesh: Mesh, args: tuple, in_specs: tuple, out_
             full[i] = x
         return body(*full)
 
-    with kernels.call_site_of_shard_map():  # the body learns if it runs under a checkpoint
+    with call_site_of_shard_map():  # the body learns if it runs under a checkpoint
         return jax.shard_map(
             wrapped,
             mesh=mesh,
