@@ -149,15 +149,20 @@ def interleaved(
     order shardlax, GSPMD, one device put shardlax at 1.08-1.10x GSPMD, the
     rotated order at 1.00-1.03x, the same compiled programs).
     """
-    names = list(fns)
     for _ in range(warmup):
         for fn in fns.values():
             time_call(fn)
     times: dict[str, list[float]] = {k: [] for k in fns}
     for r in range(iters):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+        for name in rotated(fns, r):
             times[name].append(time_call(fns[name]))
     return times
+
+
+def rotated(names: Sequence[str], r: int) -> list[str]:
+    """`names` in round `r`'s order: rotated by `r`, so each takes every position in turn."""
+    names = list(names)
+    return names[r % len(names) :] + names[: r % len(names)]
 
 
 def write_jsonl(path: Path, rows: Sequence[dict]) -> None:

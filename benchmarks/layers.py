@@ -163,9 +163,8 @@ def measure(row: Row, args) -> list[dict]:
     # profits from another's traced or compiled pieces; medians over rounds.
     compiles: dict[str, list[tuple]] = {impl: [] for impl in row.candidates}
     C.phase(f"{row.name} n={row.config['n']}: {args.compile_repeats} cold compile(s) each")
-    names = list(row.candidates)
     for r in range(args.compile_repeats):  # the order rotated per round, as the timed rounds
-        for impl in names[r % len(names) :] + names[: r % len(names)]:
+        for impl in C.rotated(row.candidates, r):
             cand = row.candidates[impl]
             jax.clear_caches()
             compiles[impl].append(compile_timed(cand.fn, (cand.state, cand.batch)))

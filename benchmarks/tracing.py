@@ -127,7 +127,7 @@ def run(depths, d: int, batch: int, repeats: int) -> list[dict]:
         names = list(fns)
         times: dict[str, list[tuple[float, float]]] = {k: [] for k in names}
         for r in range(repeats):
-            for name in names[r % len(names) :] + names[: r % len(names)]:
+            for name in C.rotated(names, r):
                 jax.clear_caches()
                 _trace_cache.clear()
                 lower = fns[name]()  # the model and its abstract state, untimed

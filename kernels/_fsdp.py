@@ -32,10 +32,8 @@ References:
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -52,6 +50,19 @@ from ._collectives import (
     reduce_scatter,
     varying_axes,
 )
+from ._remat import inside_checkpoint
+
+
+def _along_major(collective: Callable, x: jax.Array, dim: int) -> jax.Array:
+    """`collective` (a gather or scatter along dim 0) applied along `dim` of `x`.
+
+    The split dim is moved first and back after, so XLA transposes the
+    1/N-sized shard, not the whole parameter or gradient: a collective on a
+    non-major dim cost XLA:CPU a full-size copy of the gathered kernel and of
+    its gradient (measured on a [2048, 512] row kernel split on dim 1: the
+    FSDP x TP MLP step went 1.16x -> 0.79x GSPMD's at fsdp=2).
+    """
+    return jnp.moveaxis(collective(jnp.moveaxis(x, dim, 0)), 0, dim)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3, 4, 5))
@@ -65,8 +76,8 @@ def _gather_cast(
 ) -> jax.Array:
     # shard: [..., K/N, ...] stored dtype -> returns [..., K, ...] gather_dtype
     shard = ensure_varying(shard, replicated)
-    moved = jnp.moveaxis(shard.astype(gather_dtype), dim, 0)  # gathered along the major dim
-    return jnp.moveaxis(gather_bits(moved, axis_name, axis=0, invariant=False), 0, dim)
+    gather = functools.partial(gather_bits, axes=axis_name, axis=0, invariant=False)
+    return _along_major(gather, shard.astype(gather_dtype), dim)
 
 
 def _gather_cast_fwd(shard, axis_name, dim, replicated, gather_dtype, reduce_dtype):
@@ -76,8 +87,8 @@ def _gather_cast_fwd(shard, axis_name, dim, replicated, gather_dtype, reduce_dty
 
 def _gather_cast_bwd(axis_name, dim, replicated, gather_dtype, reduce_dtype, res, ct):
     # ct: [..., K, ...] in gather_dtype, a partial sum (this device's batch)
-    ct = jnp.moveaxis(ct.astype(reduce_dtype), dim, 0)  # scattered along the major dim
-    ct_shard = jnp.moveaxis(reduce_scatter(ct, axis_name, axis=0), 0, dim)  # [..., K/N, ...]
+    scatter = functools.partial(reduce_scatter, axes=axis_name, axis=0)
+    ct_shard = _along_major(scatter, ct.astype(reduce_dtype), dim)  # [..., K/N, ...]
     ct_shard = all_reduce(ct_shard, replicated)  # summed over the pure data axes
     return (ct_shard.astype(res.dtype),)
 
@@ -139,14 +150,10 @@ def fsdp_gather(
     reduce_dtype = stored if reduce_dtype is None else jnp.dtype(reduce_dtype)
     if gather_dtype == stored == reduce_dtype and gather_bits_dtype(stored) is None:
         shard = ensure_varying(shard, replicated)
-        # gathered along the major dim: a transpose then moves the shard (1/N of the bytes)
-        # and the reduce-scattered gradient shard, not the whole parameter (measured: an
-        # all-gather on dim 1 of a [2048, 512] kernel cost XLA:CPU a full-size copy after
-        # the gather and before the reduce-scatter; the FSDP x TP MLP step went 1.16x ->
-        # 0.79x GSPMD's at fsdp=2)
-        moved = jnp.moveaxis(shard, dim, 0)
-        whole = all_gather(moved, axis_name, axis=0, invariant=False)
-        return jnp.moveaxis(whole, 0, dim)  # [..., K, ...]
+        gather = functools.partial(all_gather, axes=axis_name, axis=0, invariant=False)
+        return _along_major(
+            gather, shard, dim
+        )  # [..., K, ...]; its transpose scatters the same way
     return _gather_cast(shard, axis_name, dim, replicated, gather_dtype, reduce_dtype)
 
 
@@ -205,69 +212,6 @@ def _add_zero(s: jax.Array, zero: jax.Array) -> jax.Array:
         return s + zero.astype(s.dtype)  # x + (-0.0) == x bit for bit
     bits = lax.bitcast_convert_type(zero, jnp.uint32) ^ jnp.uint32(0x80000000)  # bits: u32[] = 0
     return s ^ bits.astype(s.dtype)
-
-
-#: Whether the call site of the shard_map being traced is inside a checkpoint (its body's
-#: own trace stack starts afresh, so `call_site_of_shard_map` carries the answer in).
-_CALL_SITE_IN_CHECKPOINT: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "shardlax_call_site_in_checkpoint", default=False
-)
-
-
-def inside_checkpoint() -> bool:
-    """True while tracing the body of a `jax.checkpoint` (`nnx.remat`) that is a loop's step.
-
-    A checkpointed step of a `lax.scan` (the scan-over-layers pattern) is
-    re-run in the backward loop, gather included, so its backward already
-    holds the gathered parameters the recomputation made: `fsdp_call` then
-    keeps them as plain residuals (they live only inside that step of the
-    backward loop) instead of gathering a third time. Outside a loop the
-    recomputation sits in the same program as the forward, and XLA:CPU
-    merges its gather into the forward's (measured: the gathered parameters
-    then live for the whole step), so there the re-gather tied to the
-    cotangent stays. Read from JAX's trace stack (each staging trace knows
-    its parent and what it traces for); a differentiation that starts
-    inside (`jax.grad` under the checkpoint) ends the search, as the
-    re-gather then serves that backward. A `shard_map` body's stack starts
-    afresh: the layers' and units' shard_map calls carry their call site's
-    answer in (`call_site_of_shard_map`).
-    """
-    try:
-        from jax._src import core
-        from jax._src.interpreters import ad
-        from jax._src.interpreters import partial_eval as pe
-    except ImportError:  # pragma: no cover - another JAX: resharded as asked
-        return False
-    trace, checkpointed = core.trace_ctx.trace, False
-    for _ in range(10_000):  # the stack is finite; the bound only guards a cycle
-        if isinstance(trace, ad.JVPTrace | ad.LinearizeTrace):
-            return False
-        if isinstance(trace, pe.DynamicJaxprTrace):
-            info = getattr(getattr(trace, "frame", None), "debug_info", None)
-            what = getattr(info, "traced_for", None)  # None on a JAX that moved it: resharded
-            if what == "checkpoint / remat":
-                checkpointed = True
-            elif checkpointed and what in _LOOP_BODIES:
-                return True
-        parent = getattr(trace, "parent_trace", None)
-        if parent is None:
-            break
-        trace = parent
-    return _CALL_SITE_IN_CHECKPOINT.get()
-
-
-#: What JAX's loops trace their steps for (`DebugInfo.traced_for`).
-_LOOP_BODIES = frozenset({"scan", "while_body", "while_loop", "fori_loop"})
-
-
-@contextlib.contextmanager
-def call_site_of_shard_map() -> Iterator[None]:
-    """Around a `jax.shard_map` call: its body sees `inside_checkpoint()` of the call site."""
-    token = _CALL_SITE_IN_CHECKPOINT.set(inside_checkpoint())
-    try:
-        yield
-    finally:
-        _CALL_SITE_IN_CHECKPOINT.reset(token)
 
 
 def fsdp_call(

@@ -27,7 +27,7 @@ def _have_matplotlib() -> bool:
     return True
 
 
-def _run(script: str, out: Path, *extra: str) -> list[dict]:
+def _run(script: str, out: Path, *extra: str, plot: bool = True) -> list[dict]:
     env = dict(os.environ)
     env.pop("XLA_FLAGS", None)
     proc = subprocess.run(
@@ -44,7 +44,7 @@ def _run(script: str, out: Path, *extra: str) -> list[dict]:
     assert rows, f"{stem}.jsonl is empty"
     md = (out / f"{stem}.md").read_text()
     assert md.startswith("# ") and "| ---" in md
-    if _have_matplotlib():
+    if plot and _have_matplotlib():
         png = out / f"{stem}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return rows
@@ -143,15 +143,8 @@ def test_scaleout_quick(tmp_path):
 
 @pytest.mark.slow
 def test_tracing_quick(tmp_path):
-    """The lowering benchmark: every candidate lowers and compiles; replay traces less."""
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
-    proc = subprocess.run(
-        [sys.executable, str(BENCH / "tracing.py"), "--quick", "--out", str(tmp_path)],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=env,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    rows = [json.loads(line) for line in (tmp_path / "tracing.jsonl").read_text().splitlines()]
+    """The lowering benchmark: every candidate lowers and compiles, and is reported."""
+    rows = _run("tracing.py", tmp_path, plot=False)
     assert (tmp_path / "tracing.md").read_text().startswith("# Lowering")
     by = {(r["layers"], r["impl"]): r for r in rows}
     assert {i for (_, i) in by} == {"shardlax", "shardlax, no replay", "trainer", "gspmd"}

@@ -1,7 +1,7 @@
 """FSDP under a user's checkpointed scan step: each parameter gathered twice, not three times.
 
 The backward of a checkpointed step of a `lax.scan` re-runs the step, gather
-included; `kernels.fsdp_call` sees it (`shardlax.kernels._fsdp.inside_checkpoint`) and keeps
+included; `kernels.fsdp_call` sees it (`shardlax.kernels._remat.inside_checkpoint`) and keeps
 the recomputation's gathered parameters for the backward instead of
 gathering a third time (as TinyLM's and `fully_shard_scan`'s own remat do).
 Outside a loop the re-gather stays (XLA:CPU merges the recomputation's
@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 import shardlax
 from shardlax import audit
-from shardlax.kernels._fsdp import call_site_of_shard_map, inside_checkpoint
+from shardlax.kernels._remat import call_site_of_shard_map, inside_checkpoint
 from tests import utils
 
 pytestmark = pytest.mark.standard_dtype_promotion

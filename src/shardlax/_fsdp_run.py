@@ -30,7 +30,7 @@ from shardlax._fsdp_declare import is_array
 from shardlax._fsdp_scan import check_scan_state as _check_scan_state
 from shardlax._fsdp_scan import scan_layers as _scan_layers
 from shardlax._fsdp_state import check_state as _check_state
-from shardlax.kernels._fsdp import call_site_of_shard_map, inside_checkpoint
+from shardlax.kernels._remat import call_site_of_shard_map, inside_checkpoint
 from shardlax.mesh import axes_size, is_manual, live_axes
 from shardlax.nn._placing import recorded_calls
 from shardlax.placement import path_str as _path_str

@@ -5,11 +5,11 @@ An unrolled stack of L identical units (the same class and graphdef, the same
 three times each (the probe that finds the output specs, the random-draw
 check's doubled batch, the real call): jax.jit's own cache cannot help, as
 each unit's call is a fresh `shard_map` inside one trace. The first call now
-records its `shard_map` as a ClosedJaxpr (`jax.make_jaxpr`); a later call with
-the same key binds that jaxpr to its own inputs (`jax.core.eval_jaxpr`): the
-same equations the `shard_map` call would bind, without running the model's
-Python, the probe or the checks again (they read only what the key holds, so
-they would pass again).
+records its `shard_map` as a ClosedJaxpr (`jax.make_jaxpr`) and binds it
+through one `jax.jit` of `jax.core.eval_jaxpr`; a later call with the same key
+calls that jit: the same equations the `shard_map` call would bind, without
+running the model's Python, the probe or the checks again (they read only
+what the key holds, so they would pass again).
 
 The key is everything the trace reads besides the input values: the unit's
 class, method, config and graphdef, the call's tree structure, static

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 
 from shardlax._axes import BATCH_AXES
 from shardlax.declarations import Declared, hlo_dtype
-from shardlax.kernels._fsdp import call_site_of_shard_map
+from shardlax.kernels._remat import call_site_of_shard_map
 from shardlax.mesh import (
     axes_size,
     check_axis,
